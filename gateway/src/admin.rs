@@ -1,0 +1,179 @@
+//! The admin listener: `/metrics` (Prometheus), `/healthz` (process alive),
+//! `/readyz` (config loaded, listeners bound), `POST /admin/reload`. Also the
+//! client side of `gateway reload`.
+
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::proxy::body::Body;
+use crate::reload::Live;
+
+/// What the admin endpoints read.
+pub struct State {
+    pub live: Arc<Live>,
+    pub metrics: PrometheusHandle,
+    /// Set once every listener is bound and serving.
+    pub ready: AtomicBool,
+}
+
+/// Serves the admin API on `listener` until shutdown.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("admin accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            state.metrics.render(),
+        ),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, "/readyz") => {
+            if state.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "starting\n".into(),
+                )
+            }
+        }
+        (&Method::POST, "/admin/reload") => {
+            let live = state.live.clone();
+            match tokio::task::spawn_blocking(move || live.reload()).await {
+                Ok(Ok(())) => json(StatusCode::OK, serde_json::json!({"status": "reloaded"})),
+                Ok(Err(e)) => json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    serde_json::json!({"status": "rejected", "problems": e.lines()}),
+                ),
+                Err(_) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({"status": "reload task failed"}),
+                ),
+            }
+        }
+        (_, "/metrics" | "/healthz" | "/readyz" | "/admin/reload") => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"status": "method not allowed"}),
+        ),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"status": "not found"}),
+        ),
+    }
+}
+
+fn text(status: StatusCode, ct: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Body::full(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
+    r
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    let mut body = v.to_string();
+    body.push('\n');
+    text(status, "application/json", body)
+}
+
+/// Just enough of the config file to find the admin listener, so that
+/// `gateway reload` works even when the rest of the file is broken.
+#[derive(Deserialize)]
+struct AdminOnly {
+    #[serde(default)]
+    admin: AdminSection,
+}
+
+#[derive(Deserialize, Default)]
+struct AdminSection {
+    listen: Option<String>,
+}
+
+/// `gateway reload`: asks the gateway running with `config` to reload it.
+pub fn request_reload(config: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let parsed: AdminOnly =
+        toml::from_str(&text).with_context(|| format!("cannot parse {}", config.display()))?;
+    let Some(listen) = parsed.admin.listen else {
+        bail!(
+            "{} has no [admin] listen address; send SIGHUP to the gateway instead",
+            config.display()
+        );
+    };
+    let addr: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("invalid admin listen address {listen:?}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("cannot reach the gateway's admin listener at {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "POST /admin/reload HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp.split_whitespace().nth(1).unwrap_or("");
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    if status == "200" {
+        return Ok(());
+    }
+    let problems: Vec<String> = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("problems").cloned())
+        .and_then(|p| serde_json::from_value(p).ok())
+        .unwrap_or_default();
+    if problems.is_empty() {
+        bail!("reload failed: HTTP {status}: {}", body.trim());
+    }
+    bail!(
+        "reload rejected; the gateway keeps its previous config:\n{}",
+        problems.join("\n")
+    );
+}

@@ -1,0 +1,390 @@
+//! Validation and compilation of a parsed file into `Config`. Every problem is
+//! collected (not just the first) with the span it is about.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use toml::Spanned;
+
+use super::file::{self, File};
+use super::{
+    AccessLogTarget, Config, HeaderEdits, ListenerConfig, Problem, RouteAction, RouteConfig,
+    UpstreamConfig,
+};
+use crate::router::{Matcher, Rewrite, Router};
+
+pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut problems = Vec::new();
+
+    // Addresses bound by this process, to find port clashes.
+    let mut bound: HashMap<SocketAddr, String> = HashMap::new();
+    let mut bind = |addr: SocketAddr,
+                    what: String,
+                    span: std::ops::Range<usize>,
+                    problems: &mut Vec<Problem>| {
+        let clash = bound
+            .iter()
+            .find(|(a, _)| {
+                a.port() == addr.port()
+                    && (a.ip() == addr.ip()
+                        || a.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            })
+            .map(|(_, w)| w.clone());
+        match clash {
+            Some(other) => problems.push(Problem::at(
+                span,
+                format!("{what} port {} clashes with {other}", addr.port()),
+            )),
+            None => {
+                bound.insert(addr, what);
+            }
+        }
+    };
+
+    let admin = f.admin.listen.as_ref().and_then(|l| match parse_addr(l) {
+        Ok(a) => {
+            bind(a, "admin listener".into(), l.span(), &mut problems);
+            Some(a)
+        }
+        Err(p) => {
+            problems.push(p);
+            None
+        }
+    });
+
+    let access_log = f
+        .access_log
+        .enabled
+        .then(|| match f.access_log.path.get_ref().as_str() {
+            "stdout" | "-" => AccessLogTarget::Stdout,
+            p => AccessLogTarget::File(resolve(&base, p)),
+        });
+
+    // Upstreams.
+    let mut upstreams = Vec::new();
+    let mut upstream_index: HashMap<&str, usize> = HashMap::new();
+    for u in &f.upstreams {
+        let name = u.name.get_ref().as_str();
+        if name.is_empty() {
+            problems.push(Problem::at(
+                u.name.span(),
+                "upstream name must not be empty",
+            ));
+        }
+        if upstream_index.insert(name, upstreams.len()).is_some() {
+            problems.push(Problem::at(
+                u.name.span(),
+                format!("duplicate upstream name {name:?}"),
+            ));
+        }
+        if u.targets.get_ref().is_empty() {
+            problems.push(Problem::at(
+                u.targets.span(),
+                format!("upstream {name:?} has no targets"),
+            ));
+        }
+        for t in u.targets.get_ref() {
+            if let Err(msg) = check_authority(t.get_ref()) {
+                problems.push(Problem::at(t.span(), msg));
+            }
+        }
+        upstreams.push(UpstreamConfig {
+            name: name.into(),
+            targets: u
+                .targets
+                .get_ref()
+                .iter()
+                .map(|t| t.get_ref().clone())
+                .collect(),
+            protocol: u.protocol,
+            connect_timeout: u.connect_timeout.0,
+            timeout: u.timeout.0,
+            pool_idle_timeout: u.pool_idle_timeout.0,
+            pool_max_idle_per_target: u.pool_max_idle_per_target,
+        });
+    }
+
+    // Listener names first, so routes can refer to them.
+    let mut listener_names: HashSet<&str> = HashSet::new();
+    for l in &f.listeners {
+        let name = l.name.get_ref().as_str();
+        if !listener_names.insert(name) {
+            problems.push(Problem::at(
+                l.name.span(),
+                format!("duplicate listener name {name:?}"),
+            ));
+        }
+    }
+
+    // Routes.
+    let mut routes = Vec::new();
+    let mut matchers: Vec<Option<Arc<Matcher>>> = Vec::new();
+    let mut route_names: HashSet<&str> = HashSet::new();
+    for r in &f.routes {
+        let name = r.name.get_ref().as_str();
+        if !route_names.insert(name) {
+            problems.push(Problem::at(
+                r.name.span(),
+                format!("duplicate route name {name:?}"),
+            ));
+        }
+        for l in &r.listeners {
+            if !listener_names.contains(l.get_ref().as_str()) {
+                problems.push(Problem::at(
+                    l.span(),
+                    format!("route {name:?} names unknown listener {:?}", l.get_ref()),
+                ));
+            }
+        }
+        let matcher = match Matcher::compile(&r.matcher) {
+            Ok(m) => Some(Arc::new(m)),
+            Err(ps) => {
+                problems.extend(ps);
+                None
+            }
+        };
+        let action = match (&r.upstream, &r.respond) {
+            (Some(u), None) => match upstream_index.get(u.get_ref().as_str()) {
+                Some(&i) => Some(RouteAction::Upstream(i)),
+                None => {
+                    problems.push(Problem::at(
+                        u.span(),
+                        format!(
+                            "route {name:?} points at unknown upstream {:?}",
+                            u.get_ref()
+                        ),
+                    ));
+                    None
+                }
+            },
+            (None, Some(resp)) => respond_action(resp, &mut problems),
+            (Some(u), Some(_)) => {
+                problems.push(Problem::at(
+                    u.span(),
+                    format!("route {name:?} has both `upstream` and `respond`; give one"),
+                ));
+                None
+            }
+            (None, None) => {
+                problems.push(Problem::at(
+                    r.name.span(),
+                    format!("route {name:?} needs `upstream` or `respond`"),
+                ));
+                None
+            }
+        };
+        if let Some(p) = &r.strip_prefix
+            && !p.get_ref().starts_with('/')
+        {
+            problems.push(Problem::at(p.span(), "strip_prefix must start with '/'"));
+        }
+        let rewrite = match (&r.rewrite, &matcher) {
+            (Some(rw), Some(m)) => match Rewrite::compile(rw, m) {
+                Ok(rw) => Some(rw),
+                Err(p) => {
+                    problems.push(p);
+                    None
+                }
+            },
+            _ => None,
+        };
+        let request_headers = header_edits(&r.request_headers, &mut problems);
+        let response_headers = header_edits(&r.response_headers, &mut problems);
+        matchers.push(matcher);
+        routes.push(RouteConfig {
+            name: name.into(),
+            action: action.unwrap_or(RouteAction::Respond {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                body: Bytes::new(),
+                content_type: HeaderValue::from_static("text/plain"),
+            }),
+            strip_prefix: r.strip_prefix.as_ref().map(|s| s.get_ref().clone()),
+            rewrite,
+            timeout: r.timeout.map(|t| t.0),
+            max_body_bytes: r.max_body_bytes.map(|b| b.0),
+            request_headers,
+            response_headers,
+        });
+    }
+
+    // Listeners.
+    let mut listeners = Vec::new();
+    for l in &f.listeners {
+        let name = l.name.get_ref().as_str();
+        let addr = match parse_addr(&l.listen) {
+            Ok(a) => {
+                bind(
+                    a,
+                    format!("listener {name:?}"),
+                    l.listen.span(),
+                    &mut problems,
+                );
+                a
+            }
+            Err(p) => {
+                problems.push(p);
+                continue;
+            }
+        };
+        let tls = match &l.tls {
+            Some(t) => match crate::listener::tls::server_config(&base, t, l.http2) {
+                Ok(c) => Some(c),
+                Err(ps) => {
+                    problems.extend(ps);
+                    None
+                }
+            },
+            None => None,
+        };
+        let entries = f
+            .routes
+            .iter()
+            .zip(&matchers)
+            .enumerate()
+            .filter(|(_, (r, _))| {
+                r.listeners.is_empty() || r.listeners.iter().any(|n| n.get_ref() == name)
+            })
+            .filter_map(|(i, (_, m))| m.clone().map(|m| (i, m)))
+            .collect();
+        let max_header_bytes = usize::try_from(l.max_header_bytes.0).unwrap_or(usize::MAX);
+        listeners.push(ListenerConfig {
+            name: name.into(),
+            addr,
+            tls,
+            http2: l.http2,
+            max_connections: l.max_connections,
+            header_read_timeout: l.header_read_timeout.0,
+            idle_timeout: l.idle_timeout.0,
+            max_header_bytes,
+            max_headers: l.max_headers,
+            max_body_bytes: l.max_body_bytes.0,
+            router: Router::new(entries),
+        });
+    }
+
+    let xdp = match crate::xdp::config::compile(f.xdp.as_ref()) {
+        Ok(x) => x,
+        Err(ps) => {
+            problems.extend(ps);
+            Default::default()
+        }
+    };
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let workers = match f.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    Ok(Config {
+        path: path.to_path_buf(),
+        workers,
+        shutdown_timeout: f.server.shutdown_timeout.0,
+        watch_config: f.server.watch_config,
+        admin,
+        access_log,
+        listeners,
+        upstreams,
+        routes,
+        xdp,
+    })
+}
+
+/// Resolves `p` against the config file's directory unless absolute.
+pub(crate) fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn parse_addr(s: &Spanned<String>) -> Result<SocketAddr, Problem> {
+    s.get_ref().parse().map_err(|_| {
+        Problem::at(
+            s.span(),
+            format!("invalid listen address {:?}: expected IP:PORT", s.get_ref()),
+        )
+    })
+}
+
+/// Checks a `host:port` upstream target.
+fn check_authority(s: &str) -> Result<(), String> {
+    let bad = || format!("invalid upstream target {s:?}: expected HOST:PORT");
+    let auth: http::uri::Authority = s.parse().map_err(|_| bad())?;
+    if auth.port_u16().is_none() || auth.host().is_empty() || auth.as_str().contains('@') {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+fn respond_action(
+    resp: &Spanned<file::Respond>,
+    problems: &mut Vec<Problem>,
+) -> Option<RouteAction> {
+    let r = resp.get_ref();
+    let status = match StatusCode::from_u16(r.status) {
+        Ok(s) => s,
+        Err(_) => {
+            problems.push(Problem::at(
+                resp.span(),
+                format!("invalid status {}", r.status),
+            ));
+            return None;
+        }
+    };
+    let content_type = match HeaderValue::from_str(&r.content_type) {
+        Ok(v) => v,
+        Err(_) => {
+            problems.push(Problem::at(
+                resp.span(),
+                format!("invalid content_type {:?}", r.content_type),
+            ));
+            return None;
+        }
+    };
+    Some(RouteAction::Respond {
+        status,
+        body: Bytes::from(r.body.clone()),
+        content_type,
+    })
+}
+
+fn header_edits(ops: &file::HeaderOps, problems: &mut Vec<Problem>) -> HeaderEdits {
+    let mut edits = HeaderEdits::default();
+    for name in &ops.remove {
+        match HeaderName::from_bytes(name.get_ref().as_bytes()) {
+            Ok(n) => edits.remove.push(n),
+            Err(_) => problems.push(Problem::at(
+                name.span(),
+                format!("invalid header name {:?}", name.get_ref()),
+            )),
+        }
+    }
+    for (list, out) in [(&ops.set, &mut edits.set), (&ops.add, &mut edits.add)] {
+        for (name, value) in list {
+            let n = HeaderName::from_bytes(name.as_bytes());
+            let v = HeaderValue::from_str(value.get_ref());
+            match (n, v) {
+                (Ok(n), Ok(v)) => out.push((n, v)),
+                (Err(_), _) => problems.push(Problem::at(
+                    value.span(),
+                    format!("invalid header name {name:?}"),
+                )),
+                (_, Err(_)) => problems.push(Problem::at(
+                    value.span(),
+                    format!("invalid value for header {name:?}"),
+                )),
+            }
+        }
+    }
+    edits
+}

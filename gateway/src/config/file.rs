@@ -1,0 +1,301 @@
+//! The configuration file as written: serde structs with `deny_unknown_fields`.
+//! Nothing here is validated beyond its type; `config::compile` checks
+//! cross-field rules and builds the runtime form. Fields whose problems must
+//! be reported with a location are `Spanned`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::units::{ByteSize, Secs};
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub server: Server,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub access_log: AccessLog,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub xdp: Option<Spanned<crate::xdp::config::Xdp>>,
+}
+
+/// `[server]`: process-wide settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// Worker threads, each with its own runtime and SO_REUSEPORT sockets;
+    /// 0 means one per CPU.
+    pub workers: usize,
+    /// How long in-flight requests may take to finish on SIGTERM/SIGINT.
+    pub shutdown_timeout: Secs,
+    /// Watch the config file and reload when it changes.
+    pub watch_config: bool,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            shutdown_timeout: Secs(Duration::from_secs(30)),
+            watch_config: true,
+        }
+    }
+}
+
+/// `[admin]`: the admin/metrics listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// Address of the admin listener; absent means no admin listener.
+    pub listen: Option<Spanned<String>>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self { listen: None }
+    }
+}
+
+/// `[access_log]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLog {
+    pub enabled: bool,
+    /// `"stdout"` or a file path (appended to).
+    pub path: Spanned<String>,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: Spanned::new(0..0, "stdout".to_string()),
+        }
+    }
+}
+
+/// `[[listeners]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: Spanned<String>,
+    /// `IP:PORT`.
+    pub listen: Spanned<String>,
+    #[serde(default)]
+    pub tls: Option<Spanned<Tls>>,
+    /// Accept HTTP/2 (h2c with prior knowledge on plain listeners, ALPN on TLS).
+    #[serde(default = "yes")]
+    pub http2: bool,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: Secs,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Secs,
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Default request body limit for routes on this listener.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: ByteSize,
+}
+
+/// `[listeners.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Certificates chosen by SNI; the first is served when no name matches.
+    pub certificates: Vec<Certificate>,
+}
+
+/// One certificate chain and key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// PEM certificate chain, relative to the config file's directory.
+    pub cert: Spanned<String>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Spanned<String>,
+    /// SNI names this certificate answers (exact or `*.example.com`).
+    #[serde(default)]
+    pub server_names: Vec<Spanned<String>>,
+}
+
+/// `[[upstreams]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub name: Spanned<String>,
+    /// `HOST:PORT` targets.
+    pub targets: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Secs,
+    /// Default time for a whole upstream exchange (until response headers).
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout: Secs,
+    #[serde(default = "default_pool_idle_timeout")]
+    pub pool_idle_timeout: Secs,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_target: usize,
+}
+
+/// Protocol spoken to an upstream.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: Spanned<String>,
+    /// Listener names this route serves; empty means all.
+    #[serde(default)]
+    pub listeners: Vec<Spanned<String>>,
+    #[serde(rename = "match", default)]
+    pub matcher: Match,
+    /// Upstream pool name; exactly one of `upstream` and `respond`.
+    #[serde(default)]
+    pub upstream: Option<Spanned<String>>,
+    /// A response the gateway gives itself.
+    #[serde(default)]
+    pub respond: Option<Spanned<Respond>>,
+    /// Remove this prefix from the path before forwarding.
+    #[serde(default)]
+    pub strip_prefix: Option<Spanned<String>>,
+    /// Replace the path; `{name}` refers to a template parameter.
+    #[serde(default)]
+    pub rewrite: Option<Spanned<String>>,
+    /// Upstream timeout for this route (overrides the upstream's).
+    #[serde(default)]
+    pub timeout: Option<Secs>,
+    /// Request body limit (overrides the listener's).
+    #[serde(default)]
+    pub max_body_bytes: Option<ByteSize>,
+    #[serde(default)]
+    pub request_headers: HeaderOps,
+    #[serde(default)]
+    pub response_headers: HeaderOps,
+}
+
+/// `[routes.match]`: all given predicates must hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    /// Host names, exact or `*.example.com`; empty means any host.
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
+    /// Exact path, or a template when it has `{name}` segments
+    /// (`{name...}` as the last segment takes the rest of the path).
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    /// Path prefix, matched on segment boundaries when it ends with `/`,
+    /// else on characters.
+    #[serde(default)]
+    pub path_prefix: Option<Spanned<String>>,
+    /// Methods; empty means any.
+    #[serde(default)]
+    pub methods: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub headers: Vec<Spanned<Predicate>>,
+    #[serde(default)]
+    pub query: Vec<Spanned<Predicate>>,
+}
+
+/// A header or query parameter predicate: exactly one of `value`, `regex`,
+/// `present`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Predicate {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default)]
+    pub regex: Option<Spanned<String>>,
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+/// `[routes.respond]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Respond {
+    #[serde(default = "default_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default = "default_content_type")]
+    pub content_type: String,
+}
+
+/// Header edits, applied in the order remove, set, add.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOps {
+    #[serde(default)]
+    pub set: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub add: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub remove: Vec<Spanned<String>>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_header_read_timeout() -> Secs {
+    Secs(Duration::from_secs(10))
+}
+fn default_idle_timeout() -> Secs {
+    Secs(Duration::from_secs(60))
+}
+fn default_max_header_bytes() -> ByteSize {
+    ByteSize(64 * 1024)
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_body_bytes() -> ByteSize {
+    ByteSize(10 * 1024 * 1024)
+}
+fn default_connect_timeout() -> Secs {
+    Secs(Duration::from_secs(2))
+}
+fn default_upstream_timeout() -> Secs {
+    Secs(Duration::from_secs(30))
+}
+fn default_pool_idle_timeout() -> Secs {
+    Secs(Duration::from_secs(90))
+}
+fn default_pool_max_idle() -> usize {
+    256
+}
+fn default_status() -> u16 {
+    200
+}
+fn default_content_type() -> String {
+    "text/plain; charset=utf-8".to_string()
+}

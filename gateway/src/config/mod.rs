@@ -1,0 +1,178 @@
+//! Configuration: the file as written (`file`), its units (`units`), problems
+//! with their locations (`error`), and the compiled, immutable runtime form
+//! (`Config`) that the data path reads. A `Config` is built once per load and
+//! swapped atomically on reload (see `crate::reload`); nothing in it is
+//! parsed or compiled per request.
+
+mod compile;
+pub mod error;
+pub mod file;
+pub mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+pub use error::{ConfigError, Problem};
+
+use crate::router::{Rewrite, Router};
+
+/// Default config path, relative to the working directory.
+pub const DEFAULT_PATH: &str = "conf/gateway.toml";
+
+/// The compiled configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// Worker threads (resolved: never 0).
+    pub workers: usize,
+    pub shutdown_timeout: Duration,
+    pub watch_config: bool,
+    pub admin: Option<SocketAddr>,
+    pub access_log: Option<AccessLogTarget>,
+    pub listeners: Vec<ListenerConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Every route, indexed by the route ids the routers return.
+    pub routes: Vec<RouteConfig>,
+    pub xdp: crate::xdp::config::XdpSettings,
+}
+
+/// Where access log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+/// One listener.
+#[derive(Debug)]
+pub struct ListenerConfig {
+    pub name: Arc<str>,
+    pub addr: SocketAddr,
+    /// rustls configuration with SNI resolution; `None` for plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub http2: bool,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: u64,
+    /// Routes served on this listener.
+    pub router: Router,
+}
+
+/// One upstream pool as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub name: Arc<str>,
+    /// `host:port` authorities.
+    pub targets: Vec<String>,
+    pub protocol: file::UpstreamProtocol,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_target: usize,
+}
+
+/// What a matched route does.
+#[derive(Debug)]
+pub enum RouteAction {
+    /// Proxy to `Config::upstreams[index]`.
+    Upstream(usize),
+    /// Answer directly.
+    Respond {
+        status: StatusCode,
+        body: Bytes,
+        content_type: HeaderValue,
+    },
+}
+
+/// One route's behaviour once matched.
+#[derive(Debug)]
+pub struct RouteConfig {
+    pub name: Arc<str>,
+    pub action: RouteAction,
+    pub strip_prefix: Option<String>,
+    pub rewrite: Option<Rewrite>,
+    pub timeout: Option<Duration>,
+    pub max_body_bytes: Option<u64>,
+    pub request_headers: HeaderEdits,
+    pub response_headers: HeaderEdits,
+}
+
+/// Precompiled header edits: remove, then set, then add.
+#[derive(Debug, Default)]
+pub struct HeaderEdits {
+    pub remove: Vec<HeaderName>,
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses, validates and compiles the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                path,
+                String::new(),
+                vec![Problem::whole(format!("cannot read config file: {e}"))],
+            )
+        })?;
+        Self::from_text(path, text)
+    }
+
+    /// Parses and compiles `text` as if read from `path` (relative paths in
+    /// it resolve against `path`'s directory).
+    pub fn from_text(path: &Path, text: String) -> Result<Config, ConfigError> {
+        let parsed: file::File = match toml::from_str(&text) {
+            Ok(f) => f,
+            Err(e) => {
+                let problem = match e.span() {
+                    Some(span) => Problem::at(span, e.message().to_string()),
+                    None => Problem::whole(e.message().to_string()),
+                };
+                return Err(ConfigError::new(path, text, vec![problem]));
+            }
+        };
+        compile::compile(path, &parsed).map_err(|problems| ConfigError::new(path, text, problems))
+    }
+
+    /// The one-line summary `gateway check` prints.
+    pub fn summary(&self) -> String {
+        format!(
+            "config OK: {} listeners, {} routes, {} upstreams",
+            self.listeners.len(),
+            self.routes.len(),
+            self.upstreams.len()
+        )
+    }
+}
+
+/// Resolves a path written in the config against the config file's directory.
+pub(crate) fn compile_resolve(base: &Path, p: &str) -> PathBuf {
+    compile::resolve(base, p)
+}

@@ -1,0 +1,130 @@
+//! The data path's one error type: what failed (`ErrorKind`), on which side,
+//! and whether a retry could help. `crate::respond` turns it into a response;
+//! metrics and logs read the same fields.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// What went wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The request is malformed (bad path, smuggling attempt, bad header).
+    BadRequest,
+    /// No route matches.
+    NoRoute,
+    /// A route matches everything but the method.
+    MethodNotAllowed,
+    /// The client was too slow to send its request.
+    RequestTimeout,
+    /// The request body is larger than the route allows.
+    PayloadTooLarge,
+    /// Request headers are too large or too many.
+    HeadersTooLarge,
+    /// Could not connect to the upstream.
+    UpstreamConnect,
+    /// The upstream broke the protocol or the connection.
+    UpstreamProtocol,
+    /// No upstream target is available.
+    NoUpstream,
+    /// The upstream did not answer in time.
+    UpstreamTimeout,
+    /// A bug or resource problem inside the gateway.
+    Internal,
+}
+
+/// Which side of the proxy caused the error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Downstream,
+    Upstream,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn side(self) -> Side {
+        use ErrorKind::*;
+        match self {
+            BadRequest | NoRoute | MethodNotAllowed | RequestTimeout | PayloadTooLarge
+            | HeadersTooLarge => Side::Downstream,
+            UpstreamConnect | UpstreamProtocol | NoUpstream | UpstreamTimeout => Side::Upstream,
+            Internal => Side::Internal,
+        }
+    }
+
+    /// Whether trying again (possibly elsewhere) could succeed.
+    pub fn retryable(self) -> bool {
+        matches!(self, ErrorKind::UpstreamConnect | ErrorKind::NoUpstream)
+    }
+
+    /// Stable label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        use ErrorKind::*;
+        match self {
+            BadRequest => "bad_request",
+            NoRoute => "no_route",
+            MethodNotAllowed => "method_not_allowed",
+            RequestTimeout => "request_timeout",
+            PayloadTooLarge => "payload_too_large",
+            HeadersTooLarge => "headers_too_large",
+            UpstreamConnect => "upstream_connect",
+            UpstreamProtocol => "upstream_protocol",
+            NoUpstream => "no_upstream",
+            UpstreamTimeout => "upstream_timeout",
+            Internal => "internal",
+        }
+    }
+}
+
+/// An error on the data path.
+#[derive(Debug)]
+pub struct ProxyError {
+    pub kind: ErrorKind,
+    /// Human-readable detail for the problem+json `detail` member.
+    pub detail: Cow<'static, str>,
+    /// Extra response headers (e.g. `Allow` for 405).
+    pub allow: Option<http::HeaderValue>,
+    /// Whether the connection must be closed after the response.
+    pub close: bool,
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl ProxyError {
+    pub fn new(kind: ErrorKind, detail: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            allow: None,
+            close: false,
+            source: None,
+        }
+    }
+
+    pub fn with_source(mut self, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        self.source = Some(e.into());
+        self
+    }
+
+    /// Marks the connection for closing after the error response.
+    pub fn closing(mut self) -> Self {
+        self.close = true;
+        self
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.as_str(), self.detail)?;
+        if let Some(s) = &self.source {
+            write!(f, ": {s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ProxyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}

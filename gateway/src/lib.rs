@@ -1,0 +1,18 @@
+//! gateway: an eBPF-accelerated API gateway.
+//!
+//! A request flows through the phases in `proxy` (see `proxy/mod.rs` for the
+//! one driver); each feature is a module that plugs into a phase and owns its
+//! config section. See `docs/architecture.md`.
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod listener;
+pub mod observe;
+pub mod proxy;
+pub mod reload;
+pub mod respond;
+pub mod router;
+pub mod server;
+pub mod upstream;
+pub mod xdp;

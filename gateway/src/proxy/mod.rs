@@ -1,0 +1,462 @@
+//! The request pipeline. `handle` is the one driver: it runs the phases
+//! below in order for every request, turns any error into a response through
+//! `crate::respond`, and records the outcome (metrics, access log). Features
+//! plug into a phase; phases not yet implemented are listed so the order is
+//! visible here.
+//!
+//! 1. `identify`  – request id (kept from `X-Request-Id` or generated)
+//! 2. `validate`  – smuggling checks, header limits, path normalization
+//! 3. `route`     – host/path/method/header/query match → route or 404/405
+//! 4. access control, authentication, rate limits – not yet
+//! 5. `transform` – direct response, or the upstream request: path rewrite,
+//!    forwarding and hop-by-hop headers, header edits, body limit
+//! 6. `upstream`  – pooled call with timeout
+//! 7. `respond`   – response header hygiene and edits
+//! 8. `record`    – metrics and access log
+
+pub mod body;
+pub mod forward;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+
+use crate::config::{ListenerConfig, RouteAction, RouteConfig};
+use crate::error::{ErrorKind, ProxyError};
+use crate::observe::access_log::{self, AccessLog};
+use crate::observe::metrics::status_class;
+use crate::reload::{Generation, Live};
+use crate::router::{self, Outcome};
+use body::Body;
+
+/// `X-Request-Id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub live: Arc<Live>,
+    pub access_log: Option<AccessLog>,
+}
+
+/// One client connection.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub listener: Arc<str>,
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Per-request state carried through the phases.
+struct Ctx {
+    request_id: HeaderValue,
+    route: Option<Arc<str>>,
+    upstream: Option<Arc<str>>,
+    error: Option<ErrorKind>,
+}
+
+/// Serves one request. Never fails: every error becomes a response.
+pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    let generation = shared.live.load();
+    let mut ctx = Ctx {
+        request_id: identify(&req),
+        route: None,
+        upstream: None,
+        error: None,
+    };
+    // Kept for the access log only.
+    let logged = shared.access_log.as_ref().map(|_| {
+        (
+            req.method().clone(),
+            req.uri().clone(),
+            req.version(),
+            req.headers().get(header::USER_AGENT).cloned(),
+        )
+    });
+    let method = method_label(req.method());
+
+    let mut resp = match process(&generation, conn, &mut ctx, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.error = Some(e.kind);
+            if e.kind.side() != crate::error::Side::Downstream {
+                tracing::warn!(request_id = ?ctx.request_id, "{e}");
+            } else {
+                tracing::debug!(request_id = ?ctx.request_id, "{e}");
+            }
+            crate::respond::error_response(&e, ctx.request_id.to_str().unwrap_or(""))
+        }
+    };
+    resp.headers_mut()
+        .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+
+    // Phase 8: record.
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed();
+    let route_label = ctx.route.clone().map_or_else(
+        || metrics::SharedString::const_str("none"),
+        metrics::SharedString::from,
+    );
+    metrics::counter!(
+        "gateway_http_requests_total",
+        "listener" => metrics::SharedString::from(conn.listener.clone()),
+        "route" => route_label.clone(),
+        "method" => method,
+        "status" => status_class(status),
+    )
+    .increment(1);
+    metrics::histogram!("gateway_http_request_duration_seconds", "route" => route_label)
+        .record(elapsed.as_secs_f64());
+    if let (Some(log), Some((m, uri, version, ua))) = (&shared.access_log, logged) {
+        log.log(&access_log::Entry {
+            timestamp: access_log::timestamp(SystemTime::now() - elapsed),
+            method: m.as_str(),
+            path: uri.path(),
+            query: uri.query(),
+            version: version_label(version),
+            status,
+            duration_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            client_ip: conn.peer.ip(),
+            user_agent: ua.as_ref().and_then(|v| v.to_str().ok()),
+            request_id: ctx.request_id.to_str().unwrap_or(""),
+            http_request_id: ctx.request_id.to_str().unwrap_or(""),
+            listener: &conn.listener,
+            route: ctx.route.as_deref(),
+            upstream: ctx.upstream.as_deref(),
+            error: ctx.error.map(ErrorKind::as_str),
+        });
+    }
+    resp
+}
+
+async fn process(
+    generation: &Generation,
+    conn: &Conn,
+    ctx: &mut Ctx,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let config = &generation.config;
+    let Some(listener) = config.listeners.iter().find(|l| l.name == conn.listener) else {
+        return Err(ProxyError::new(
+            ErrorKind::NoRoute,
+            "this listener was removed from the configuration",
+        ));
+    };
+
+    // Phase 2: validate.
+    validate(listener, &req)?;
+    let uri = req.uri().clone();
+    let path = router::normalize::normalize(uri.path()).map_err(|e| {
+        ProxyError::new(ErrorKind::BadRequest, format!("invalid request path: {e}"))
+    })?;
+
+    // Phase 3: route.
+    let host = request_host(&req);
+    let outcome = listener.router.find(&router::Request {
+        method: req.method(),
+        host: host.as_deref(),
+        path: &path,
+        query: req.uri().query(),
+        headers: req.headers(),
+    });
+    let (route_id, params) = match outcome {
+        Outcome::Matched { route, params } => (route, params),
+        Outcome::MethodNotAllowed { allowed } => {
+            let list = allowed
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut e = ProxyError::new(
+                ErrorKind::MethodNotAllowed,
+                format!(
+                    "method {} is not allowed here; allowed: {list}",
+                    req.method()
+                ),
+            );
+            e.allow = HeaderValue::from_str(&list).ok();
+            return Err(e);
+        }
+        Outcome::NotFound => {
+            return Err(ProxyError::new(
+                ErrorKind::NoRoute,
+                format!("no route for {} {}", req.method(), path),
+            ));
+        }
+    };
+    let Some(route) = config.routes.get(route_id) else {
+        return Err(ProxyError::new(
+            ErrorKind::Internal,
+            "route table out of step",
+        ));
+    };
+    ctx.route = Some(route.name.clone());
+
+    // Phase 4: access control, authentication and rate limits plug in here.
+
+    // Phase 5: transform.
+    let upstream_index = match &route.action {
+        RouteAction::Respond {
+            status,
+            body,
+            content_type,
+        } => {
+            return Ok(direct_response(
+                route,
+                *status,
+                body.clone(),
+                content_type.clone(),
+            ));
+        }
+        RouteAction::Upstream(i) => *i,
+    };
+    let Some(pool) = generation.upstreams.get(upstream_index) else {
+        return Err(ProxyError::new(
+            ErrorKind::Internal,
+            "upstream table out of step",
+        ));
+    };
+    ctx.upstream = Some(pool.config.name.clone());
+    let limit = route.max_body_bytes.unwrap_or(listener.max_body_bytes);
+    let upstream_req = upstream_request(req, conn, route, &path, &params, limit, &ctx.request_id)?;
+
+    // Phase 6: upstream.
+    let timeout = route.timeout.unwrap_or(pool.config.timeout);
+    let started = Instant::now();
+    let result = pool.send(upstream_req, timeout).await;
+    let upstream_label = metrics::SharedString::from(pool.config.name.clone());
+    metrics::histogram!("gateway_upstream_request_duration_seconds", "upstream" => upstream_label.clone())
+        .record(started.elapsed().as_secs_f64());
+    let resp = result.inspect_err(|e| {
+        metrics::counter!("gateway_upstream_errors_total", "upstream" => upstream_label, "kind" => e.kind.as_str()).increment(1);
+    })?;
+
+    // Phase 7: respond.
+    let (mut parts, incoming) = resp.into_parts();
+    forward::strip_hop_by_hop(&mut parts.headers);
+    route.response_headers.apply(&mut parts.headers);
+    Ok(Response::from_parts(parts, Body::stream(incoming)))
+}
+
+/// Phase 1: the request id, kept from the client when it is sane.
+fn identify(req: &Request<Incoming>) -> HeaderValue {
+    if let Some(v) = req.headers().get(&X_REQUEST_ID)
+        && !v.is_empty()
+        && v.len() <= 128
+        && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    {
+        return v.clone();
+    }
+    let id = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Phase 2: rejects smuggling attempts and oversized headers.
+fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    let h = req.headers();
+    if req.version() <= Version::HTTP_11 {
+        let te = h.get_all(header::TRANSFER_ENCODING);
+        let mut te_iter = te.iter();
+        if let Some(first) = te_iter.next() {
+            if h.contains_key(header::CONTENT_LENGTH) {
+                return Err(ProxyError::new(
+                    ErrorKind::BadRequest,
+                    "request has both Content-Length and Transfer-Encoding",
+                )
+                .closing());
+            }
+            if te_iter.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
+                return Err(ProxyError::new(
+                    ErrorKind::BadRequest,
+                    "unsupported Transfer-Encoding (only a single \"chunked\" is accepted)",
+                )
+                .closing());
+            }
+        }
+        let mut cl = h.get_all(header::CONTENT_LENGTH).iter();
+        if let Some(first) = cl.next()
+            && cl.any(|v| v != first)
+        {
+            return Err(ProxyError::new(
+                ErrorKind::BadRequest,
+                "conflicting Content-Length values",
+            )
+            .closing());
+        }
+    }
+    if h.len() > listener.max_headers {
+        return Err(ProxyError::new(
+            ErrorKind::HeadersTooLarge,
+            format!(
+                "request has {} header fields; the limit is {}",
+                h.len(),
+                listener.max_headers
+            ),
+        )
+        .closing());
+    }
+    let size: usize = h
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+        + 16;
+    if size > listener.max_header_bytes {
+        return Err(ProxyError::new(
+            ErrorKind::HeadersTooLarge,
+            format!(
+                "request head is {size} bytes; the limit is {}",
+                listener.max_header_bytes
+            ),
+        )
+        .closing());
+    }
+    if let Some(len) = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok())
+        && len.parse::<u64>().is_err()
+    {
+        return Err(ProxyError::new(ErrorKind::BadRequest, "invalid Content-Length").closing());
+    }
+    Ok(())
+}
+
+/// The request's host, without port, lowercased.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.host(),
+        None => {
+            let h = req.headers().get(header::HOST)?.to_str().ok()?;
+            // Strip a port, keeping IPv6 literals whole.
+            match h.rfind(':') {
+                Some(i) if !h[i..].contains(']') => &h[..i],
+                _ => h,
+            }
+        }
+    };
+    Some(raw.to_ascii_lowercase())
+}
+
+fn direct_response(
+    route: &RouteConfig,
+    status: StatusCode,
+    body: Bytes,
+    content_type: HeaderValue,
+) -> Response<Body> {
+    let mut resp = Response::new(Body::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, content_type);
+    route.response_headers.apply(resp.headers_mut());
+    resp
+}
+
+/// Phase 5: the request as the upstream will see it.
+fn upstream_request(
+    req: Request<Incoming>,
+    conn: &Conn,
+    route: &RouteConfig,
+    path: &str,
+    params: &router::Params,
+    limit: u64,
+    request_id: &HeaderValue,
+) -> Result<Request<Body>, ProxyError> {
+    let (mut parts, incoming) = req.into_parts();
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len > limit
+    {
+        return Err(ProxyError::new(
+            ErrorKind::PayloadTooLarge,
+            format!("request body is {len} bytes; the limit is {limit}"),
+        )
+        .closing());
+    }
+    let new_path: std::borrow::Cow<'_, str> = if let Some(rw) = &route.rewrite {
+        rw.apply(path, params).into()
+    } else if let Some(prefix) = &route.strip_prefix {
+        match path.strip_prefix(prefix.trim_end_matches('/')) {
+            Some(rest) if rest.is_empty() => "/".into(),
+            Some(rest) if rest.starts_with('/') => rest.into(),
+            _ => path.into(),
+        }
+    } else {
+        path.into()
+    };
+    let pq = match parts.uri.query() {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path.into_owned(),
+    };
+    let original_host = match parts.headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    parts.uri = http::Uri::try_from(pq).map_err(|e| {
+        ProxyError::new(ErrorKind::BadRequest, "cannot build the upstream path").with_source(e)
+    })?;
+    let h = &mut parts.headers;
+    forward::strip_hop_by_hop(h);
+    let via = match parts.version {
+        Version::HTTP_2 => "2 gateway",
+        Version::HTTP_10 => "1.0 gateway",
+        _ => "1.1 gateway",
+    };
+    forward::add_forwarding(h, conn.peer.ip(), conn.tls, original_host.as_ref(), via);
+    if !h.contains_key(header::HOST)
+        && let Some(host) = original_host
+    {
+        h.insert(header::HOST, host);
+    }
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    route.request_headers.apply(h);
+    let body = if incoming_is_empty(&incoming) {
+        Body::empty()
+    } else {
+        Body::limited(incoming, limit)
+    };
+    Ok(Request::from_parts(parts, body))
+}
+
+fn incoming_is_empty(b: &Incoming) -> bool {
+    http_body::Body::is_end_stream(b)
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+fn version_label(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_11 => "1.1",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "other",
+    }
+}

@@ -1,0 +1,164 @@
+//! The live configuration: the current `Generation` (compiled config plus the
+//! upstream pools built for it) behind `arc-swap`, replaced atomically on
+//! reload. A request holds the generation it started with until it ends.
+//! Reloads come from SIGHUP, from the file watcher and from the admin API;
+//! an invalid file is rejected with a logged error and the old generation
+//! keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+
+use crate::config::{Config, ConfigError};
+use crate::upstream::Pool;
+
+/// One loaded configuration and what was built from it.
+#[derive(Debug)]
+pub struct Generation {
+    pub config: Config,
+    /// Pools, aligned with `config.upstreams`.
+    pub upstreams: Vec<Arc<Pool>>,
+}
+
+impl Generation {
+    /// Builds pools for `config`, reusing those of `previous` whose settings
+    /// did not change, so their keep-alive connections survive the reload.
+    pub fn new(config: Config, previous: Option<&Generation>) -> Generation {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                previous
+                    .and_then(|p| p.upstreams.iter().find(|pool| pool.config == *u))
+                    .cloned()
+                    .unwrap_or_else(|| Pool::new(u))
+            })
+            .collect();
+        Generation { config, upstreams }
+    }
+}
+
+/// The configuration in force.
+#[derive(Debug)]
+pub struct Live {
+    path: PathBuf,
+    current: ArcSwap<Generation>,
+    /// Serializes reloads.
+    reloading: Mutex<()>,
+}
+
+impl Live {
+    pub fn new(path: &Path, config: Config) -> Live {
+        Live {
+            path: path.to_path_buf(),
+            current: ArcSwap::from_pointee(Generation::new(config, None)),
+            reloading: Mutex::new(()),
+        }
+    }
+
+    /// The generation in force now.
+    pub fn load(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Loads the file again and swaps it in if valid. Blocking (file I/O and
+    /// certificate loading): call from a blocking context.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let _g = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        match Config::load(&self.path) {
+            Ok(config) => {
+                let old = self.current.load();
+                let listeners_changed = old.config.listeners.len() != config.listeners.len()
+                    || old
+                        .config
+                        .listeners
+                        .iter()
+                        .zip(&config.listeners)
+                        .any(|(a, b)| a.name != b.name || a.addr != b.addr);
+                if listeners_changed {
+                    tracing::warn!(
+                        "listener names or addresses changed: they take effect on restart; everything else was reloaded"
+                    );
+                }
+                let next = Generation::new(config, Some(&old));
+                self.current.store(Arc::new(next));
+                metrics::counter!("gateway_config_reloads_total", "result" => "ok").increment(1);
+                tracing::info!(path = %self.path.display(), "config reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                metrics::counter!("gateway_config_reloads_total", "result" => "failed")
+                    .increment(1);
+                tracing::error!("config reload rejected, keeping the previous config:\n{e}");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Reloads on SIGHUP until the task is dropped.
+pub async fn on_sighup(live: Arc<Live>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload through the admin API instead");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received, reloading");
+        let l = live.clone();
+        let _ = tokio::task::spawn_blocking(move || l.reload()).await;
+    }
+}
+
+/// Watches the config file (through its directory, so that editors that
+/// replace the file are seen) and reloads when it changes, debounced.
+pub async fn on_file_change(live: Arc<Live>) {
+    let path = live.path().to_path_buf();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_os_string());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && !ev.kind.is_access()
+            && ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+        {
+            let _ = tx.send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch the config file ({e}); reload with SIGHUP or the admin API"
+            );
+            return;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(
+            "cannot watch {} ({e}); reload with SIGHUP or the admin API",
+            dir.display()
+        );
+        return;
+    }
+    while rx.recv().await.is_some() {
+        // Let a burst of events (write, rename, chmod) settle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while rx.try_recv().is_ok() {}
+        tracing::info!("config file changed, reloading");
+        let l = live.clone();
+        let _ = tokio::task::spawn_blocking(move || l.reload()).await;
+    }
+}

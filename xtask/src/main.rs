@@ -1,0 +1,142 @@
+//! Project tasks. `cargo xtask run` and `cargo xtask test` are the two
+//! commands a newcomer needs: each installs what is missing (idempotently,
+//! and quickly when everything is present) before it builds.
+
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing prerequisites (rust-src, llvm-22-dev, bpf-linker, redis, nginx, wrk).
+    Setup,
+    /// Build everything, start the demo backend and run the gateway on conf/gateway.toml.
+    Run {
+        /// Extra arguments for `gateway run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the whole test suite (formatting, lints, unit, integration, kernel tests).
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = project_root();
+    std::env::set_current_dir(&root).with_context(|| format!("cannot enter {}", root.display()))?;
+    match cli.task {
+        Task::Setup => setup::all(),
+        Task::Run { args } => run(&args),
+        Task::Test { filter } => test(filter.as_deref()),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn cmd(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    setup::all()?;
+    cmd(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "gateway",
+            "-p",
+            "gateway-tests",
+            "--bins",
+        ],
+    )?;
+    let mut backend = Command::new("target/release/demo-backend")
+        .arg("127.0.0.1:8081")
+        .spawn()
+        .context("cannot start the demo backend")?;
+    eprintln!(
+        "xtask: demo backend on 127.0.0.1:8081; gateway on conf/gateway.toml (Ctrl-C stops both)"
+    );
+    let mut gw_args = vec![
+        "run".to_string(),
+        "-c".to_string(),
+        "conf/gateway.toml".to_string(),
+    ];
+    gw_args.extend(args.iter().cloned());
+    let status = Command::new("target/release/gateway")
+        .args(&gw_args)
+        .status();
+    let _ = backend.kill();
+    let _ = backend.wait();
+    let status = status.context("cannot start the gateway")?;
+    if !status.success() {
+        bail!("gateway exited with {status}");
+    }
+    Ok(())
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    setup::all()?;
+    cmd("cargo", &["fmt", "--all", "--", "--check"])
+        .context("run `cargo fmt --all` to fix formatting")?;
+    cmd(
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    // Build the binaries the end-to-end tests start.
+    cmd(
+        "cargo",
+        &["build", "-p", "gateway", "-p", "gateway-tests", "--bins"],
+    )?;
+    let mut args = vec!["test", "--workspace"];
+    if let Some(f) = filter {
+        args.push(f);
+    }
+    cmd("cargo", &args)
+}
