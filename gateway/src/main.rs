@@ -51,6 +51,24 @@ enum Command {
         #[arg(short, long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Manage the deny list (kernel maps of a running gateway).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  gateway deny add 203.0.113.7 --ttl 10m\n  gateway deny del 203.0.113.0/24\n  gateway deny list"
+    )]
+    Deny(gateway::xdp::cli::RuleCmd),
+    /// Manage the allow list (kernel maps of a running gateway).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  gateway allow add 10.0.0.0/8\n  gateway allow list"
+    )]
+    Allow(gateway::xdp::cli::RuleCmd),
+    /// XDP program status: counters, top dropped sources, detach.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  gateway xdp stats\n  gateway xdp detach"
+    )]
+    Xdp(gateway::xdp::cli::XdpCmd),
     /// Print version and build information.
     Version,
 }
@@ -103,6 +121,18 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Reload { config } => {
             gateway::admin::request_reload(&config)?;
             println!("reloaded");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deny(c) => {
+            gateway::xdp::cli::run_rule(gateway::xdp::cli::List::Deny, c)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Allow(c) => {
+            gateway::xdp::cli::run_rule(gateway::xdp::cli::List::Allow, c)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Xdp(c) => {
+            gateway::xdp::cli::run_xdp(c)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Version => {

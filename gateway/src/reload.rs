@@ -14,6 +14,7 @@ use notify::{RecursiveMode, Watcher};
 
 use crate::config::{Config, ConfigError};
 use crate::upstream::Pool;
+use crate::xdp::Enforcer;
 
 /// One loaded configuration and what was built from it.
 #[derive(Debug)]
@@ -48,15 +49,23 @@ pub struct Live {
     current: ArcSwap<Generation>,
     /// Serializes reloads.
     reloading: Mutex<()>,
+    /// Receives the `[xdp]` section of each accepted reload.
+    enforcer: Arc<Enforcer>,
 }
 
 impl Live {
-    pub fn new(path: &Path, config: Config) -> Live {
+    pub fn new(path: &Path, config: Config, enforcer: Arc<Enforcer>) -> Live {
         Live {
             path: path.to_path_buf(),
             current: ArcSwap::from_pointee(Generation::new(config, None)),
             reloading: Mutex::new(()),
+            enforcer,
         }
+    }
+
+    /// The allow/deny enforcer (kernel or userspace).
+    pub fn enforcer(&self) -> &Arc<Enforcer> {
+        &self.enforcer
     }
 
     /// The generation in force now.
@@ -87,6 +96,7 @@ impl Live {
                         "listener names or addresses changed: they take effect on restart; everything else was reloaded"
                     );
                 }
+                self.enforcer.update(&config.xdp);
                 let next = Generation::new(config, Some(&old));
                 self.current.store(Arc::new(next));
                 metrics::counter!("gateway_config_reloads_total", "result" => "ok").increment(1);

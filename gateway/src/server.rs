@@ -62,7 +62,7 @@ pub fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         None => None,
     };
     let enforcer = Arc::new(Enforcer::start(&config.xdp, opts.no_xdp));
-    let live = Arc::new(Live::new(path, config));
+    let live = Arc::new(Live::new(path, config, enforcer.clone()));
     let shared = Arc::new(Shared {
         live: live.clone(),
         access_log,

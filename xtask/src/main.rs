@@ -2,6 +2,7 @@
 //! commands a newcomer needs: each installs what is missing (idempotently,
 //! and quickly when everything is present) before it builds.
 
+mod bench;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,15 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Benchmarks: `http` (default; gateway vs nginx vs direct) or `xdp`.
+    Bench {
+        /// Which benchmark: http or xdp.
+        #[arg(default_value = "http")]
+        what: String,
+        /// Extra arguments for that benchmark.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +62,10 @@ fn real_main() -> anyhow::Result<()> {
         Task::Setup => setup::all(),
         Task::Run { args } => run(&args),
         Task::Test { filter } => test(filter.as_deref()),
+        Task::Bench { what, args } => {
+            setup::all()?;
+            bench::run(&what, &args)
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! XDP program, its pinned maps, and the userspace fallback used when XDP is
 //! unavailable.
 
+pub mod cli;
 pub mod config;
 
 use std::net::IpAddr;
@@ -23,6 +24,9 @@ impl Enforcer {
     pub fn start(_settings: &config::XdpSettings, _no_xdp: bool) -> Enforcer {
         Enforcer {}
     }
+
+    /// Applies a reloaded `[xdp]` section.
+    pub fn update(&self, _settings: &config::XdpSettings) {}
 
     /// Stops enforcement owned by this process (pinned state stays).
     pub fn stop(&self) {}

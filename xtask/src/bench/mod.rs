@@ -1,0 +1,15 @@
+//! `cargo xtask bench [http|xdp]`: benchmarks that compare side by side in
+//! one run and report ratios (the machines are shared and noisy).
+
+mod http;
+mod xdp;
+
+use anyhow::bail;
+
+pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
+    match what {
+        "http" => http::run(args),
+        "xdp" => xdp::run(args),
+        other => bail!("unknown benchmark {other:?}: expected http or xdp"),
+    }
+}
