@@ -4,7 +4,11 @@
 //! HTTP/2 (h2c prior knowledge on plain listeners, ALPN on TLS), with
 //! header-read and idle timeouts and graceful shutdown.
 
+mod sniff;
 pub mod tls;
+
+pub use sniff::HeadFlags;
+use sniff::Sniff;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -102,6 +106,7 @@ pub async fn accept_loop(a: Accept) {
             listener: a.name.clone(),
             peer,
             tls: settings.tls.is_some(),
+            head: Arc::new(HeadFlags::default()),
         });
         let shared = a.shared.clone();
         let shutdown = a.shutdown.clone();
@@ -163,6 +168,7 @@ async fn serve(
         last_ms: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
     });
+    let head = conn.head.clone();
     let svc = {
         let activity = activity.clone();
         let conn = conn.clone();
@@ -173,6 +179,7 @@ async fn serve(
             activity.in_flight.fetch_add(1, Ordering::Relaxed);
             async move {
                 let resp = proxy::handle(&shared, &conn, req).await;
+                conn.head.rearm.store(true, Ordering::Release);
                 activity.touch();
                 activity.in_flight.fetch_sub(1, Ordering::Relaxed);
                 Ok::<_, Infallible>(resp)
@@ -201,8 +208,8 @@ async fn serve(
                     }
                 };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let io = TokioIo::new(tls);
             if h2 {
+                let io = TokioIo::new(tls);
                 let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                 b.timer(TokioTimer::new())
                     .max_header_list_size(u32::try_from(hyper_max_buf).unwrap_or(u32::MAX));
@@ -215,6 +222,7 @@ async fn serve(
                 )
                 .await;
             } else {
+                let io = TokioIo::new(Sniff::new(tls, head));
                 let mut b = hyper::server::conn::http1::Builder::new();
                 b.timer(TokioTimer::new())
                     .header_read_timeout(s.header_read_timeout)
@@ -241,7 +249,7 @@ async fn serve(
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(hyper_max_buf).unwrap_or(u32::MAX));
             drive(
-                b.serve_connection(TokioIo::new(stream), svc),
+                b.serve_connection(TokioIo::new(Sniff::new(stream, head)), svc),
                 |c| c.graceful_shutdown(),
                 &activity,
                 s.idle_timeout,
@@ -256,7 +264,7 @@ async fn serve(
                 .max_buf_size(hyper_max_buf)
                 .max_headers(hyper_max_headers);
             drive(
-                b.serve_connection(TokioIo::new(stream), svc),
+                b.serve_connection(TokioIo::new(Sniff::new(stream, head)), svc),
                 |c| c.graceful_shutdown(),
                 &activity,
                 s.idle_timeout,

@@ -50,6 +50,8 @@ pub struct Conn {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
     pub tls: bool,
+    /// What the HTTP/1 head scanner saw (see `listener::HeadFlags`).
+    pub head: Arc<crate::listener::HeadFlags>,
 }
 
 /// Per-request state carried through the phases.
@@ -150,7 +152,7 @@ async fn process(
     };
 
     // Phase 2: validate.
-    validate(listener, &req)?;
+    validate(listener, conn, &req)?;
     let uri = req.uri().clone();
     let path = router::normalize::normalize(uri.path()).map_err(|e| {
         ProxyError::new(ErrorKind::BadRequest, format!("invalid request path: {e}"))
@@ -263,9 +265,24 @@ fn identify(req: &Request<Incoming>) -> HeaderValue {
 }
 
 /// Phase 2: rejects smuggling attempts and oversized headers.
-fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<(), ProxyError> {
+fn validate(
+    listener: &ListenerConfig,
+    conn: &Conn,
+    req: &Request<Incoming>,
+) -> Result<(), ProxyError> {
     let h = req.headers();
     if req.version() <= Version::HTTP_11 {
+        if conn
+            .head
+            .conflict
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(ProxyError::new(
+                ErrorKind::BadRequest,
+                "request has both Content-Length and Transfer-Encoding",
+            )
+            .closing());
+        }
         let te = h.get_all(header::TRANSFER_ENCODING);
         let mut te_iter = te.iter();
         if let Some(first) = te_iter.next() {

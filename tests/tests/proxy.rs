@@ -1,0 +1,421 @@
+//! Proxying through the real gateway binary: forwarding headers, request ids,
+//! HTTP/2 both sides, direct responses, streaming, and every error status the
+//! gateway generates itself (problem+json).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway_tests::backend::Backend;
+use gateway_tests::client::{self, Reply};
+use gateway_tests::free_port;
+use gateway_tests::gateway::Gateway;
+use http::Request;
+use http_body_util::Full;
+
+struct Env {
+    gw: Gateway,
+    base: String,
+    listen: String,
+}
+
+/// A gateway with routes to backend `b` (h1), `b2` (h2c), an unreachable
+/// upstream, a slow route with a short timeout, and a direct response.
+fn start(b: &Backend, b2: &Backend, extra: &str) -> Env {
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let dead = free_port();
+    let config = format!(
+        r#"
+[server]
+workers = 2
+watch_config = false
+[admin]
+listen = "{admin}"
+[[listeners]]
+name = "main"
+listen = "127.0.0.1:{port}"
+max_body_bytes = "64KiB"
+max_header_bytes = "8KiB"
+max_headers = 40
+[[upstreams]]
+name = "one"
+targets = ["{b}"]
+[[upstreams]]
+name = "h2"
+targets = ["{b2}"]
+protocol = "http2"
+[[upstreams]]
+name = "dead"
+targets = ["127.0.0.1:{dead}"]
+connect_timeout = "1s"
+[[routes]]
+name = "direct"
+[routes.match]
+path = "/direct"
+[routes.respond]
+status = 201
+body = "made here"
+[[routes]]
+name = "h2"
+upstream = "h2"
+strip_prefix = "/h2"
+[routes.match]
+path_prefix = "/h2/"
+[[routes]]
+name = "dead"
+upstream = "dead"
+[routes.match]
+path_prefix = "/dead/"
+[[routes]]
+name = "slow"
+upstream = "one"
+timeout = "300ms"
+[routes.match]
+path_prefix = "/delay/"
+[[routes]]
+name = "small"
+upstream = "one"
+max_body_bytes = 10
+[routes.match]
+path_prefix = "/small/"
+[[routes]]
+name = "getonly"
+upstream = "one"
+[routes.match]
+path_prefix = "/getonly/"
+methods = ["GET"]
+[[routes]]
+name = "all"
+upstream = "one"
+[routes.match]
+hosts = ["127.0.0.1"]
+path_prefix = "/"
+methods = ["GET", "POST", "HEAD"]
+[routes.request_headers]
+set = {{ "x-added" = "yes" }}
+remove = ["x-drop-me"]
+[routes.response_headers]
+set = {{ "x-resp" = "1" }}
+remove = ["x-backend-secret"]
+{extra}
+"#,
+        b = b.addr,
+        b2 = b2.addr,
+    );
+    let gw = Gateway::start(&config, &admin);
+    Env {
+        gw,
+        base: format!("http://127.0.0.1:{port}"),
+        listen: format!("127.0.0.1:{port}"),
+    }
+}
+
+fn assert_problem(r: &Reply, status: u16) -> serde_json::Value {
+    assert_eq!(r.status.as_u16(), status, "body: {}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    let p = r.json();
+    assert_eq!(p["status"], status);
+    assert!(p["type"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(p["detail"].as_str().is_some_and(|t| !t.is_empty()));
+    assert_eq!(
+        p["request_id"].as_str(),
+        r.header("x-request-id"),
+        "problem carries the request id"
+    );
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_with_standard_headers() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    let req = Request::get(format!("{}/echo?q=1", env.base))
+        .header("x-forwarded-for", "192.0.2.9")
+        .header("x-drop-me", "1")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret")
+        .body(Full::default())
+        .unwrap();
+    let r = client::send(&client::http1(), req).await;
+    assert_eq!(r.status, 200);
+    let echo = r.json();
+    let h = &echo["headers"];
+    assert_eq!(echo["path"], "/echo");
+    assert_eq!(echo["query"], "q=1");
+    assert_eq!(h["x-forwarded-for"], "192.0.2.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], env.listen.as_str());
+    assert_eq!(h["via"], "1.1 gateway");
+    assert_eq!(h["x-added"], "yes");
+    assert!(h.get("x-drop-me").is_none());
+    assert!(
+        h.get("x-hop").is_none(),
+        "headers named in Connection are hop-by-hop"
+    );
+    let rid = r
+        .header("x-request-id")
+        .expect("request id on the response");
+    assert_eq!(rid.len(), 32);
+    assert_eq!(
+        h["x-request-id"], rid,
+        "the upstream sees the same request id"
+    );
+    assert_eq!(r.header("x-resp"), Some("1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_a_client_request_id_and_logs_it() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    let req = Request::get(format!("{}/x", env.base))
+        .header("x-request-id", "client-id-42")
+        .header("user-agent", "probe/1")
+        .body(Full::default())
+        .unwrap();
+    let r = client::send(&client::http1(), req).await;
+    assert_eq!(r.header("x-request-id"), Some("client-id-42"));
+    assert_eq!(r.json()["headers"]["x-request-id"], "client-id-42");
+    // The access log line is written asynchronously.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        if let Some(l) = env
+            .gw
+            .stdout()
+            .lines()
+            .find(|l| l.contains("client-id-42"))
+            .map(str::to_string)
+        {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no access log line");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["http.request.method"], "GET");
+    assert_eq!(v["url.path"], "/x");
+    assert_eq!(v["http.response.status_code"], 200);
+    assert_eq!(v["client.ip"], "127.0.0.1");
+    assert_eq!(v["user_agent.original"], "probe/1");
+    assert_eq!(v["trace.id"], "client-id-42");
+    assert_eq!(v["gateway.route"], "all");
+    assert_eq!(v["gateway.upstream"], "one");
+    assert!(v["event.duration"].as_u64().is_some_and(|d| d > 0));
+    assert!(v["@timestamp"].as_str().is_some_and(|t| t.ends_with('Z')));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_on_both_sides() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    // h2c client -> gateway -> h1 upstream.
+    let r = client::send(
+        &client::h2c(),
+        Request::get(format!("{}/a", env.base))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["version"], "HTTP/1.1");
+    assert_eq!(
+        r.json()["headers"]["host"],
+        env.listen.as_str(),
+        "h2 :authority becomes Host upstream"
+    );
+    // h1 client -> gateway -> h2 upstream.
+    let r = client::get(&format!("{}/h2/b", env.base)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["version"], "HTTP/2.0");
+    assert_eq!(r.json()["path"], "/b");
+    // h2c both ways.
+    let r = client::send(
+        &client::h2c(),
+        Request::get(format!("{}/h2/c", env.base))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.json()["version"], "HTTP/2.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_response() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    let r = client::get(&format!("{}/direct", env.base)).await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.text(), "made here");
+    assert_eq!(b.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_bodies_both_ways() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    let big = 5 * 1024 * 1024;
+    let r = client::get(&format!("{}/bytes/{big}", env.base)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), big);
+    let body = Bytes::from(vec![b'y'; 60 * 1024]);
+    let r = client::send(
+        &client::http1(),
+        Request::post(format!("{}/upload", env.base))
+            .body(Full::new(body))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.json()["body_len"], 60 * 1024);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_statuses_are_problem_json() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    let c = client::http1();
+
+    // 404: no route for this host.
+    let r = client::send(
+        &c,
+        Request::get(format!("{}/x", env.base))
+            .header("host", "nowhere.example")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    let p = assert_problem(&r, 404);
+    assert!(p["detail"].as_str().unwrap().contains("/x"), "{p}");
+
+    // 405 with Allow: routes match the path, none the method.
+    let r = client::send(
+        &c,
+        Request::delete(format!("{}/getonly/x", env.base))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_problem(&r, 405);
+    let allow = r.header("allow").unwrap_or_default().to_string();
+    assert!(
+        allow.contains("GET") && !allow.contains("DELETE"),
+        "{allow}"
+    );
+
+    // 502: nothing listens on the upstream's port.
+    let r = client::get(&format!("{}/dead/x", env.base)).await;
+    let p = assert_problem(&r, 502);
+    assert!(p["detail"].as_str().unwrap().contains("dead"), "{p}");
+
+    // 504: the upstream answers after the route's 300 ms timeout.
+    let t = std::time::Instant::now();
+    let r = client::get(&format!("{}/delay/2000", env.base)).await;
+    assert_problem(&r, 504);
+    assert!(t.elapsed() < Duration::from_millis(1500));
+
+    // 413: declared length over the route's limit, and streamed over the listener's.
+    let r = client::send(
+        &c,
+        Request::post(format!("{}/small/x", env.base))
+            .body(Full::new(Bytes::from_static(b"more than ten bytes")))
+            .unwrap(),
+    )
+    .await;
+    assert_problem(&r, 413);
+    let r = client::send(
+        &c,
+        Request::post(format!("{}/big", env.base))
+            .body(Full::new(Bytes::from(vec![0u8; 100 * 1024])))
+            .unwrap(),
+    )
+    .await;
+    assert_problem(&r, 413);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_body_over_limit_is_413() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    // Chunked, so the limit is only discovered while streaming.
+    let chunk = "a".repeat(8000);
+    let mut req = String::from(
+        "POST /small/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    );
+    for _ in 0..3 {
+        req.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+    }
+    req.push_str("0\r\n\r\n");
+    let resp = client::raw(&env.listen, &req);
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_431() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    // Too large (limit 8 KiB).
+    let big = "v".repeat(9000);
+    let resp = client::raw(
+        &env.listen,
+        &format!("GET /x HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n"),
+    );
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    assert!(resp.contains("application/problem+json"), "{resp}");
+    // Too many (limit 40).
+    let many: String = (0..50).map(|i| format!("X-H{i}: 1\r\n")).collect();
+    let resp = client::raw(
+        &env.listen,
+        &format!("GET /x HTTP/1.1\r\nHost: x\r\n{many}\r\n"),
+    );
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    assert!(resp.contains("application/problem+json"), "{resp}");
+    // Far too large: refused by the HTTP parser itself, still 431.
+    let huge = "v".repeat(40_000);
+    let resp = client::raw(
+        &env.listen,
+        &format!("GET /x HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n"),
+    );
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    assert_eq!(b.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_attempts_are_rejected_and_closed() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    let attempts = [
+        // CL.TE
+        "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+        // TE.CL with an obfuscated Transfer-Encoding
+        "POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\nContent-Length: 4\r\n\r\n5c\r\nGPOST / HTTP/1.1\r\n\r\n0\r\n\r\n",
+        // Conflicting Content-Length values
+        "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
+        // Unsupported transfer coding
+        "POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    ];
+    for a in attempts {
+        // A second request follows on the same connection; it must not be served.
+        let resp = client::raw(
+            &env.listen,
+            &format!("{a}GET /second HTTP/1.1\r\nHost: x\r\n\r\n"),
+        );
+        assert!(resp.starts_with("HTTP/1.1 400"), "{a:?} -> {resp}");
+        assert_eq!(
+            resp.matches("HTTP/1.1").count(),
+            1,
+            "connection closed after the 400: {resp}"
+        );
+        if a.contains("Content-Length: 6") {
+            assert!(resp.contains("application/problem+json"), "{resp}");
+        }
+    }
+    assert_eq!(b.hits(), 0, "nothing reached the backend");
+}
