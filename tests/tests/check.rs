@@ -1,0 +1,146 @@
+//! `gateway check` on good and broken configs: exit codes and the exact
+//! `FILE:LINE:COL: message` lines.
+
+use gateway_tests::gateway::run_cli;
+
+/// Runs `gateway check` on `text`; returns (exit code, lines with the file
+/// path replaced by `F`).
+fn check(text: &str) -> (i32, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.toml");
+    std::fs::write(&path, text).unwrap();
+    let (code, out, err) = run_cli(&["check", "-c", path.to_str().unwrap()]);
+    assert!(err.is_empty() || code == 0, "stderr: {err}");
+    let p = path.display().to_string();
+    (code, out.lines().map(|l| l.replace(&p, "F")).collect())
+}
+
+const BASE: &str = r#"[[listeners]]
+name = "main"
+listen = "127.0.0.1:8080"
+[[upstreams]]
+name = "be"
+targets = ["127.0.0.1:9000"]
+[[routes]]
+name = "r"
+upstream = "be"
+"#;
+
+#[test]
+fn good_config_prints_summary() {
+    let (code, out) = check(BASE);
+    assert_eq!(code, 0);
+    assert_eq!(out, ["config OK: 1 listeners, 1 routes, 1 upstreams"]);
+}
+
+#[test]
+fn default_config_is_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let (code, out, _) = run_cli(&[
+        "check",
+        "-c",
+        root.join("conf/gateway.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("config OK:"), "{out}");
+}
+
+#[test]
+fn unknown_key() {
+    let (code, out) = check(&format!("{BASE}colour = \"blue\"\n"));
+    assert_eq!(code, 2);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(
+        out[0].starts_with("F:10:1: unknown field `colour`"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn wrong_type() {
+    let (code, out) = check(&BASE.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\nmax_connections = \"many\"",
+    ));
+    assert_eq!(code, 2);
+    assert!(
+        out[0].starts_with("F:4:19: invalid type: string \"many\""),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn bad_duration_and_size() {
+    let (_, out) = check(&BASE.replace("targets =", "timeout = \"soon\"\ntargets ="));
+    assert!(
+        out[0].starts_with("F:6:11: invalid duration \"soon\""),
+        "{out:?}"
+    );
+    let (_, out) = check(&BASE.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\nmax_body_bytes = \"3 parsecs\"",
+    ));
+    assert!(
+        out[0].starts_with("F:4:18: invalid size \"3 parsecs\""),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn every_semantic_problem_is_listed_in_file_order() {
+    let text = r#"[admin]
+listen = "127.0.0.1:9901"
+[[listeners]]
+name = "main"
+listen = "127.0.0.1:8080"
+[[listeners]]
+name = "other"
+listen = "127.0.0.1:8080"
+[[listeners]]
+name = "adm"
+listen = "127.0.0.1:9901"
+[[listeners]]
+name = "bad"
+listen = "localhost"
+[[upstreams]]
+name = "be"
+targets = ["127.0.0.1:9000", "no-port"]
+[[routes]]
+name = "r"
+upstream = "be"
+[[routes]]
+name = "r"
+upstream = "missing"
+[[routes]]
+name = "both"
+upstream = "be"
+[routes.respond]
+body = "x"
+"#;
+    let (code, out) = check(text);
+    assert_eq!(code, 2);
+    assert_eq!(
+        out,
+        [
+            "F:8:10: listener \"other\" port 8080 clashes with listener \"main\"",
+            "F:11:10: listener \"adm\" port 9901 clashes with admin listener",
+            "F:14:10: invalid listen address \"localhost\": expected IP:PORT",
+            "F:17:30: invalid upstream target \"no-port\": expected HOST:PORT",
+            "F:22:8: duplicate route name \"r\"",
+            "F:23:12: route \"r\" points at unknown upstream \"missing\"",
+            "F:26:12: route \"both\" has both `upstream` and `respond`; give one",
+        ]
+    );
+}
+
+#[test]
+fn unreadable_file() {
+    let (code, out, _) = run_cli(&["check", "-c", "/nonexistent/g.toml"]);
+    assert_eq!(code, 2);
+    assert!(
+        out.starts_with("/nonexistent/g.toml: cannot read config file"),
+        "{out}"
+    );
+}

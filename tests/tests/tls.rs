@@ -1,0 +1,239 @@
+//! TLS termination: certificates chosen by SNI (verified by a rustls
+//! client), ALPN to HTTP/2, TLS 1.2 and 1.3.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use gateway_tests::backend::Backend;
+use gateway_tests::free_port;
+use gateway_tests::gateway::Gateway;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+struct Certs {
+    a: CertificateDer<'static>,
+    b: CertificateDer<'static>,
+}
+
+/// Writes two self-signed certificates into `dir`: one for a.example.test
+/// (and *.a.example.test), one for b.example.test.
+fn make_certs(dir: &std::path::Path) -> Certs {
+    let mut out = Vec::new();
+    for (name, sans) in [
+        (
+            "a",
+            vec!["a.example.test".to_string(), "*.a.example.test".to_string()],
+        ),
+        ("b", vec!["b.example.test".to_string()]),
+    ] {
+        let ck = rcgen::generate_simple_self_signed(sans).expect("cert");
+        std::fs::write(dir.join(format!("{name}.pem")), ck.cert.pem()).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.key")),
+            ck.signing_key.serialize_pem(),
+        )
+        .unwrap();
+        out.push(ck.cert.der().clone());
+    }
+    let b = out.pop().unwrap();
+    let a = out.pop().unwrap();
+    Certs { a, b }
+}
+
+fn client_config(
+    certs: &Certs,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certs.a.clone()).unwrap();
+    roots.add(certs.b.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+async fn connect(
+    addr: &str,
+    cfg: Arc<rustls::ClientConfig>,
+    sni: &str,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    TlsConnector::from(cfg)
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+}
+
+fn start(dir: &std::path::Path, backend: &Backend) -> (Gateway, String) {
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"
+[server]
+workers = 1
+watch_config = false
+[admin]
+listen = "{admin}"
+[[listeners]]
+name = "tls"
+listen = "127.0.0.1:{port}"
+[[listeners.tls.certificates]]
+cert = "{d}/a.pem"
+key = "{d}/a.key"
+server_names = ["a.example.test", "*.a.example.test"]
+[[listeners.tls.certificates]]
+cert = "{d}/b.pem"
+key = "{d}/b.key"
+server_names = ["b.example.test"]
+[[upstreams]]
+name = "be"
+targets = ["{b}"]
+[[routes]]
+name = "all"
+upstream = "be"
+"#,
+        d = dir.display(),
+        b = backend.addr,
+    );
+    (Gateway::start(&config, &admin), format!("127.0.0.1:{port}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_the_certificate_named_by_sni() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let backend = Backend::start("be").await;
+    let (_gw, addr) = start(dir.path(), &backend);
+    let v13 = [&rustls::version::TLS13];
+    for (sni, want) in [
+        ("a.example.test", &certs.a),
+        ("b.example.test", &certs.b),
+        ("x.a.example.test", &certs.a),
+    ] {
+        let tls = connect(&addr, client_config(&certs, &[b"http/1.1"], &v13), sni)
+            .await
+            .unwrap_or_else(|e| panic!("{sni}: {e}"));
+        let peer = tls.get_ref().1.peer_certificates().expect("peer certs");
+        assert_eq!(&peer[0], want, "certificate served for {sni}");
+    }
+    // An unknown name gets the first (default) certificate, which the client rejects.
+    let err = connect(
+        &addr,
+        client_config(&certs, &[b"http/1.1"], &v13),
+        "c.example.test",
+    )
+    .await;
+    assert!(
+        err.is_err(),
+        "default certificate does not cover c.example.test"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_http2_over_tls_with_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let backend = Backend::start("be").await;
+    let (_gw, addr) = start(dir.path(), &backend);
+    for versions in [
+        &[&rustls::version::TLS12][..],
+        &[&rustls::version::TLS13][..],
+    ] {
+        // HTTP/1.1.
+        let tls = connect(
+            &addr,
+            client_config(&certs, &[b"http/1.1"], versions),
+            "b.example.test",
+        )
+        .await
+        .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(
+                Request::get("/x")
+                    .header("host", "b.example.test")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["headers"]["x-forwarded-proto"], "https");
+
+        // HTTP/2 by ALPN.
+        let tls = connect(
+            &addr,
+            client_config(&certs, &[b"h2", b"http/1.1"], versions),
+            "a.example.test",
+        )
+        .await
+        .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(
+                Request::get("https://a.example.test/y")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+    }
+}
+
+#[test]
+fn check_reports_unreadable_and_mismatched_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let path = dir.path().join("bad.toml");
+    let config = format!(
+        r#"[[listeners]]
+name = "tls"
+listen = "127.0.0.1:8443"
+[[listeners.tls.certificates]]
+cert = "{d}/missing.pem"
+key = "{d}/a.key"
+[[listeners.tls.certificates]]
+cert = "{d}/a.pem"
+key = "{d}/b.key"
+"#,
+        d = dir.path().display()
+    );
+    std::fs::write(&path, config).unwrap();
+    let (code, out, _) = gateway_tests::gateway::run_cli(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    let p = path.display();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with(&format!("{p}:5:8: cannot read certificate")),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{p}:9:7: private key"))
+            && lines[1].contains("does not match"),
+        "{out}"
+    );
+}
