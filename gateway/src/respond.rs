@@ -57,21 +57,27 @@ fn title_of(kind: ErrorKind) -> &'static str {
     }
 }
 
-/// The problem+json response for `err`, tagged with `request_id`.
-pub fn error_response(err: &ProxyError, request_id: &str) -> Response<Body> {
-    let status = status_of(err.kind);
+/// The problem+json body for an error of `kind`.
+fn problem_body(kind: ErrorKind, detail: &str, request_id: &str) -> Vec<u8> {
     let type_uri = format!(
         "https://gateway.dev/problems/{}",
-        err.kind.as_str().replace('_', "-")
+        kind.as_str().replace('_', "-")
     );
     let problem = Problem {
         kind: &type_uri,
-        title: title_of(err.kind),
-        status: status.as_u16(),
-        detail: &err.detail,
+        title: title_of(kind),
+        status: status_of(kind).as_u16(),
+        detail,
         request_id,
     };
-    let body = serde_json::to_vec(&problem).unwrap_or_default();
+    serde_json::to_vec(&problem).unwrap_or_default()
+}
+
+/// The problem+json response for `err`, tagged with `request_id`.
+pub fn error_response(err: &ProxyError, request_id: &str) -> Response<Body> {
+    let status = status_of(err.kind);
+    let body = problem_body(err.kind, &err.detail, request_id);
+
     let mut resp = Response::new(Body::full(Bytes::from(body)));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -83,6 +89,25 @@ pub fn error_response(err: &ProxyError, request_id: &str) -> Response<Body> {
         h.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// A complete HTTP/1.1 error response as bytes, for errors found before
+/// hyper has parsed a request (e.g. the header read timeout). The
+/// connection is closed after it.
+pub fn raw_error(kind: ErrorKind, detail: &str) -> Vec<u8> {
+    let id = crate::proxy::new_request_id();
+    let id = id.to_str().unwrap_or("");
+    let body = problem_body(kind, detail, id);
+    let status = status_of(kind);
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: {PROBLEM_JSON}\r\ncontent-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
 }
 
 #[cfg(test)]

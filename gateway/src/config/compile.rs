@@ -261,6 +261,8 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             max_connections: l.max_connections,
             header_read_timeout: l.header_read_timeout.0,
             idle_timeout: l.idle_timeout.0,
+            body_read_timeout: l.body_read_timeout.0,
+
             max_header_bytes,
             max_headers: l.max_headers,
             max_body_bytes: l.max_body_bytes.0,

@@ -55,17 +55,11 @@ impl Default for Server {
 }
 
 /// `[admin]`: the admin/metrics listener.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     /// Address of the admin listener; absent means no admin listener.
     pub listen: Option<Spanned<String>>,
-}
-
-impl Default for Admin {
-    fn default() -> Self {
-        Self { listen: None }
-    }
 }
 
 /// `[access_log]`.
@@ -104,6 +98,9 @@ pub struct Listener {
     pub header_read_timeout: Secs,
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Secs,
+    /// Longest pause allowed between two chunks of a request body.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout: Secs,
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: ByteSize,
     #[serde(default = "default_max_headers")]
@@ -271,6 +268,9 @@ fn default_header_read_timeout() -> Secs {
 }
 fn default_idle_timeout() -> Secs {
     Secs(Duration::from_secs(60))
+}
+fn default_body_read_timeout() -> Secs {
+    Secs(Duration::from_secs(30))
 }
 fn default_max_header_bytes() -> ByteSize {
     ByteSize(64 * 1024)

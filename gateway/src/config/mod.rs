@@ -60,6 +60,8 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_read_timeout: Duration,
+
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_body_bytes: u64,

@@ -4,11 +4,11 @@
 //! HTTP/2 (h2c prior knowledge on plain listeners, ALPN on TLS), with
 //! header-read and idle timeouts and graceful shutdown.
 
-mod sniff;
+mod head;
 pub mod tls;
 
-pub use sniff::HeadFlags;
-use sniff::Sniff;
+pub use head::HeadFlags;
+use head::HeadGuard;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -222,10 +222,10 @@ async fn serve(
                 )
                 .await;
             } else {
-                let io = TokioIo::new(Sniff::new(tls, head));
+                let io = TokioIo::new(HeadGuard::new(tls, head, s.header_read_timeout));
                 let mut b = hyper::server::conn::http1::Builder::new();
                 b.timer(TokioTimer::new())
-                    .header_read_timeout(s.header_read_timeout)
+                    .header_read_timeout(None)
                     .max_buf_size(hyper_max_buf)
                     .max_headers(hyper_max_headers);
                 drive(
@@ -242,14 +242,17 @@ async fn serve(
             let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             b.http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(s.header_read_timeout)
+                .header_read_timeout(None)
                 .max_buf_size(hyper_max_buf)
                 .max_headers(hyper_max_headers);
             b.http2()
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(hyper_max_buf).unwrap_or(u32::MAX));
             drive(
-                b.serve_connection(TokioIo::new(Sniff::new(stream, head)), svc),
+                b.serve_connection(
+                    TokioIo::new(HeadGuard::new(stream, head, s.header_read_timeout)),
+                    svc,
+                ),
                 |c| c.graceful_shutdown(),
                 &activity,
                 s.idle_timeout,
@@ -260,11 +263,14 @@ async fn serve(
         None => {
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new())
-                .header_read_timeout(s.header_read_timeout)
+                .header_read_timeout(None)
                 .max_buf_size(hyper_max_buf)
                 .max_headers(hyper_max_headers);
             drive(
-                b.serve_connection(TokioIo::new(Sniff::new(stream, head)), svc),
+                b.serve_connection(
+                    TokioIo::new(HeadGuard::new(stream, head, s.header_read_timeout)),
+                    svc,
+                ),
                 |c| c.graceful_shutdown(),
                 &activity,
                 s.idle_timeout,

@@ -1,39 +1,47 @@
 //! The body type used both ways through the proxy: a fixed buffer, or a
-//! streamed hyper body optionally capped in size. An enum rather than a boxed
-//! trait object, so that the common cases cost no allocation.
+//! streamed hyper body. A client's request body is also capped in size and
+//! in the time the client may take between two chunks. An enum rather than a
+//! boxed trait object, so that the common cases cost no allocation.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 /// A request or response body.
 #[derive(Debug)]
 pub enum Body {
     /// A complete body (possibly empty).
     Full(Option<Bytes>),
-    /// A streamed body; `remaining` caps how many more bytes may pass.
-    Stream {
-        inner: Incoming,
-        remaining: u64,
-        limit: u64,
-    },
+    /// A streamed body passed through as is.
+    Stream(Incoming),
+    /// A client's request body with a size cap and a read timeout.
+    Guarded(Box<Guarded>),
 }
 
-/// The body grew past its limit.
-#[derive(Debug, thiserror::Error)]
-#[error("body exceeds the limit of {limit} bytes")]
-pub struct TooLarge {
-    pub limit: u64,
+/// State of a guarded request body.
+#[derive(Debug)]
+pub struct Guarded {
+    inner: Incoming,
+    remaining: u64,
+    limit: u64,
+    read_timeout: Duration,
+    /// Armed while we wait for the client's next chunk.
+    deadline: Pin<Box<Sleep>>,
+    waiting: bool,
 }
 
 /// Errors a body can yield while streaming.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
-    #[error(transparent)]
-    TooLarge(#[from] TooLarge),
+    #[error("body exceeds the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("the client sent no body data for {0:?}")]
+    Timeout(Duration),
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
 }
@@ -48,22 +56,22 @@ impl Body {
         Body::Full(if b.is_empty() { None } else { Some(b) })
     }
 
-    /// Streams `inner` without a size limit.
+    /// Streams `inner` as is.
     pub fn stream(inner: Incoming) -> Self {
-        Body::Stream {
-            inner,
-            remaining: u64::MAX,
-            limit: u64::MAX,
-        }
+        Body::Stream(inner)
     }
 
-    /// Streams `inner`, failing once more than `limit` bytes have passed.
-    pub fn limited(inner: Incoming, limit: u64) -> Self {
-        Body::Stream {
+    /// Streams `inner`, failing once more than `limit` bytes have passed or
+    /// when the client sends nothing for `read_timeout`.
+    pub fn guarded(inner: Incoming, limit: u64, read_timeout: Duration) -> Self {
+        Body::Guarded(Box::new(Guarded {
             inner,
             remaining: limit,
             limit,
-        }
+            read_timeout,
+            deadline: Box::pin(tokio::time::sleep(read_timeout)),
+            waiting: false,
+        }))
     }
 }
 
@@ -77,32 +85,16 @@ impl http_body::Body for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Stream {
-                inner,
-                remaining,
-                limit,
-            } => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        let n = data.len() as u64;
-                        if n > *remaining {
-                            return Poll::Ready(Some(Err(TooLarge { limit: *limit }.into())));
-                        }
-                        *remaining -= n;
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
+            Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
+            Body::Guarded(g) => g.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Full(b) => b.is_none(),
-            Body::Stream { inner, .. } => inner.is_end_stream(),
+            Body::Stream(inner) => inner.is_end_stream(),
+            Body::Guarded(g) => g.inner.is_end_stream(),
         }
     }
 
@@ -110,7 +102,47 @@ impl http_body::Body for Body {
         match self {
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
-            Body::Stream { inner, .. } => inner.size_hint(),
+            Body::Stream(inner) => inner.size_hint(),
+            Body::Guarded(g) => g.inner.size_hint(),
+        }
+    }
+}
+
+impl Guarded {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.waiting = false;
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > self.remaining {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(self.limit))));
+                    }
+                    self.remaining -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                // Time only the client: start the clock when we begin to
+                // wait, not when the upstream last asked for data.
+                if !self.waiting {
+                    self.waiting = true;
+                    self.deadline
+                        .as_mut()
+                        .reset(Instant::now() + self.read_timeout);
+                }
+                match self.deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err(BodyError::Timeout(self.read_timeout))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 }

@@ -225,8 +225,8 @@ async fn process(
         ));
     };
     ctx.upstream = Some(pool.config.name.clone());
-    let limit = route.max_body_bytes.unwrap_or(listener.max_body_bytes);
-    let upstream_req = upstream_request(req, conn, route, &path, &params, limit, &ctx.request_id)?;
+    let upstream_req =
+        upstream_request(req, conn, listener, route, &path, &params, &ctx.request_id)?;
 
     // Phase 6: upstream.
     let timeout = route.timeout.unwrap_or(pool.config.timeout);
@@ -255,6 +255,11 @@ fn identify(req: &Request<Incoming>) -> HeaderValue {
     {
         return v.clone();
     }
+    new_request_id()
+}
+
+/// A fresh request id: 32 lowercase hex digits.
+pub fn new_request_id() -> HeaderValue {
     let id = fastrand::u128(..);
     let mut buf = [0u8; 32];
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -381,12 +386,13 @@ fn direct_response(
 fn upstream_request(
     req: Request<Incoming>,
     conn: &Conn,
+    listener: &ListenerConfig,
     route: &RouteConfig,
     path: &str,
     params: &router::Params,
-    limit: u64,
     request_id: &HeaderValue,
 ) -> Result<Request<Body>, ProxyError> {
+    let limit = route.max_body_bytes.unwrap_or(listener.max_body_bytes);
     let (mut parts, incoming) = req.into_parts();
     if let Some(len) = parts
         .headers
@@ -404,7 +410,7 @@ fn upstream_request(
         rw.apply(path, params).into()
     } else if let Some(prefix) = &route.strip_prefix {
         match path.strip_prefix(prefix.trim_end_matches('/')) {
-            Some(rest) if rest.is_empty() => "/".into(),
+            Some("") => "/".into(),
             Some(rest) if rest.starts_with('/') => rest.into(),
             _ => path.into(),
         }
@@ -443,7 +449,7 @@ fn upstream_request(
     let body = if incoming_is_empty(&incoming) {
         Body::empty()
     } else {
-        Body::limited(incoming, limit)
+        Body::guarded(incoming, limit, listener.body_read_timeout)
     };
     Ok(Request::from_parts(parts, body))
 }

@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::UpstreamConfig;
 use crate::config::file::UpstreamProtocol;
 use crate::error::{ErrorKind, ProxyError};
-use crate::proxy::body::{Body, BodyError, TooLarge};
+use crate::proxy::body::{Body, BodyError};
 
 /// A live upstream pool.
 #[derive(Debug)]
@@ -113,13 +113,24 @@ fn classify(name: &str, target: &Authority, e: hyper_util::client::legacy::Error
     // A request body over its limit surfaces as a client error.
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
     while let Some(s) = src {
-        if let Some(BodyError::TooLarge(TooLarge { limit })) = s.downcast_ref::<BodyError>() {
-            return ProxyError::new(
-                ErrorKind::PayloadTooLarge,
-                format!("request body exceeds {limit} bytes"),
-            )
-            .closing();
+        match s.downcast_ref::<BodyError>() {
+            Some(BodyError::TooLarge(limit)) => {
+                return ProxyError::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!("request body exceeds {limit} bytes"),
+                )
+                .closing();
+            }
+            Some(BodyError::Timeout(t)) => {
+                return ProxyError::new(
+                    ErrorKind::RequestTimeout,
+                    format!("the client sent no body data for {t:?}"),
+                )
+                .closing();
+            }
+            _ => {}
         }
+
         src = s.source();
     }
     if e.is_connect() {

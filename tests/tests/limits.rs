@@ -1,0 +1,127 @@
+//! Connection-level limits: header read timeout (408), request body read
+//! timeout (408), idle keep-alive timeout, max connections per listener.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use gateway_tests::backend::Backend;
+use gateway_tests::free_port;
+use gateway_tests::gateway::Gateway;
+
+fn start(backend: &Backend) -> (Gateway, String) {
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"
+[server]
+workers = 1
+watch_config = false
+[admin]
+listen = "{admin}"
+[[listeners]]
+name = "main"
+listen = "127.0.0.1:{port}"
+header_read_timeout = "400ms"
+body_read_timeout = "400ms"
+idle_timeout = "1s"
+max_connections = 3
+[[upstreams]]
+name = "be"
+targets = ["{b}"]
+[[routes]]
+name = "all"
+upstream = "be"
+"#,
+        b = backend.addr
+    );
+    (Gateway::start(&config, &admin), format!("127.0.0.1:{port}"))
+}
+
+/// Reads until EOF or `limit`; returns what was read and how long it took.
+fn read_all(s: &mut TcpStream, limit: Duration) -> (String, Duration) {
+    let t = Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    (String::from_utf8_lossy(&out).into_owned(), t.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_head_gets_408() {
+    let backend = Backend::start("be").await;
+    let (_gw, addr) = start(&backend);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .unwrap();
+    let (resp, took) = read_all(&mut s, Duration::from_secs(5));
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(
+        resp.contains("application/problem+json") && resp.contains("\"status\":408"),
+        "{resp}"
+    );
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(backend.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_body_gets_408() {
+    let backend = Backend::start("be").await;
+    let (_gw, addr) = start(&backend);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly a little")
+        .unwrap();
+    let (resp, took) = read_all(&mut s, Duration::from_secs(5));
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("application/problem+json"), "{resp}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed_after_idle_timeout() {
+    let backend = Backend::start("be").await;
+    let (_gw, addr) = start(&backend);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // The response arrives at once; then the connection idles. It must
+    // outlive the 400 ms header timeout and close near the 1 s idle timeout.
+    let (resp, took) = read_all(&mut s, Duration::from_secs(5));
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        !resp.contains("408"),
+        "no 408 on an idle connection: {resp}"
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_refused() {
+    let backend = Backend::start("be").await;
+    let (_gw, addr) = start(&backend);
+    let held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = TcpStream::connect(&addr).unwrap();
+    let _ = extra.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (resp, _) = read_all(&mut extra, Duration::from_secs(3));
+    assert!(
+        resp.is_empty(),
+        "the fourth connection is closed unanswered: {resp}"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = TcpStream::connect(&addr).unwrap();
+    again
+        .write_all(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (resp, _) = read_all(&mut again, Duration::from_secs(3));
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "served once others closed: {resp}"
+    );
+}
