@@ -147,5 +147,44 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     if let Some(f) = filter {
         args.push(f);
     }
-    cmd("cargo", &args)
+    cargo_test_counted(&args)
+}
+
+/// Runs `cargo <args>`, passing its output through, and ends with one line
+/// that totals every test binary's result: `tests: N passed, N failed, N skipped`.
+fn cargo_test_counted(args: &[&str]) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new("cargo")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.context("reading cargo test output")?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(['.', ';']) {
+                    let mut words = part.split_whitespace();
+                    if let (Some(n), Some(what)) = (words.next(), words.next())
+                        && let Ok(n) = n.parse::<u64>()
+                    {
+                        match what {
+                            "passed" => passed += n,
+                            "failed" => failed += n,
+                            "ignored" => ignored += n,
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
 }
