@@ -12,7 +12,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Problem};
+use crate::server::Workers;
 use crate::upstream::Pool;
 use crate::xdp::Enforcer;
 
@@ -43,7 +44,6 @@ impl Generation {
 }
 
 /// The configuration in force.
-#[derive(Debug)]
 pub struct Live {
     path: PathBuf,
     current: ArcSwap<Generation>,
@@ -51,15 +51,31 @@ pub struct Live {
     reloading: Mutex<()>,
     /// Receives the `[xdp]` section of each accepted reload.
     enforcer: Arc<Enforcer>,
+    /// Binds and starts added listeners, stops removed ones.
+    workers: Option<Arc<Workers>>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Live {
-    pub fn new(path: &Path, config: Config, enforcer: Arc<Enforcer>) -> Live {
+    pub fn new(
+        path: &Path,
+        config: Config,
+        enforcer: Arc<Enforcer>,
+        workers: Option<Arc<Workers>>,
+    ) -> Live {
         Live {
             path: path.to_path_buf(),
             current: ArcSwap::from_pointee(Generation::new(config, None)),
             reloading: Mutex::new(()),
             enforcer,
+            workers,
         }
     }
 
@@ -77,28 +93,29 @@ impl Live {
         &self.path
     }
 
-    /// Loads the file again and swaps it in if valid. Blocking (file I/O and
-    /// certificate loading): call from a blocking context.
+    /// Loads the file again and swaps it in if valid (including that every
+    /// added listener address can be bound). Blocking (file I/O, certificate
+    /// loading, binding): call from a blocking context.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let _g = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
-        match Config::load(&self.path) {
-            Ok(config) => {
-                let old = self.current.load();
-                let listeners_changed = old.config.listeners.len() != config.listeners.len()
-                    || old
-                        .config
-                        .listeners
-                        .iter()
-                        .zip(&config.listeners)
-                        .any(|(a, b)| a.name != b.name || a.addr != b.addr);
-                if listeners_changed {
-                    tracing::warn!(
-                        "listener names or addresses changed: they take effect on restart; everything else was reloaded"
-                    );
-                }
-                self.enforcer.update(&config.xdp);
-                let next = Generation::new(config, Some(&old));
-                self.current.store(Arc::new(next));
+        let result = Config::load(&self.path).and_then(|config| {
+            let old = self.current.load();
+            let changes = match &self.workers {
+                Some(w) => w.bind_changes(Some(&old.config), &config).map_err(|m| {
+                    ConfigError::new(&self.path, String::new(), vec![Problem::whole(m)])
+                })?,
+                None => Default::default(),
+            };
+            self.enforcer.update(&config.xdp);
+            let next = Generation::new(config, Some(&old));
+            self.current.store(Arc::new(next));
+            if let Some(w) = &self.workers {
+                w.apply(changes);
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
                 metrics::counter!("gateway_config_reloads_total", "result" => "ok").increment(1);
                 tracing::info!(path = %self.path.display(), "config reloaded");
                 Ok(())

@@ -6,12 +6,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, anyhow};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
@@ -38,22 +38,13 @@ pub fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let workers = config.workers;
     let shutdown_timeout = config.shutdown_timeout;
 
     // Bind everything before serving anything, so a bad address fails the start.
-    let mut sockets: Vec<Vec<(Arc<str>, std::net::TcpListener)>> =
-        (0..workers).map(|_| Vec::new()).collect();
-    let mut active: HashMap<Arc<str>, Arc<AtomicUsize>> = HashMap::new();
-    for l in &config.listeners {
-        for w in sockets.iter_mut() {
-            let s = listener::bind(l.addr)
-                .with_context(|| format!("cannot listen on {} (listener {:?})", l.addr, l.name))?;
-            w.push((l.name.clone(), s));
-        }
-        active.insert(l.name.clone(), Arc::new(AtomicUsize::new(0)));
-        tracing::info!(listener = %l.name, addr = %l.addr, tls = l.tls.is_some(), "listening");
-    }
+    let (workers, receivers) = Workers::new(config.workers);
+    let initial = workers
+        .bind_changes(None, &config)
+        .map_err(|e| anyhow!(e))?;
     let admin_socket = match config.admin {
         Some(a) => Some(
             std::net::TcpListener::bind(a)
@@ -62,51 +53,40 @@ pub fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         None => None,
     };
     let enforcer = Arc::new(Enforcer::start(&config.xdp, opts.no_xdp));
-    let live = Arc::new(Live::new(path, config, enforcer.clone()));
+    let workers = Arc::new(workers);
+    let live = Arc::new(Live::new(
+        path,
+        config,
+        enforcer.clone(),
+        Some(workers.clone()),
+    ));
     let shared = Arc::new(Shared {
         live: live.clone(),
         access_log,
     });
+    workers.apply(initial);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let mut threads = Vec::new();
-    for (i, socks) in sockets.into_iter().enumerate() {
+    for (i, rx) in receivers.into_iter().enumerate() {
         let shared = shared.clone();
         let enforcer = enforcer.clone();
         let shutdown = shutdown_rx.clone();
-        let active = active.clone();
-        let t = std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!("worker {i}: cannot start runtime: {e}");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let tracker = TaskTracker::new();
-                let mut loops = Vec::new();
-                for (name, socket) in socks {
-                    let active = active.get(&name).cloned().unwrap_or_default();
-                    loops.push(tokio::spawn(listener::accept_loop(Accept {
-                        name,
-                        socket,
-                        shared: shared.clone(),
-                        enforcer: enforcer.clone(),
-                        active,
-                        shutdown: shutdown.clone(),
-                        tracker: tracker.clone(),
-                    })));
-                }
-                for l in loops {
-                    let _ = l.await;
-                }
-                tracker.close();
-                if tokio::time::timeout(shutdown_timeout, tracker.wait()).await.is_err() {
-                    tracing::warn!("worker {i}: {} connections still open after {shutdown_timeout:?}; closing them", tracker.len());
-                }
-            });
-        })?;
+        let t = std::thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!("worker {i}: cannot start runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(worker(i, rx, shared, enforcer, shutdown, shutdown_timeout));
+            })?;
         threads.push(t);
     }
 
@@ -146,4 +126,158 @@ pub fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     enforcer.stop();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A command for one worker's set of accept loops.
+enum Cmd {
+    /// Start accepting on `socket` for listener `name` (replacing any loop
+    /// of that name, which then stops and drains).
+    Start {
+        name: Arc<str>,
+        socket: std::net::TcpListener,
+        active: Arc<AtomicUsize>,
+    },
+    /// Stop accepting for listener `name`; its connections drain.
+    Stop { name: Arc<str> },
+}
+
+/// The worker threads' accept loops, as seen from the reload path.
+pub struct Workers {
+    senders: Vec<mpsc::UnboundedSender<Cmd>>,
+    /// Open connections per listener name, across workers.
+    active: Mutex<HashMap<Arc<str>, Arc<AtomicUsize>>>,
+}
+
+/// Listener changes bound and ready to apply.
+#[derive(Default)]
+pub struct ListenerChanges {
+    start: Vec<(Arc<str>, Vec<std::net::TcpListener>)>,
+    stop: Vec<Arc<str>>,
+}
+
+impl Workers {
+    fn new(n: usize) -> (Workers, Vec<mpsc::UnboundedReceiver<Cmd>>) {
+        let (senders, receivers) = (0..n.max(1)).map(|_| mpsc::unbounded_channel()).unzip();
+        (
+            Workers {
+                senders,
+                active: Mutex::new(HashMap::new()),
+            },
+            receivers,
+        )
+    }
+
+    /// Binds one socket per worker for every listener of `new` that `old`
+    /// does not have with the same name and address. Nothing changes until
+    /// `apply`; an address that cannot be bound fails the whole change.
+    pub fn bind_changes(
+        &self,
+        old: Option<&Config>,
+        new: &Config,
+    ) -> Result<ListenerChanges, String> {
+        let mut changes = ListenerChanges::default();
+        for l in &new.listeners {
+            let unchanged = old.is_some_and(|o| {
+                o.listeners
+                    .iter()
+                    .any(|x| x.name == l.name && x.addr == l.addr)
+            });
+            if unchanged {
+                continue;
+            }
+            let mut sockets = Vec::with_capacity(self.senders.len());
+            for _ in &self.senders {
+                let s = listener::bind(l.addr).map_err(|e| {
+                    format!("cannot listen on {} (listener {:?}): {e}", l.addr, l.name)
+                })?;
+                sockets.push(s);
+            }
+            changes.start.push((l.name.clone(), sockets));
+        }
+        if let Some(o) = old {
+            for l in &o.listeners {
+                if !new.listeners.iter().any(|x| x.name == l.name) {
+                    changes.stop.push(l.name.clone());
+                }
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Starts and stops accept loops as bound by `bind_changes`.
+    pub fn apply(&self, changes: ListenerChanges) {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        for name in changes.stop {
+            tracing::info!(listener = %name, "listener removed; draining its connections");
+            active.remove(&name);
+            for tx in &self.senders {
+                let _ = tx.send(Cmd::Stop { name: name.clone() });
+            }
+        }
+        for (name, sockets) in changes.start {
+            let counter = active.entry(name.clone()).or_default().clone();
+            if let Some(addr) = sockets.first().and_then(|s| s.local_addr().ok()) {
+                tracing::info!(listener = %name, %addr, "listening");
+            }
+            for (tx, socket) in self.senders.iter().zip(sockets) {
+                let _ = tx.send(Cmd::Start {
+                    name: name.clone(),
+                    socket,
+                    active: counter.clone(),
+                });
+            }
+        }
+    }
+}
+
+/// One worker: runs the accept loops it is told to, until shutdown, then
+/// drains its connections for up to `drain`.
+async fn worker(
+    i: usize,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    shared: Arc<Shared>,
+    enforcer: Arc<Enforcer>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: std::time::Duration,
+) {
+    let tracker = TaskTracker::new();
+    let mut loops: HashMap<Arc<str>, watch::Sender<bool>> = HashMap::new();
+    loop {
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(Cmd::Start { name, socket, active }) => {
+                    let (stop_tx, stop_rx) = watch::channel(false);
+                    if let Some(old) = loops.insert(name.clone(), stop_tx) {
+                        let _ = old.send(true);
+                    }
+                    tracker.spawn(listener::accept_loop(Accept {
+                        name,
+                        socket,
+                        shared: shared.clone(),
+                        enforcer: enforcer.clone(),
+                        active,
+                        shutdown: stop_rx,
+                        tracker: tracker.clone(),
+                    }));
+                }
+                Some(Cmd::Stop { name }) => {
+                    if let Some(tx) = loops.remove(&name) {
+                        let _ = tx.send(true);
+                    }
+                }
+                None => break,
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    for tx in loops.values() {
+        let _ = tx.send(true);
+    }
+    tracker.close();
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            "worker {i}: {} connections still open after {drain:?}; closing them",
+            tracker.len()
+        );
+    }
 }

@@ -248,3 +248,67 @@ async fn admin_endpoints() {
         assert!(m.contains(want), "missing {want} in:\n{m}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_listeners() {
+    let backend = Backend::start("be").await;
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let gw = Gateway::start(&config(port, &admin, &backend, "v", false), &admin);
+
+    // Add a second listener.
+    let port2 = free_port();
+    let two = config(port, &admin, &backend, "v", false)
+        + &format!("[[listeners]]\nname = \"second\"\nlisten = \"127.0.0.1:{port2}\"\n");
+    std::fs::write(&gw.config, &two).unwrap();
+    let (code, out, err) = run_cli(&["reload", "-c", gw.config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        client::get(&format!("http://127.0.0.1:{port2}/version"))
+            .await
+            .text(),
+        "v"
+    );
+
+    // A listener whose port is taken: the reload is rejected as a whole.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let clash = two.clone()
+        + &format!("[[listeners]]\nname = \"third\"\nlisten = \"127.0.0.1:{taken_port}\"\n");
+    std::fs::write(&gw.config, &clash).unwrap();
+    let (code, _, err) = run_cli(&["reload", "-c", gw.config.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{taken_port}")),
+        "{err}"
+    );
+    assert_eq!(
+        client::get(&format!("http://127.0.0.1:{port2}/version"))
+            .await
+            .status,
+        200
+    );
+
+    // Remove the first listener: it stops accepting, the second keeps serving.
+    let only_second = two
+        .replacen(
+            &format!("listen = \"127.0.0.1:{port}\""),
+            &format!("listen = \"127.0.0.1:{}\"", free_port()),
+            1,
+        )
+        .replacen("name = \"main\"", "name = \"renamed\"", 1);
+    std::fs::write(&gw.config, &only_second).unwrap();
+    let (code, out, err) = run_cli(&["reload", "-c", gw.config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(Instant::now() < deadline, "old listener still accepting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        client::get(&format!("http://127.0.0.1:{port2}/version"))
+            .await
+            .status,
+        200
+    );
+}
