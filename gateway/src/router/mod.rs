@@ -341,16 +341,12 @@ impl fmt::Display for RouteTable<'_> {
             }
         }
         for row in &rows {
-            f.write_str(" ")?;
-            for (i, cell) in row.iter().enumerate() {
-                if i + 1 == row.len() {
-                    writeln!(f, " {cell}")?;
-                } else if i == 0 {
-                    write!(f, " {cell:>w$}", w = widths[i])?;
-                } else {
-                    write!(f, " {cell:<w$}", w = widths[i])?;
-                }
+            let [n, rest @ .., last] = row;
+            write!(f, "  {n:>w$}", w = widths[0])?;
+            for (cell, w) in rest.iter().zip(&widths[1..]) {
+                write!(f, "  {cell:<w$}")?;
             }
+            writeln!(f, "  {last}")?;
         }
         Ok(())
     }
