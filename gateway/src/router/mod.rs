@@ -1,20 +1,48 @@
 //! Request routing: compiled per-route matchers (`Matcher`), a per-listener
 //! `Router` that orders them by precedence, path normalization
-//! (`normalize`) and path rewriting (`Rewrite`).
+//! (`normalize`) and path rewriting (`Rewrite`). `docs/routing.md` is the
+//! user-facing description.
 //!
-//! Skeleton implementation: exact paths, prefixes, methods and exact hosts.
+//! Precedence: the most specific route wins, ties go to the route declared
+//! first. Specificity compares, in order:
+//! 1. host: an exact host, then `*.suffix` wildcards (longer suffix first),
+//!    then routes without `hosts`;
+//! 2. path: exact, then templates (more literal segments first, then those
+//!    without `{rest...}`, then more segments), then prefixes (longer first),
+//!    then routes without a path predicate;
+//! 3. the number of predicates: a method list counts one, each header and
+//!    query predicate one; more first.
+//!
+//! The router indexes routes by exact host (a hash map), by wildcard suffix
+//! (a hash map probed with each suffix of the request host, longest first)
+//! and, within each host group, by exact path (a hash map); only templates,
+//! prefixes and path-less routes of the request's host groups are scanned.
+//! Nothing is compiled or allocated per request except the allowed-method
+//! list of a 405.
 
+mod matcher;
 pub mod normalize;
+mod path;
+mod rewrite;
+#[cfg(test)]
+mod tests;
 
+use std::cmp::Reverse;
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
 use http::{HeaderMap, Method};
-use toml::Spanned;
 
-use crate::config::Problem;
-use crate::config::file;
+pub use matcher::Matcher;
+pub use rewrite::Rewrite;
+
+use matcher::{HostPattern, method_order};
+use path::PathKey;
+
+/// Most parameters a path template may declare.
+pub const MAX_PARAMS: usize = 8;
 
 /// The parts of a request routing looks at. `path` is already normalized.
 pub struct Request<'a> {
@@ -27,9 +55,42 @@ pub struct Request<'a> {
 }
 
 /// Template parameters captured from the path, as byte ranges into it, in
-/// the order the template declares them.
+/// the order the template declares them. Stored inline: routing does not
+/// allocate.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Params(pub Vec<Range<usize>>);
+pub struct Params {
+    len: u8,
+    ranges: [(u32, u32); MAX_PARAMS],
+}
+
+impl Params {
+    /// The byte range of parameter `i` in the path.
+    pub fn get(&self, i: usize) -> Option<Range<usize>> {
+        let (start, end) = *self.ranges[..usize::from(self.len)].get(i)?;
+        Some(usize::try_from(start).ok()?..usize::try_from(end).ok()?)
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Records the next parameter. Templates are limited to `MAX_PARAMS`
+    /// and paths to `u32::MAX` bytes when compiled, so nothing is dropped.
+    fn push(&mut self, r: Range<usize>) {
+        if let (Some(slot), Ok(start), Ok(end)) = (
+            self.ranges.get_mut(usize::from(self.len)),
+            u32::try_from(r.start),
+            u32::try_from(r.end),
+        ) {
+            *slot = (start, end);
+            self.len += 1;
+        }
+    }
+}
 
 /// Result of routing one request.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,157 +100,254 @@ pub enum Outcome {
         route: usize,
         params: Params,
     },
-    /// A route matched everything but the method.
+    /// Routes matched everything but the method; `allowed` is the union of
+    /// their methods, deduplicated, in a fixed order (GET, HEAD, POST, ...).
     MethodNotAllowed {
         allowed: Vec<Method>,
     },
     NotFound,
 }
 
-/// One route's compiled predicates.
-#[derive(Debug)]
-pub struct Matcher {
-    hosts: Vec<String>,
-    exact: Option<String>,
-    prefix: Option<String>,
-    methods: Vec<Method>,
+/// Host specificity; smaller sorts first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum HostKey {
+    Exact,
+    /// Longer suffixes first.
+    Wildcard(Reverse<usize>),
+    Any,
 }
 
-impl Matcher {
-    /// Compiles a `[routes.match]` table, reporting every problem.
-    pub fn compile(m: &file::Match) -> Result<Matcher, Vec<Problem>> {
-        let mut problems = Vec::new();
-        let mut methods = Vec::new();
-        for meth in &m.methods {
-            match Method::from_bytes(meth.get_ref().to_ascii_uppercase().as_bytes()) {
-                Ok(x) => methods.push(x),
-                Err(_) => problems.push(Problem::at(
-                    meth.span(),
-                    format!("invalid method {:?}", meth.get_ref()),
-                )),
-            }
-        }
-        for p in [&m.path, &m.path_prefix].into_iter().flatten() {
-            if !p.get_ref().starts_with('/') {
-                problems.push(Problem::at(p.span(), "a path must start with '/'"));
-            }
-        }
-        if !problems.is_empty() {
-            return Err(problems);
-        }
-        Ok(Matcher {
-            hosts: m
-                .hosts
-                .iter()
-                .map(|h| h.get_ref().to_ascii_lowercase())
-                .collect(),
-            exact: m.path.as_ref().map(|p| p.get_ref().clone()),
-            prefix: m.path_prefix.as_ref().map(|p| p.get_ref().clone()),
-            methods,
-        })
-    }
+/// Precedence within one host group; smaller sorts first.
+type RouteKey = (PathKey, Reverse<usize>, usize);
 
-    fn matches_path(&self, req: &Request<'_>) -> bool {
-        if !self.hosts.is_empty() && !req.host.is_some_and(|h| self.hosts.iter().any(|x| x == h)) {
-            return false;
+/// Routes of one host group.
+#[derive(Debug, Default)]
+struct Table {
+    /// Routes with an exact path, by path, each list in precedence order.
+    exact: HashMap<Box<str>, Vec<usize>>,
+    /// The other routes, in precedence order.
+    others: Vec<usize>,
+}
+
+impl Table {
+    fn insert(&mut self, i: usize, m: &Matcher) {
+        match &m.path {
+            path::PathMatch::Exact(p) => self.exact.entry(p.clone()).or_default().push(i),
+            _ => self.others.push(i),
         }
-        if let Some(e) = &self.exact
-            && e != req.path
-        {
-            return false;
-        }
-        if let Some(p) = &self.prefix
-            && !req.path.starts_with(p.as_str())
-        {
-            return false;
-        }
-        true
     }
 }
 
 /// The routes of one listener, in precedence order.
 #[derive(Debug, Default)]
 pub struct Router {
-    entries: Vec<(usize, Arc<Matcher>)>,
+    /// `(route id, matcher)` in precedence order; tables index into it.
+    routes: Box<[(usize, Arc<Matcher>)]>,
+    exact_hosts: HashMap<Box<str>, Table>,
+    /// Keyed by suffix including the dot (`.example.com`).
+    wildcard_hosts: HashMap<Box<str>, Table>,
+    any_host: Table,
 }
 
 impl Router {
-    /// Orders `(route id, matcher)` pairs by precedence.
+    /// Orders `(route id, matcher)` pairs by precedence and builds the index.
     pub fn new(entries: Vec<(usize, Arc<Matcher>)>) -> Router {
-        Router { entries }
+        let route_key = |(id, m): &(usize, Arc<Matcher>)| -> RouteKey {
+            (m.path_key(), Reverse(m.predicate_count()), *id)
+        };
+        // A route with several hosts is listed at its most specific one.
+        let host_key = |m: &Matcher| {
+            m.hosts
+                .iter()
+                .map(|h| match h {
+                    HostPattern::Exact(_) => HostKey::Exact,
+                    HostPattern::Wildcard(s) => HostKey::Wildcard(Reverse(s.len())),
+                })
+                .min()
+                .unwrap_or(HostKey::Any)
+        };
+        let mut routes = entries;
+        routes.sort_by_cached_key(|e| (host_key(&e.1), route_key(e)));
+
+        let mut router = Router {
+            routes: Box::default(),
+            exact_hosts: HashMap::new(),
+            wildcard_hosts: HashMap::new(),
+            any_host: Table::default(),
+        };
+        for (i, (_, m)) in routes.iter().enumerate() {
+            if m.hosts.is_empty() {
+                router.any_host.insert(i, m);
+            }
+            for h in &m.hosts {
+                let t = match h {
+                    HostPattern::Exact(e) => router.exact_hosts.entry(e.clone()),
+                    HostPattern::Wildcard(s) => router.wildcard_hosts.entry(s.clone()),
+                };
+                t.or_default().insert(i, m);
+            }
+        }
+        // Within a host group, order by path, predicates and id only.
+        let keys: Vec<RouteKey> = routes.iter().map(route_key).collect();
+        let tables = router
+            .exact_hosts
+            .values_mut()
+            .chain(router.wildcard_hosts.values_mut())
+            .chain([&mut router.any_host]);
+        for t in tables {
+            for list in t.exact.values_mut().chain([&mut t.others]) {
+                list.sort_by(|a, b| keys[*a].cmp(&keys[*b]));
+                list.dedup();
+            }
+        }
+        router.routes = routes.into();
+        router
     }
 
-    /// Finds the route for `req`.
+    /// Finds the route for `req`: the most specific route whose predicates
+    /// all hold; else 405 if some route failed only on the method; else 404.
     pub fn find(&self, req: &Request<'_>) -> Outcome {
         let mut allowed = Vec::new();
-        for (id, m) in &self.entries {
-            if !m.matches_path(req) {
-                continue;
+        if let Some(host) = req.host {
+            let host = host.strip_suffix('.').unwrap_or(host);
+            if let Some(t) = self.exact_hosts.get(host)
+                && let Some(o) = self.search(t, req, &mut allowed)
+            {
+                return o;
             }
-            if m.methods.is_empty() || m.methods.contains(req.method) {
-                return Outcome::Matched {
-                    route: *id,
-                    params: Params::default(),
-                };
+            if !self.wildcard_hosts.is_empty() {
+                // Dots left to right: the longest suffix first; the label
+                // before it must not be empty.
+                for (i, _) in host.match_indices('.').filter(|(i, _)| *i > 0) {
+                    if let Some(t) = self.wildcard_hosts.get(&host[i..])
+                        && let Some(o) = self.search(t, req, &mut allowed)
+                    {
+                        return o;
+                    }
+                }
             }
-            allowed.extend(m.methods.iter().cloned());
+        }
+        if let Some(o) = self.search(&self.any_host, req, &mut allowed) {
+            return o;
         }
         if allowed.is_empty() {
             Outcome::NotFound
         } else {
+            allowed.sort_by(|a, b| method_order(a).cmp(&method_order(b)));
+            allowed.dedup();
             Outcome::MethodNotAllowed { allowed }
         }
     }
 
+    /// The best full match in one host group; collects the methods of routes
+    /// that match but for the method.
+    fn search(&self, t: &Table, req: &Request<'_>, allowed: &mut Vec<Method>) -> Option<Outcome> {
+        let exact = if t.exact.is_empty() {
+            None
+        } else {
+            t.exact.get(req.path)
+        };
+        for &i in exact.into_iter().flatten() {
+            let (id, m) = &self.routes[i];
+            if m.matches_predicates(req) {
+                if m.allows(req.method) {
+                    return Some(Outcome::Matched {
+                        route: *id,
+                        params: Params::default(),
+                    });
+                }
+                allowed.extend(m.methods.iter().cloned());
+            }
+        }
+        for &i in &t.others {
+            let (id, m) = &self.routes[i];
+            let Some(params) = m.path.matches(req.path) else {
+                continue;
+            };
+            if m.matches_predicates(req) {
+                if m.allows(req.method) {
+                    return Some(Outcome::Matched { route: *id, params });
+                }
+                allowed.extend(m.methods.iter().cloned());
+            }
+        }
+        None
+    }
+
     /// Number of routes.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.routes.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.routes.is_empty()
     }
-}
 
-impl Router {
+    /// Route ids in precedence order (a route with several hosts at its most
+    /// specific host).
+    pub fn route_ids(&self) -> impl Iterator<Item = usize> + '_ {
+        self.routes.iter().map(|(id, _)| *id)
+    }
+
     /// The routing table in precedence order, for `gateway routes`.
     pub fn display<'a>(
         &'a self,
         routes: &'a [crate::config::RouteConfig],
     ) -> impl fmt::Display + 'a {
-        struct Table<'a>(&'a Router, &'a [crate::config::RouteConfig]);
-        impl fmt::Display for Table<'_> {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                for (id, m) in &self.0.entries {
-                    let name = self.1.get(*id).map_or("?", |r| &r.name);
-                    writeln!(f, "  {name}\t{m:?}")?;
-                }
-                Ok(())
+        RouteTable {
+            router: self,
+            routes,
+        }
+    }
+}
+
+/// `Router::display`.
+struct RouteTable<'a> {
+    router: &'a Router,
+    routes: &'a [crate::config::RouteConfig],
+}
+
+impl fmt::Display for RouteTable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.router.is_empty() {
+            return writeln!(f, "  (no routes)");
+        }
+        let or = |s: String, empty: &str| if s.is_empty() { empty.to_string() } else { s };
+        let mut rows = vec![[
+            "#".to_string(),
+            "ROUTE".into(),
+            "HOSTS".into(),
+            "METHODS".into(),
+            "PATH".into(),
+            "PREDICATES".into(),
+        ]];
+        for (n, (id, m)) in self.router.routes.iter().enumerate() {
+            let name = self.routes.get(*id).map_or("?", |r| &r.name);
+            let hosts: Vec<String> = m.hosts.iter().map(ToString::to_string).collect();
+            let methods: Vec<&str> = m.methods.iter().map(Method::as_str).collect();
+            rows.push([
+                (n + 1).to_string(),
+                name.to_string(),
+                or(hosts.join(","), "*"),
+                or(methods.join(","), "*"),
+                m.path.to_string(),
+                or(m.describe_predicates(), "-"),
+            ]);
+        }
+        let mut widths = [0; 6];
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
             }
         }
-        Table(self, routes)
-    }
-}
-
-/// A compiled `rewrite` template.
-#[derive(Debug)]
-pub struct Rewrite {
-    template: String,
-}
-
-impl Rewrite {
-    /// Compiles `rewrite` against the route's matcher (its parameter names).
-    pub fn compile(rewrite: &Spanned<String>, _matcher: &Matcher) -> Result<Rewrite, Problem> {
-        if !rewrite.get_ref().starts_with('/') {
-            return Err(Problem::at(rewrite.span(), "rewrite must start with '/'"));
+        for row in &rows {
+            let [n, rest @ .., last] = row;
+            write!(f, "  {n:>w$}", w = widths[0])?;
+            for (cell, w) in rest.iter().zip(&widths[1..]) {
+                write!(f, "  {cell:<w$}")?;
+            }
+            writeln!(f, "  {last}")?;
         }
-        Ok(Rewrite {
-            template: rewrite.get_ref().clone(),
-        })
-    }
-
-    /// The rewritten path for `path` with `params` captured from it.
-    pub fn apply(&self, _path: &str, _params: &Params) -> String {
-        self.template.clone()
+        Ok(())
     }
 }
