@@ -51,6 +51,7 @@ connect_timeout = "1s"
 [[routes]]
 name = "direct"
 [routes.match]
+hosts = ["127.0.0.1", "x"]
 path = "/direct"
 [routes.respond]
 status = 201
@@ -60,35 +61,40 @@ name = "h2"
 upstream = "h2"
 strip_prefix = "/h2"
 [routes.match]
+hosts = ["127.0.0.1", "x"]
 path_prefix = "/h2/"
 [[routes]]
 name = "dead"
 upstream = "dead"
 [routes.match]
+hosts = ["127.0.0.1", "x"]
 path_prefix = "/dead/"
 [[routes]]
 name = "slow"
 upstream = "one"
 timeout = "300ms"
 [routes.match]
+hosts = ["127.0.0.1", "x"]
 path_prefix = "/delay/"
 [[routes]]
 name = "small"
 upstream = "one"
 max_body_bytes = 10
 [routes.match]
+hosts = ["127.0.0.1", "x"]
 path_prefix = "/small/"
 [[routes]]
 name = "getonly"
 upstream = "one"
 [routes.match]
+hosts = ["127.0.0.1", "x"]
 path_prefix = "/getonly/"
 methods = ["GET"]
 [[routes]]
 name = "all"
 upstream = "one"
 [routes.match]
-hosts = ["127.0.0.1"]
+hosts = ["127.0.0.1", "x"]
 path_prefix = "/"
 methods = ["GET", "POST", "HEAD"]
 [routes.request_headers]
