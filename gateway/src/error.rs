@@ -5,11 +5,17 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use http::{HeaderName, HeaderValue};
+
 /// What went wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
     /// The request is malformed (bad path, smuggling attempt, bad header).
     BadRequest,
+    /// No credentials, or credentials that do not verify (401).
+    Unauthorized,
+    /// Authenticated, but not allowed (403); also route-level IP denies.
+    Forbidden,
     /// No route matches.
     NoRoute,
     /// A route matches everything but the method.
@@ -18,6 +24,10 @@ pub enum ErrorKind {
     RequestTimeout,
     /// The request body is larger than the route allows.
     PayloadTooLarge,
+    /// The request is well-formed but fails validation (422).
+    Unprocessable,
+    /// A rate limit or quota is exhausted (429).
+    TooManyRequests,
     /// Request headers are too large or too many.
     HeadersTooLarge,
     /// Could not connect to the upstream.
@@ -26,6 +36,10 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// No upstream target is available.
     NoUpstream,
+    /// The upstream's circuit breaker is open.
+    CircuitOpen,
+    /// Too many requests in flight for the route or upstream (503).
+    Overloaded,
     /// The upstream did not answer in time.
     UpstreamTimeout,
     /// A bug or resource problem inside the gateway.
@@ -44,9 +58,12 @@ impl ErrorKind {
     pub fn side(self) -> Side {
         use ErrorKind::*;
         match self {
-            BadRequest | NoRoute | MethodNotAllowed | RequestTimeout | PayloadTooLarge
-            | HeadersTooLarge => Side::Downstream,
-            UpstreamConnect | UpstreamProtocol | NoUpstream | UpstreamTimeout => Side::Upstream,
+            BadRequest | Unauthorized | Forbidden | NoRoute | MethodNotAllowed | RequestTimeout
+            | PayloadTooLarge | Unprocessable | TooManyRequests | HeadersTooLarge => {
+                Side::Downstream
+            }
+            UpstreamConnect | UpstreamProtocol | NoUpstream | CircuitOpen | Overloaded
+            | UpstreamTimeout => Side::Upstream,
             Internal => Side::Internal,
         }
     }
@@ -61,14 +78,20 @@ impl ErrorKind {
         use ErrorKind::*;
         match self {
             BadRequest => "bad_request",
+            Unauthorized => "unauthorized",
+            Forbidden => "forbidden",
             NoRoute => "no_route",
             MethodNotAllowed => "method_not_allowed",
             RequestTimeout => "request_timeout",
             PayloadTooLarge => "payload_too_large",
+            Unprocessable => "unprocessable",
+            TooManyRequests => "too_many_requests",
             HeadersTooLarge => "headers_too_large",
             UpstreamConnect => "upstream_connect",
             UpstreamProtocol => "upstream_protocol",
             NoUpstream => "no_upstream",
+            CircuitOpen => "circuit_open",
+            Overloaded => "overloaded",
             UpstreamTimeout => "upstream_timeout",
             Internal => "internal",
         }
@@ -81,8 +104,10 @@ pub struct ProxyError {
     pub kind: ErrorKind,
     /// Human-readable detail for the problem+json `detail` member.
     pub detail: Cow<'static, str>,
-    /// Extra response headers (e.g. `Allow` for 405).
-    pub allow: Option<http::HeaderValue>,
+    /// Extra response headers (`Allow`, `WWW-Authenticate`, `Retry-After`, ...).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Extra problem+json members (e.g. validation `errors`).
+    pub extra: Option<serde_json::Map<String, serde_json::Value>>,
     /// Whether the connection must be closed after the response.
     pub close: bool,
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
@@ -93,7 +118,8 @@ impl ProxyError {
         Self {
             kind,
             detail: detail.into(),
-            allow: None,
+            headers: Vec::new(),
+            extra: None,
             close: false,
             source: None,
         }
@@ -101,6 +127,20 @@ impl ProxyError {
 
     pub fn with_source(mut self, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         self.source = Some(e.into());
+        self
+    }
+
+    /// Adds a response header.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// Adds a problem+json member.
+    pub fn with_member(mut self, key: &str, value: serde_json::Value) -> Self {
+        self.extra
+            .get_or_insert_with(Default::default)
+            .insert(key.to_string(), value);
         self
     }
 

@@ -9,6 +9,8 @@ pub mod config;
 pub mod error;
 pub mod listener;
 pub mod observe;
+pub mod policy;
+
 pub mod proxy;
 pub mod reload;
 pub mod respond;

@@ -3,9 +3,8 @@
 //! `detail` and the request id. Nothing else builds error responses.
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, HeaderValue};
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use http::{Response, StatusCode};
-use serde::Serialize;
 
 use crate::error::{ErrorKind, ProxyError};
 use crate::proxy::body::Body;
@@ -13,28 +12,22 @@ use crate::proxy::body::Body;
 /// The problem+json media type.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-#[derive(Serialize)]
-struct Problem<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    title: &'a str,
-    status: u16,
-    detail: &'a str,
-    request_id: &'a str,
-}
-
 /// The status code an error kind maps to.
 pub fn status_of(kind: ErrorKind) -> StatusCode {
     use ErrorKind::*;
     match kind {
         BadRequest => StatusCode::BAD_REQUEST,
+        Unauthorized => StatusCode::UNAUTHORIZED,
+        Forbidden => StatusCode::FORBIDDEN,
         NoRoute => StatusCode::NOT_FOUND,
         MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+        TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
         HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         UpstreamConnect | UpstreamProtocol => StatusCode::BAD_GATEWAY,
-        NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
+        NoUpstream | CircuitOpen | Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -44,46 +37,60 @@ fn title_of(kind: ErrorKind) -> &'static str {
     use ErrorKind::*;
     match kind {
         BadRequest => "Bad Request",
+        Unauthorized => "Unauthorized",
+        Forbidden => "Forbidden",
         NoRoute => "Not Found",
         MethodNotAllowed => "Method Not Allowed",
         RequestTimeout => "Request Timeout",
         PayloadTooLarge => "Content Too Large",
+        Unprocessable => "Unprocessable Content",
+        TooManyRequests => "Too Many Requests",
         HeadersTooLarge => "Request Header Fields Too Large",
-        UpstreamConnect => "Bad Gateway",
-        UpstreamProtocol => "Bad Gateway",
-        NoUpstream => "Service Unavailable",
+        UpstreamConnect | UpstreamProtocol => "Bad Gateway",
+        NoUpstream | CircuitOpen | Overloaded => "Service Unavailable",
         UpstreamTimeout => "Gateway Timeout",
         Internal => "Internal Server Error",
     }
 }
 
 /// The problem+json body for an error of `kind`.
-fn problem_body(kind: ErrorKind, detail: &str, request_id: &str) -> Vec<u8> {
-    let type_uri = format!(
-        "https://gateway.dev/problems/{}",
-        kind.as_str().replace('_', "-")
+fn problem_body(
+    kind: ErrorKind,
+    detail: &str,
+    request_id: &str,
+    extra: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Vec<u8> {
+    let mut m = serde_json::Map::new();
+    m.insert(
+        "type".into(),
+        format!(
+            "https://gateway.dev/problems/{}",
+            kind.as_str().replace('_', "-")
+        )
+        .into(),
     );
-    let problem = Problem {
-        kind: &type_uri,
-        title: title_of(kind),
-        status: status_of(kind).as_u16(),
-        detail,
-        request_id,
-    };
-    serde_json::to_vec(&problem).unwrap_or_default()
+    m.insert("title".into(), title_of(kind).into());
+    m.insert("status".into(), status_of(kind).as_u16().into());
+    m.insert("detail".into(), detail.into());
+    m.insert("request_id".into(), request_id.into());
+    if let Some(extra) = extra {
+        for (k, v) in extra {
+            m.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    serde_json::to_vec(&m).unwrap_or_default()
 }
 
 /// The problem+json response for `err`, tagged with `request_id`.
 pub fn error_response(err: &ProxyError, request_id: &str) -> Response<Body> {
     let status = status_of(err.kind);
-    let body = problem_body(err.kind, &err.detail, request_id);
-
+    let body = problem_body(err.kind, &err.detail, request_id, err.extra.as_ref());
     let mut resp = Response::new(Body::full(Bytes::from(body)));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-    if let Some(allow) = &err.allow {
-        h.insert(ALLOW, allow.clone());
+    for (name, value) in &err.headers {
+        h.append(name.clone(), value.clone());
     }
     if err.close {
         h.insert(CONNECTION, HeaderValue::from_static("close"));
@@ -97,7 +104,7 @@ pub fn error_response(err: &ProxyError, request_id: &str) -> Response<Body> {
 pub fn raw_error(kind: ErrorKind, detail: &str) -> Vec<u8> {
     let id = crate::proxy::new_request_id();
     let id = id.to_str().unwrap_or("");
-    let body = problem_body(kind, detail, id);
+    let body = problem_body(kind, detail, id, None);
     let status = status_of(kind);
     let mut out = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: {PROBLEM_JSON}\r\ncontent-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n",
@@ -116,9 +123,16 @@ mod tests {
 
     #[test]
     fn problem_body_has_rfc9457_members() {
-        let e = ProxyError::new(ErrorKind::NoRoute, "no route for GET /x");
+        let e = ProxyError::new(ErrorKind::NoRoute, "no route for GET /x")
+            .with_member("errors", serde_json::json!(["a"]));
         let r = error_response(&e, "abc");
         assert_eq!(r.status(), 404);
         assert_eq!(r.headers()[CONTENT_TYPE], PROBLEM_JSON);
+        let body = problem_body(ErrorKind::NoRoute, "d", "abc", e.extra.as_ref());
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["status"], 404);
+        assert_eq!(v["request_id"], "abc");
+        assert_eq!(v["errors"][0], "a");
+        assert!(v["type"].as_str().unwrap().ends_with("/no-route"));
     }
 }

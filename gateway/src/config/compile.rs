@@ -210,6 +210,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             max_body_bytes: r.max_body_bytes.map(|b| b.0),
             request_headers,
             response_headers,
+            policy: Default::default(),
         });
     }
 

@@ -106,6 +106,8 @@ pub struct RouteConfig {
     pub max_body_bytes: Option<u64>,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
+    /// Phase-4 steps (access, CORS, auth, rate limits, validation).
+    pub policy: crate::policy::RoutePolicy,
 }
 
 /// Precompiled header edits: remove, then set, then add.

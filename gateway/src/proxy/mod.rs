@@ -30,6 +30,8 @@ use crate::config::{ListenerConfig, RouteAction, RouteConfig};
 use crate::error::{ErrorKind, ProxyError};
 use crate::observe::access_log::{self, AccessLog};
 use crate::observe::metrics::status_class;
+use crate::policy::{self, PolicyCtx};
+
 use crate::reload::{Generation, Live};
 use crate::router::{self, Outcome};
 use body::Body;
@@ -60,6 +62,8 @@ struct Ctx {
     route: Option<Arc<str>>,
     upstream: Option<Arc<str>>,
     error: Option<ErrorKind>,
+    route_id: Option<usize>,
+    policy: PolicyCtx,
 }
 
 /// Serves one request. Never fails: every error becomes a response.
@@ -71,6 +75,8 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
         route: None,
         upstream: None,
         error: None,
+        route_id: None,
+        policy: PolicyCtx::default(),
     };
     // Kept for the access log only.
     let logged = shared.access_log.as_ref().map(|_| {
@@ -95,6 +101,11 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
             crate::respond::error_response(&e, ctx.request_id.to_str().unwrap_or(""))
         }
     };
+    if let Some(route) = ctx.route_id.and_then(|i| generation.config.routes.get(i))
+        && !route.policy.is_empty()
+    {
+        policy::on_response(&route.policy, &mut ctx.policy, &mut resp);
+    }
     resp.headers_mut()
         .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
 
@@ -182,7 +193,9 @@ async fn process(
                     req.method()
                 ),
             );
-            e.allow = HeaderValue::from_str(&list).ok();
+            if let Ok(v) = HeaderValue::from_str(&list) {
+                e = e.with_header(header::ALLOW, v);
+            }
             return Err(e);
         }
         Outcome::NotFound => {
@@ -199,8 +212,17 @@ async fn process(
         ));
     };
     ctx.route = Some(route.name.clone());
+    ctx.route_id = Some(route_id);
 
-    // Phase 4: access control, authentication and rate limits plug in here.
+    // Phase 4: route IP rules, CORS, authentication and authorization, rate
+    // limits, validation (see `policy`).
+    let mut req = req;
+    if !route.policy.is_empty()
+        && let Some(resp) =
+            policy::on_request(&route.policy, conn, &mut ctx.policy, &mut req).await?
+    {
+        return Ok(resp);
+    }
 
     // Phase 5: transform.
     let upstream_index = match &route.action {
@@ -225,8 +247,16 @@ async fn process(
         ));
     };
     ctx.upstream = Some(pool.config.name.clone());
-    let upstream_req =
-        upstream_request(req, conn, listener, route, &path, &params, &ctx.request_id)?;
+    let upstream_req = upstream_request(
+        req,
+        conn,
+        listener,
+        route,
+        &path,
+        &params,
+        &ctx.request_id,
+        ctx.policy.buffered_body.take(),
+    )?;
 
     // Phase 6: upstream.
     let timeout = route.timeout.unwrap_or(pool.config.timeout);
@@ -382,7 +412,9 @@ fn direct_response(
     resp
 }
 
-/// Phase 5: the request as the upstream will see it.
+/// Phase 5: the request as the upstream will see it. `buffered` replaces the
+/// client's body when a phase-4 step had to read it whole.
+#[allow(clippy::too_many_arguments)]
 fn upstream_request(
     req: Request<Incoming>,
     conn: &Conn,
@@ -391,6 +423,7 @@ fn upstream_request(
     path: &str,
     params: &router::Params,
     request_id: &HeaderValue,
+    buffered: Option<Bytes>,
 ) -> Result<Request<Body>, ProxyError> {
     let limit = route.max_body_bytes.unwrap_or(listener.max_body_bytes);
     let (mut parts, incoming) = req.into_parts();
@@ -446,7 +479,9 @@ fn upstream_request(
     }
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
     route.request_headers.apply(h);
-    let body = if incoming_is_empty(&incoming) {
+    let body = if let Some(b) = buffered {
+        Body::full(b)
+    } else if incoming_is_empty(&incoming) {
         Body::empty()
     } else {
         Body::guarded(incoming, limit, listener.body_read_timeout)
