@@ -817,6 +817,7 @@ query = [{ name = "debug", present = false }]"#,
             max_body_bytes: None,
             request_headers: Default::default(),
             response_headers: Default::default(),
+            policy: Default::default(),
         })
         .collect();
     let out = r.display(&routes).to_string();
