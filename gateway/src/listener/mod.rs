@@ -141,6 +141,34 @@ impl From<&ListenerConfig> for Settings {
     }
 }
 
+impl Settings {
+    /// hyper's own head size limit: twice ours, so that between our limit
+    /// and this one `proxy` answers 431 with problem+json; beyond it hyper
+    /// answers a bare 431 before any request exists.
+    fn hyper_max_buf(&self) -> usize {
+        self.max_header_bytes.saturating_mul(2).max(8192)
+    }
+
+    /// hyper's header count limit, when ours exceeds its default of 100
+    /// (which parses on the stack; a larger one costs a heap allocation per
+    /// request, so it is only set when needed).
+    fn hyper_max_headers(&self) -> Option<usize> {
+        (self.max_headers > 100).then(|| self.max_headers.saturating_mul(2))
+    }
+}
+
+/// A hyper HTTP/1 connection builder with our limits.
+fn http1(s: &Settings) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(s.hyper_max_buf());
+    if let Some(n) = s.hyper_max_headers() {
+        b.max_headers(n);
+    }
+    b
+}
+
 /// Activity on one connection, for the idle timeout.
 struct Activity {
     started: Instant,
@@ -186,12 +214,7 @@ async fn serve(
             }
         })
     };
-    // hyper refuses heads beyond twice our limits with a bare 431; between
-    // our limit and that, `proxy` answers with problem+json.
-    let hyper_max_buf = (s.max_header_bytes.saturating_mul(2)).max(8192);
-    let hyper_max_headers = s.max_headers.saturating_mul(2).max(100);
-
-    match s.tls {
+    match s.tls.clone() {
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             let tls =
@@ -212,7 +235,7 @@ async fn serve(
                 let io = TokioIo::new(tls);
                 let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                 b.timer(TokioTimer::new())
-                    .max_header_list_size(u32::try_from(hyper_max_buf).unwrap_or(u32::MAX));
+                    .max_header_list_size(u32::try_from(s.hyper_max_buf()).unwrap_or(u32::MAX));
                 drive(
                     b.serve_connection(io, svc),
                     |c| c.graceful_shutdown(),
@@ -223,13 +246,8 @@ async fn serve(
                 .await;
             } else {
                 let io = TokioIo::new(HeadGuard::new(tls, head, s.header_read_timeout));
-                let mut b = hyper::server::conn::http1::Builder::new();
-                b.timer(TokioTimer::new())
-                    .header_read_timeout(None)
-                    .max_buf_size(hyper_max_buf)
-                    .max_headers(hyper_max_headers);
                 drive(
-                    b.serve_connection(io, svc),
+                    http1(&s).serve_connection(io, svc),
                     |c| c.graceful_shutdown(),
                     &activity,
                     s.idle_timeout,
@@ -240,14 +258,16 @@ async fn serve(
         }
         None if s.http2 => {
             let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            b.http1()
-                .timer(TokioTimer::new())
+            let mut h1 = b.http1();
+            h1.timer(TokioTimer::new())
                 .header_read_timeout(None)
-                .max_buf_size(hyper_max_buf)
-                .max_headers(hyper_max_headers);
+                .max_buf_size(s.hyper_max_buf());
+            if let Some(n) = s.hyper_max_headers() {
+                h1.max_headers(n);
+            }
             b.http2()
                 .timer(TokioTimer::new())
-                .max_header_list_size(u32::try_from(hyper_max_buf).unwrap_or(u32::MAX));
+                .max_header_list_size(u32::try_from(s.hyper_max_buf()).unwrap_or(u32::MAX));
             drive(
                 b.serve_connection(
                     TokioIo::new(HeadGuard::new(stream, head, s.header_read_timeout)),
@@ -261,13 +281,8 @@ async fn serve(
             .await;
         }
         None => {
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(None)
-                .max_buf_size(hyper_max_buf)
-                .max_headers(hyper_max_headers);
             drive(
-                b.serve_connection(
+                http1(&s).serve_connection(
                     TokioIo::new(HeadGuard::new(stream, head, s.header_read_timeout)),
                     svc,
                 ),
