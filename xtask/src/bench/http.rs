@@ -232,8 +232,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 );
             }
         } else {
-            eprintln!("bench: building the gateway (release)");
-            crate::cmd("cargo", &["build", "--release", "-p", "gateway"])?;
+            build_gateway()?;
         }
     }
     let baseline_bin = match &args.compare_with {
@@ -436,6 +435,37 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     if let Some(r) = over_nginx {
         println!("gateway/nginx: rps {:.2} p99 {:.2}", r.rps, r.p99);
+    }
+    Ok(())
+}
+
+/// `cargo build --release -p gateway`, without the variables `cargo run`
+/// set for xtask itself: ring's build script watches `CARGO_MANIFEST_DIR`,
+/// so passing them on would rebuild ring, rustls and the gateway on every
+/// bench and again on the next plain `cargo build`.
+fn build_gateway() -> anyhow::Result<()> {
+    eprintln!("bench: building the gateway (release)");
+    let mut cmd =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["build", "--release", "-p", "gateway"]);
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str()
+            && (k.starts_with("CARGO_PKG_")
+                || matches!(
+                    k,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                ))
+        {
+            cmd.env_remove(k);
+        }
+    }
+    let status = cmd.status().context("cannot run cargo")?;
+    if !status.success() {
+        bail!("`cargo build --release -p gateway` failed ({status})");
     }
     Ok(())
 }
