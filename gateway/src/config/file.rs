@@ -55,17 +55,11 @@ impl Default for Server {
 }
 
 /// `[admin]`: the admin/metrics listener.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     /// Address of the admin listener; absent means no admin listener.
     pub listen: Option<Spanned<String>>,
-}
-
-impl Default for Admin {
-    fn default() -> Self {
-        Self { listen: None }
-    }
 }
 
 /// `[access_log]`.

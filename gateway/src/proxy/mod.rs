@@ -387,7 +387,7 @@ fn upstream_request(
         rw.apply(path, params).into()
     } else if let Some(prefix) = &route.strip_prefix {
         match path.strip_prefix(prefix.trim_end_matches('/')) {
-            Some(rest) if rest.is_empty() => "/".into(),
+            Some("") => "/".into(),
             Some(rest) if rest.starts_with('/') => rest.into(),
             _ => path.into(),
         }
