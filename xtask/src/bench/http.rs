@@ -18,6 +18,7 @@ mod peers;
 mod proc;
 mod wrk;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -63,9 +64,10 @@ struct Args {
     #[arg(long)]
     no_build: bool,
     /// Also measure this gateway binary (say, a build from before a change),
-    /// interleaved with the others, and print its ratios to the current one.
+    /// interleaved with the others, and print the current one's ratios to it.
+    /// May be given more than once.
     #[arg(long, value_name = "GATEWAY_BINARY")]
-    compare_with: Option<PathBuf>,
+    compare_with: Vec<PathBuf>,
     /// Targets to measure (direct, gateway, nginx); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -81,31 +83,26 @@ fn parse_secs(s: &str) -> Result<u64, String> {
     }
 }
 
-/// What is measured in one column of the table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// What is measured in one row of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Direct,
     Gateway,
     Nginx,
-    /// The `--compare-with` binary.
-    Baseline,
+    /// The n-th `--compare-with` binary.
+    Baseline(usize),
 }
 
-impl Kind {
-    fn label(self) -> &'static str {
-        match self {
-            Kind::Direct => "direct",
-            Kind::Gateway => "gateway",
-            Kind::Nginx => "nginx",
-            Kind::Baseline => "baseline",
-        }
-    }
-}
+const FIXED: [(Kind, &str); 3] = [
+    (Kind::Direct, "direct"),
+    (Kind::Gateway, "gateway"),
+    (Kind::Nginx, "nginx"),
+];
 
 /// A target: where wrk sends load and which processes we watch.
 struct Target {
     kind: Kind,
+    label: String,
     url: String,
     /// The proxy's server (None for the backend measured directly).
     proxy: Option<Server>,
@@ -135,7 +132,9 @@ impl PerRequest {
 /// One wrk run against one target.
 #[derive(Debug, Clone, Serialize)]
 struct Run {
-    target: Kind,
+    #[serde(skip)]
+    kind: Kind,
+    target: String,
     round: u32,
     #[serde(flatten)]
     wrk: wrk::Report,
@@ -150,7 +149,9 @@ struct Run {
 /// Medians over the rounds of one target.
 #[derive(Debug, Clone, Serialize)]
 struct Summary {
-    target: Kind,
+    #[serde(skip)]
+    kind: Kind,
+    target: String,
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -171,7 +172,7 @@ struct Results<'a> {
     runs: &'a [Run],
     summary: &'a [Summary],
     gateway_over_nginx: Option<Ratio>,
-    gateway_over_baseline: Option<Ratio>,
+    gateway_over_baselines: BTreeMap<String, Ratio>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -187,17 +188,29 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     let secs = args.duration.unwrap_or(if args.quick { 2 } else { 8 });
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
-    let mut kinds = vec![Kind::Direct, Kind::Gateway, Kind::Nginx];
-    if !args.only.is_empty() {
-        for o in &args.only {
-            if !kinds.iter().any(|k| k.label() == o) {
-                bail!("unknown target {o:?} in --only: expected direct, gateway or nginx");
-            }
+    for o in &args.only {
+        if !FIXED.iter().any(|(_, l)| l == o) {
+            bail!("unknown target {o:?} in --only: expected direct, gateway or nginx");
         }
-        kinds.retain(|k| args.only.iter().any(|o| o == k.label()));
     }
-    if args.compare_with.is_some() {
-        kinds.push(Kind::Baseline);
+    let mut kinds: Vec<(Kind, String)> = FIXED
+        .iter()
+        .filter(|(_, l)| args.only.is_empty() || args.only.iter().any(|o| o == l))
+        .map(|&(k, l)| (k, l.to_string()))
+        .collect();
+    let mut baseline_bins = Vec::new();
+    for (i, p) in args.compare_with.iter().enumerate() {
+        let bin =
+            std::fs::canonicalize(p).with_context(|| format!("--compare-with {}", p.display()))?;
+        let mut label: String = bin
+            .file_name()
+            .map(|f| f.to_string_lossy().chars().take(12).collect())
+            .unwrap_or_default();
+        if label.is_empty() || kinds.iter().any(|(_, l)| *l == label) {
+            label = format!("baseline{}", i + 1);
+        }
+        kinds.push((Kind::Baseline(i), label));
+        baseline_bins.push(bin);
     }
     let cpus = proc::online_cpus();
     for (what, cpu) in [
@@ -223,7 +236,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let target_dir =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
     let gateway_bin = target_dir.join("release/gateway");
-    if kinds.contains(&Kind::Gateway) {
+    if kinds.iter().any(|(k, _)| *k == Kind::Gateway) {
         if args.no_build {
             if !gateway_bin.exists() {
                 bail!(
@@ -235,15 +248,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             build_gateway()?;
         }
     }
-    let baseline_bin = match &args.compare_with {
-        Some(p) => Some(
-            std::fs::canonicalize(p).with_context(|| format!("--compare-with {}", p.display()))?,
-        ),
-        None => None,
-    };
 
     let dir = proc::TempDir::new("gateway-bench")?;
-    let addrs = proc::free_ports(4)?;
+    let addrs = proc::free_ports(3 + baseline_bins.len())?;
     let cpu = args.server_cpu;
     eprintln!(
         "bench: servers on cpu {cpu}, wrk -t{} -c{} -d{secs}s on cpu {}; {rounds} round(s); work dir {}",
@@ -254,8 +261,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     );
     let backend = peers::backend(dir.path(), addrs[0], cpu)?;
     let mut targets = Vec::new();
-    for &kind in &kinds {
-        let proxy = match kind {
+    for (kind, label) in &kinds {
+        let proxy = match *kind {
             Kind::Direct => None,
             Kind::Gateway => Some(peers::gateway(
                 "gateway",
@@ -272,22 +279,20 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 args.connections,
                 cpu,
             )?),
-            Kind::Baseline => {
-                let bin = baseline_bin.as_deref().context("no baseline binary")?;
-                Some(peers::gateway(
-                    "baseline",
-                    bin,
-                    dir.path(),
-                    addrs[3],
-                    backend.addr,
-                    cpu,
-                )?)
-            }
+            Kind::Baseline(i) => Some(peers::gateway(
+                &format!("baseline{}", i + 1),
+                &baseline_bins[i],
+                dir.path(),
+                addrs[3 + i],
+                backend.addr,
+                cpu,
+            )?),
         };
         let addr = proxy.as_ref().map_or(backend.addr, |s| s.addr);
-        proc::probe(addr).with_context(|| format!("{} does not answer", kind.label()))?;
+        proc::probe(addr).with_context(|| format!("{label} does not answer"))?;
         targets.push(Target {
-            kind,
+            kind: *kind,
+            label: label.clone(),
             url: format!("http://{addr}/"),
             proxy,
         });
@@ -311,7 +316,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
 
     println!(
-        "{:<9} {:>5} {:>10} {:>8} {:>8} {:>26} {:>22} {:>10}",
+        "{:<12} {:>5} {:>10} {:>8} {:>8} {:>26} {:>22} {:>10}",
         "target",
         "round",
         "req/s",
@@ -329,8 +334,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             let t = &mut targets[(i + round as usize) % n];
             let r = measure(t, &backend, load, round + 1)?;
             println!(
-                "{:<9} {:>5} {:>10.0} {:>8} {:>8} {:>26} {:>22} {:>10}",
-                r.target.label(),
+                "{:<12} {:>5} {:>10.0} {:>8} {:>8} {:>26} {:>22} {:>10}",
+                r.target,
                 r.round,
                 r.wrk.rps,
                 ms(r.wrk.p50_ms),
@@ -342,10 +347,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             if r.wrk.socket_errors > 0 || r.wrk.non_2xx > 0 {
                 eprintln!(
                     "bench: warning: {} round {}: {} socket errors, {} non-2xx responses",
-                    r.target.label(),
-                    r.round,
-                    r.wrk.socket_errors,
-                    r.wrk.non_2xx
+                    r.target, r.round, r.wrk.socket_errors, r.wrk.non_2xx
                 );
             }
             runs.push(r);
@@ -358,7 +360,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     drop(backend);
 
-    let summary: Vec<Summary> = kinds.iter().map(|&k| summarize(k, &runs)).collect();
+    let summary: Vec<Summary> = kinds.iter().map(|(k, l)| summarize(*k, l, &runs)).collect();
     println!();
     println!(
         "Medians over {rounds} round(s), wrk -t{} -c{} -d{secs}s; CPU in µs per request:",
@@ -366,15 +368,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| target   |    req/s |     p50 |     p99 | proxy CPU/req (user+sys) | backend CPU/req | proxy peak RSS |"
+        "| target       |    req/s |     p50 |     p99 | proxy CPU/req (user+sys) | backend CPU/req | proxy peak RSS |"
     );
     println!(
-        "|----------|---------:|--------:|--------:|-------------------------:|----------------:|---------------:|"
+        "|--------------|---------:|--------:|--------:|-------------------------:|----------------:|---------------:|"
     );
     for s in &summary {
         println!(
-            "| {:<8} | {:>8.0} | {:>7} | {:>7} | {:>24} | {:>15} | {:>14} |",
-            s.target.label(),
+            "| {:<12} | {:>8.0} | {:>7} | {:>7} | {:>24} | {:>15} | {:>14} |",
+            s.target,
             s.rps,
             ms(s.p50_ms),
             ms(s.p99_ms),
@@ -385,7 +387,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     println!();
 
-    let find = |k: Kind| summary.iter().find(|s| s.target == k);
+    let find = |k: Kind| summary.iter().find(|s| s.kind == k);
     let ratio = |a: &Summary, b: &Summary| Ratio {
         rps: a.rps / b.rps,
         p99: a.p99_ms / b.p99_ms,
@@ -397,9 +399,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let over_nginx = find(Kind::Gateway)
         .zip(find(Kind::Nginx))
         .map(|(g, n)| ratio(g, n));
-    let over_baseline = find(Kind::Gateway)
-        .zip(find(Kind::Baseline))
-        .map(|(g, b)| ratio(g, b));
+    let over_baselines: BTreeMap<String, Ratio> = match find(Kind::Gateway) {
+        Some(g) => summary
+            .iter()
+            .filter(|s| matches!(s.kind, Kind::Baseline(_)))
+            .map(|b| (b.target.clone(), ratio(g, b)))
+            .collect(),
+        None => BTreeMap::new(),
+    };
 
     let out_dir = target_dir.join("bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -417,16 +424,16 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         runs: &runs,
         summary: &summary,
         gateway_over_nginx: over_nginx,
-        gateway_over_baseline: over_baseline,
+        gateway_over_baselines: over_baselines.clone(),
     })?;
     let stamped = out_dir.join(format!("http-{unix_time}.json"));
     std::fs::write(&stamped, &json)?;
     std::fs::write(out_dir.join("http-latest.json"), &json)?;
     println!("Raw results: {}", stamped.display());
 
-    if let Some(r) = over_baseline {
+    for (label, r) in &over_baselines {
         println!(
-            "gateway/baseline: rps {:.2} p99 {:.2} cpu/req {}",
+            "gateway/{label}: rps {:.2} p99 {:.2} cpu/req {}",
             r.rps,
             r.p99,
             r.cpu_per_request
@@ -485,10 +492,11 @@ fn measure(t: &mut Target, backend: &Server, load: wrk::Load, round: u32) -> any
         p.proc.check_alive()?;
     }
     if report.requests == 0 {
-        bail!("{}: wrk completed no request", t.kind.label());
+        bail!("{}: wrk completed no request", t.label);
     }
     Ok(Run {
-        target: t.kind,
+        kind: t.kind,
+        target: t.label.clone(),
         round,
         proxy_cpu: proxy_used.map(|c| PerRequest::of(c, report.requests)),
         backend_cpu: PerRequest::of(backend_used, report.requests),
@@ -497,15 +505,16 @@ fn measure(t: &mut Target, backend: &Server, load: wrk::Load, round: u32) -> any
     })
 }
 
-fn summarize(kind: Kind, runs: &[Run]) -> Summary {
-    let mine: Vec<&Run> = runs.iter().filter(|r| r.target == kind).collect();
+fn summarize(kind: Kind, label: &str, runs: &[Run]) -> Summary {
+    let mine: Vec<&Run> = runs.iter().filter(|r| r.kind == kind).collect();
     let med = |f: &dyn Fn(&Run) -> f64| median(mine.iter().map(|r| f(r)).collect());
     let proxy_cpu = mine.first().and_then(|r| r.proxy_cpu).map(|_| PerRequest {
         user_us: med(&|r| r.proxy_cpu.map_or(0.0, |c| c.user_us)),
         sys_us: med(&|r| r.proxy_cpu.map_or(0.0, |c| c.sys_us)),
     });
     Summary {
-        target: kind,
+        kind,
+        target: label.to_string(),
         rps: med(&|r| r.wrk.rps),
         p50_ms: med(&|r| r.wrk.p50_ms),
         p99_ms: med(&|r| r.wrk.p99_ms),
