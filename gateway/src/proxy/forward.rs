@@ -17,8 +17,19 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (standard names
+    // compare as small integers) is far cheaper than ten hashed removals.
+    // `Connection` is itself hop-by-hop, so the names it lists are covered.
+    if !h
+        .keys()
+        .any(|n| HOP_BY_HOP.contains(n) || *n == PROXY_CONNECTION)
+    {
+        return;
+    }
     // Names listed in Connection are hop-by-hop too.
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
@@ -35,7 +46,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in &HOP_BY_HOP {
         h.remove(n);
     }
-    h.remove("proxy-connection");
+    h.remove(&PROXY_CONNECTION);
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -105,6 +116,19 @@ mod tests {
         assert!(h.get("x-secret").is_none());
         assert!(h.get(header::TE).is_none());
         assert!(h.get("x-keep").is_some());
+    }
+
+    #[test]
+    fn strips_proxy_connection_and_keeps_the_rest() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("proxy-connection").is_none());
+        assert_eq!(h.len(), 2);
     }
 
     #[test]
