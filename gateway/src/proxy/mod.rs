@@ -321,8 +321,8 @@ fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<(), Pr
     Ok(())
 }
 
-/// The request's host, without port, lowercased.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
+/// The request's host, without port, lowercased (borrowed when it already is).
+fn request_host(req: &Request<Incoming>) -> Option<std::borrow::Cow<'_, str>> {
     let raw = match req.uri().authority() {
         Some(a) => a.host(),
         None => {
@@ -334,7 +334,11 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
             }
         }
     };
-    Some(raw.to_ascii_lowercase())
+    Some(if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        raw.to_ascii_lowercase().into()
+    } else {
+        raw.into()
+    })
 }
 
 fn direct_response(
