@@ -163,6 +163,10 @@ struct Summary {
 #[derive(Serialize)]
 struct Results<'a> {
     unix_time: u64,
+    /// `/proc/loadavg`'s 1-minute figure before and after: above about 1
+    /// other work shared the CPUs and absolute figures are low.
+    load_before: Option<f64>,
+    load_after: Option<f64>,
     duration_s: u64,
     connections: u32,
     threads: u32,
@@ -259,6 +263,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         args.client_cpu,
         dir.path().display()
     );
+    let load_before = proc::load_average();
+    if let Some(l) = load_before.filter(|l| *l > 1.0) {
+        eprintln!(
+            "bench: note: load average {l:.2} before the run; other work shares the CPUs, so trust the ratios more than the absolute figures"
+        );
+    }
     let backend = peers::backend(dir.path(), addrs[0], cpu)?;
     let mut targets = Vec::new();
     for (kind, label) in &kinds {
@@ -415,6 +425,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .map_or(0, |d| d.as_secs());
     let json = serde_json::to_string_pretty(&Results {
         unix_time,
+        load_before,
+        load_after: proc::load_average(),
         duration_s: secs,
         connections: args.connections,
         threads: args.threads,

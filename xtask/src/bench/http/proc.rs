@@ -245,6 +245,16 @@ pub fn peak_rss_kib(pid: i32) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
+/// The 1-minute load average.
+pub fn load_average() -> Option<f64> {
+    fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// `n` loopback addresses nobody listens on right now.
 pub fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
     let held: Vec<TcpListener> = (0..n)
