@@ -16,6 +16,7 @@
 
 mod peers;
 mod proc;
+mod syscalls;
 mod wrk;
 
 use std::collections::BTreeMap;
@@ -71,6 +72,10 @@ struct Args {
     /// Targets to measure (direct, gateway, nginx); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// After the rounds, count each server's syscalls per request with
+    /// `perf stat` over one extra 3 s run per target (needs linux-perf).
+    #[arg(long)]
+    syscalls: bool,
 }
 
 fn parse_secs(s: &str) -> Result<u64, String> {
@@ -177,6 +182,9 @@ struct Results<'a> {
     summary: &'a [Summary],
     gateway_over_nginx: Option<Ratio>,
     gateway_over_baselines: BTreeMap<String, Ratio>,
+    /// `--syscalls`: by target, the measured process's syscalls per request
+    /// (the backend's for `direct`).
+    syscalls_per_request: &'a BTreeMap<String, BTreeMap<String, f64>>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -363,6 +371,24 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             runs.push(r);
         }
     }
+    let mut syscall_counts = BTreeMap::new();
+    if args.syscalls {
+        if syscalls::available() {
+            for t in &targets {
+                let pid = t
+                    .proxy
+                    .as_ref()
+                    .map_or(backend.measured_pid, |s| s.measured_pid);
+                let (_, per_req) =
+                    syscalls::per_request(pid, &t.url, wrk::Load { secs: 3, ..load }, dir.path())?;
+                syscall_counts.insert(t.label.clone(), per_req);
+            }
+        } else {
+            eprintln!(
+                "bench: perf cannot count syscall tracepoints here (apt-get install linux-perf, as root); no --syscalls figures"
+            );
+        }
+    }
     for t in &mut targets {
         if let Some(p) = &mut t.proxy {
             p.proc.stop();
@@ -396,6 +422,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         );
     }
     println!();
+    if !syscall_counts.is_empty() {
+        println!("Syscalls per request (perf stat, one extra 3 s run each; direct = the backend):");
+        for (label, per_req) in &syscall_counts {
+            println!("  {label:<12} {}", syscalls::describe(per_req));
+        }
+        println!();
+    }
 
     let find = |k: Kind| summary.iter().find(|s| s.kind == k);
     let ratio = |a: &Summary, b: &Summary| Ratio {
@@ -437,6 +470,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         summary: &summary,
         gateway_over_nginx: over_nginx,
         gateway_over_baselines: over_baselines.clone(),
+        syscalls_per_request: &syscall_counts,
     })?;
     let stamped = out_dir.join(format!("http-{unix_time}.json"));
     std::fs::write(&stamped, &json)?;
