@@ -14,6 +14,7 @@
 //! `gateway/nginx: rps X.XX p99 Y.YY`. Raw results go to `target/bench/`.
 //! See docs/bench.md.
 
+mod instructions;
 mod peers;
 mod proc;
 mod syscalls;
@@ -76,6 +77,12 @@ struct Args {
     /// `perf stat` over one extra 3 s run per target (needs linux-perf).
     #[arg(long)]
     syscalls: bool,
+    /// Instead of the timed rounds, count user-space instructions per
+    /// request under callgrind (valgrind) for the gateway, each
+    /// --compare-with build and nginx: slow, but deterministic on a busy
+    /// machine.
+    #[arg(long)]
+    instructions: bool,
 }
 
 fn parse_secs(s: &str) -> Result<u64, String> {
@@ -278,6 +285,54 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         );
     }
     let backend = peers::backend(dir.path(), addrs[0], cpu)?;
+    let load = wrk::Load {
+        threads: args.threads,
+        connections: args.connections,
+        secs,
+        cpu: args.client_cpu,
+    };
+    if args.instructions {
+        let mut subjects = Vec::new();
+        for (kind, label) in &kinds {
+            let (program, args_, addr) = match *kind {
+                Kind::Direct => continue,
+                Kind::Gateway | Kind::Baseline(_) => {
+                    let (bin, addr) = match *kind {
+                        Kind::Baseline(i) => (baseline_bins[i].clone(), addrs[3 + i]),
+                        _ => (gateway_bin.clone(), addrs[1]),
+                    };
+                    let conf = peers::gateway_conf(label, dir.path(), addr, backend.addr)?;
+                    let a = vec!["run".into(), "-c".into(), conf.into(), "--no-xdp".into()];
+                    (bin, a, addr)
+                }
+                Kind::Nginx => {
+                    let name = "nginx-callgrind";
+                    let conf = format!(
+                        "master_process off;\n{}",
+                        peers::nginx_proxy_conf(
+                            dir.path(),
+                            name,
+                            addrs[2],
+                            backend.addr,
+                            args.connections
+                        )?
+                    );
+                    let path = dir.path().join(format!("{name}.conf"));
+                    std::fs::write(&path, conf)?;
+                    let p = dir.path().as_os_str().to_owned();
+                    let a = vec!["-p".into(), p, "-c".into(), path.into()];
+                    (PathBuf::from("nginx"), a, addrs[2])
+                }
+            };
+            subjects.push(instructions::Subject {
+                label: label.clone(),
+                program,
+                args: args_,
+                addr,
+            });
+        }
+        return count_instructions(&subjects, dir.path(), load, cpu, &target_dir);
+    }
     let mut targets = Vec::new();
     for (kind, label) in &kinds {
         let proxy = match *kind {
@@ -316,12 +371,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         });
     }
 
-    let load = wrk::Load {
-        threads: args.threads,
-        connections: args.connections,
-        secs,
-        cpu: args.client_cpu,
-    };
     eprintln!("bench: warming up ({}s per target)", args.warmup);
     for t in &targets {
         wrk::run(
@@ -488,6 +537,55 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     if let Some(r) = over_nginx {
         println!("gateway/nginx: rps {:.2} p99 {:.2}", r.rps, r.p99);
+    }
+    Ok(())
+}
+
+/// `--instructions`: each subject under callgrind in turn, then a table and
+/// `gateway/X: instructions R` lines.
+fn count_instructions(
+    subjects: &[instructions::Subject],
+    dir: &Path,
+    load: wrk::Load,
+    cpu: usize,
+    target_dir: &Path,
+) -> anyhow::Result<()> {
+    if !instructions::available() {
+        bail!("--instructions needs valgrind (apt-get install valgrind)");
+    }
+    let mut counts = Vec::new();
+    for s in subjects {
+        eprintln!("bench: {} under callgrind", s.label);
+        counts.push(instructions::measure(s, dir, load, cpu)?);
+    }
+    println!();
+    println!(
+        "User-space instructions per request (callgrind; wrk -t{} -c{} -d{}s):",
+        load.threads, load.connections, load.secs
+    );
+    println!();
+    println!("| target       | requests | instructions/request |");
+    println!("|--------------|---------:|---------------------:|");
+    for c in &counts {
+        println!(
+            "| {:<12} | {:>8} | {:>20.0} |",
+            c.target, c.requests, c.per_request
+        );
+    }
+    println!();
+    let out_dir = target_dir.join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let path = out_dir.join("instructions-latest.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&counts)?)?;
+    println!("Raw results: {}", path.display());
+    if let Some(g) = counts.iter().find(|c| c.target == "gateway") {
+        for c in counts.iter().filter(|c| c.target != "gateway") {
+            println!(
+                "gateway/{}: instructions {:.2}",
+                c.target,
+                g.per_request / c.per_request
+            );
+        }
     }
     Ok(())
 }
