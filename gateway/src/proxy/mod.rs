@@ -29,9 +29,7 @@ use hyper::body::Incoming;
 use crate::config::{ListenerConfig, RouteAction, RouteConfig};
 use crate::error::{ErrorKind, ProxyError};
 use crate::observe::access_log::{self, AccessLog};
-use crate::observe::metrics::status_class;
 use crate::policy::{self, PolicyCtx};
-
 use crate::reload::{Generation, Live};
 use crate::router::{self, Outcome};
 use body::Body;
@@ -112,20 +110,13 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
     // Phase 8: record.
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
-    let route_label = ctx.route.clone().map_or_else(
-        || metrics::SharedString::const_str("none"),
-        metrics::SharedString::from,
+    crate::observe::metrics::record_request(
+        &conn.listener,
+        ctx.route.as_ref(),
+        method,
+        status,
+        elapsed,
     );
-    metrics::counter!(
-        "gateway_http_requests_total",
-        "listener" => metrics::SharedString::from(conn.listener.clone()),
-        "route" => route_label.clone(),
-        "method" => method,
-        "status" => status_class(status),
-    )
-    .increment(1);
-    metrics::histogram!("gateway_http_request_duration_seconds", "route" => route_label)
-        .record(elapsed.as_secs_f64());
     if let (Some(log), Some((m, uri, version, ua))) = (&shared.access_log, logged) {
         log.log(&access_log::Entry {
             timestamp: access_log::timestamp(SystemTime::now() - elapsed),
@@ -262,10 +253,9 @@ async fn process(
     let timeout = route.timeout.unwrap_or(pool.config.timeout);
     let started = Instant::now();
     let result = pool.send(upstream_req, timeout).await;
-    let upstream_label = metrics::SharedString::from(pool.config.name.clone());
-    metrics::histogram!("gateway_upstream_request_duration_seconds", "upstream" => upstream_label.clone())
-        .record(started.elapsed().as_secs_f64());
+    crate::observe::metrics::record_upstream(&pool.config.name, started.elapsed());
     let resp = result.inspect_err(|e| {
+        let upstream_label = metrics::SharedString::from(pool.config.name.clone());
         metrics::counter!("gateway_upstream_errors_total", "upstream" => upstream_label, "kind" => e.kind.as_str()).increment(1);
     })?;
 
@@ -382,8 +372,8 @@ fn validate(
     Ok(())
 }
 
-/// The request's host, without port, lowercased.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
+/// The request's host, without port, lowercased (borrowed when it already is).
+fn request_host(req: &Request<Incoming>) -> Option<std::borrow::Cow<'_, str>> {
     let raw = match req.uri().authority() {
         Some(a) => a.host(),
         None => {
@@ -395,7 +385,11 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
             }
         }
     };
-    Some(raw.to_ascii_lowercase())
+    Some(if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        raw.to_ascii_lowercase().into()
+    } else {
+        raw.into()
+    })
 }
 
 fn direct_response(
