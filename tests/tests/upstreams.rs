@@ -919,3 +919,142 @@ path_prefix = "/"
     assert_eq!(count_backends(&env, "/x", 4).await.get("two"), Some(&4));
     assert!(one.hits() > 0 && two.hits() > 0);
 }
+
+/// Load for `GATEWAY_CHAOS_SECS` (default 30) seconds while one of three
+/// backends closes connections unanswered for a second, and another is
+/// killed (with requests in flight) and later restored: every
+/// answer is a 200 or a clean problem+json 502/503, none hangs, and the
+/// restored backend takes traffic again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kill_and_restore_under_load_fails_cleanly() {
+    let secs: u64 = std::env::var("GATEWAY_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let run = Duration::from_secs(secs);
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+balance = "least_request"
+targets = ["{a}", "{b}", "{c}"]
+connect_timeout = "300ms"
+timeout = "3s"
+[upstreams.health]
+path = "/healthz"
+interval = "300ms"
+timeout = "200ms"
+unhealthy_threshold = 1
+healthy_threshold = 2
+[upstreams.outlier]
+consecutive_failures = 2
+base_ejection = "1s"
+[[routes]]
+name = "all"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr,
+        b = b.addr,
+        c = c.addr
+    ));
+    let start = Instant::now();
+    let stop = start + run;
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let base = env.base.clone();
+        clients.push(tokio::spawn(async move {
+            let c = client::http1();
+            let (mut ok, mut failed, mut hung) = (0u32, 0u32, 0u32);
+            let mut bad = Vec::new();
+            let mut n = 0u32;
+            while Instant::now() < stop && n < 200_000 {
+                n += 1;
+                // Some requests linger so that a kill catches them in flight.
+                let path = if (n + i).is_multiple_of(10) {
+                    "/delay/50"
+                } else {
+                    "/x"
+                };
+                let req = Request::get(format!("{base}{path}"))
+                    .body(Full::default())
+                    .unwrap();
+                let fut = async {
+                    let resp = c.request(req).await?;
+                    let (parts, body) = resp.into_parts();
+                    let body = http_body_util::BodyExt::collect(body).await?.to_bytes();
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, body))
+                };
+                match tokio::time::timeout(Duration::from_secs(5), fut).await {
+                    Err(_) => hung += 1,
+                    Ok(Err(e)) => bad.push(format!("client error: {e}")),
+                    Ok(Ok((parts, body))) => match parts.status.as_u16() {
+                        200 => ok += 1,
+                        502 | 503 => {
+                            failed += 1;
+                            let clean = parts
+                                .headers
+                                .get("content-type")
+                                .and_then(|v| v.to_str().ok())
+                                == Some("application/problem+json")
+                                && serde_json::from_slice::<serde_json::Value>(&body)
+                                    .is_ok_and(|p| p["status"] == parts.status.as_u16());
+                            if !clean {
+                                bad.push(format!("unclean {}: {body:?}", parts.status));
+                            }
+                        }
+                        s => bad.push(format!("status {s}: {body:?}")),
+                    },
+                }
+            }
+            (ok, failed, hung, bad)
+        }));
+    }
+    // A burst of connections closed without an answer on b...
+    tokio::time::sleep(run / 6).await;
+    b.set_mode(Mode::Reset);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.set_mode(Mode::Normal);
+    // ...then c dies with requests in flight, and comes back later.
+    tokio::time::sleep((run / 3).saturating_sub(run / 6 + Duration::from_secs(1))).await;
+    let c_addr = c.kill().await;
+    tokio::time::sleep(run / 3).await;
+    let c = Backend::start_at(c_addr, "c").await;
+    let (mut ok, mut failed, mut hung) = (0, 0, 0);
+    let mut bad = Vec::new();
+    for t in clients {
+        let (o, f, h, b) = t.await.unwrap();
+        ok += o;
+        failed += f;
+        hung += h;
+        bad.extend(b);
+    }
+    assert!(
+        start.elapsed() < run + Duration::from_secs(10),
+        "the load stopped on time"
+    );
+    assert_eq!(hung, 0, "requests hung");
+    assert!(
+        bad.is_empty(),
+        "{} bad answers, e.g. {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    assert!(ok > 100, "{ok} ok");
+    assert!(
+        f64::from(failed) <= 0.01 * f64::from(ok + failed),
+        "{failed} failures of {}",
+        ok + failed
+    );
+    assert!(c.hits() > 0, "the restored backend takes traffic again");
+    eprintln!(
+        "chaos: {ok} ok, {failed} clean failures, a={} b={} c(restored)={}",
+        a.hits(),
+        b.hits(),
+        c.hits()
+    );
+}
