@@ -447,6 +447,70 @@ path_prefix = "/"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_target_is_ejected_and_connections_per_target_are_capped() {
+    let fast = Backend::start("fast").await;
+    let slow = Backend::start("slow").await;
+    slow.set_mode(Mode::Delay(300));
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{fast}", "{slow}"]
+[upstreams.outlier]
+slow_threshold = "150ms"
+consecutive_slow = 2
+[[upstreams]]
+name = "capped"
+targets = ["{fast}"]
+max_connections_per_target = 1
+[[routes]]
+name = "capped"
+upstream = "capped"
+strip_prefix = "/capped"
+[routes.match]
+path_prefix = "/capped/"
+[[routes]]
+name = "all"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+"#,
+        fast = fast.addr,
+        slow = slow.addr
+    ));
+    let mut slow_answers = 0;
+    for _ in 0..12 {
+        if backend_of(&env.get("/x").await) == "slow" {
+            slow_answers += 1;
+        }
+    }
+    assert_eq!(
+        slow_answers, 2,
+        "two slow answers, then the slow target is ejected"
+    );
+    let t = env.target("pool", &slow.addr.to_string()).await;
+    assert_eq!(t["ejected"], true, "{t}");
+    assert_eq!(t["errors"], 0, "slow is not an error: {t}");
+
+    // One connection per target: three 300 ms requests take turns.
+    let t = Instant::now();
+    let all: Vec<_> = (0..3)
+        .map(|_| {
+            let url = format!("{}/capped/delay/300", env.base);
+            tokio::spawn(async move { client::get(&url).await.status })
+        })
+        .collect();
+    for r in all {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(850),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_opens_answers_fast_half_opens_and_closes() {
     let a = Backend::start("a").await;
     a.set_mode(Mode::Status(503));

@@ -138,6 +138,10 @@ pub struct Outlier {
     pub max_ejection: Secs,
     /// At most this share of the pool's targets is ejected at once.
     pub max_ejected_percent: u32,
+    /// A response head slower than this counts as slow; absent = off.
+    pub slow_threshold: Option<Secs>,
+    /// Consecutive slow responses that eject.
+    pub consecutive_slow: u32,
 }
 
 impl Default for Outlier {
@@ -149,6 +153,8 @@ impl Default for Outlier {
             base_ejection: Secs(Duration::from_secs(10)),
             max_ejection: Secs(Duration::from_secs(300)),
             max_ejected_percent: 50,
+            slow_threshold: None,
+            consecutive_slow: 3,
         }
     }
 }
@@ -326,6 +332,8 @@ pub struct HealthSettings {
 pub struct OutlierSettings {
     pub consecutive_failures: u32,
     pub consecutive_5xx: u32,
+    /// (threshold, count): `count` responses slower than `threshold` in a row eject.
+    pub slow: Option<(Duration, u32)>,
     pub base_ejection: Duration,
     pub max_ejection: Duration,
     pub max_ejected_percent: u32,
@@ -529,14 +537,19 @@ pub fn compile_upstream(
 
     let default_outlier = Outlier::default();
     let o = k.outlier.unwrap_or(&default_outlier);
-    let outlier = (o.enabled && (o.consecutive_failures > 0 || o.consecutive_5xx > 0)).then(|| {
-        OutlierSettings {
-            consecutive_failures: o.consecutive_failures,
-            consecutive_5xx: o.consecutive_5xx,
-            base_ejection: o.base_ejection.0,
-            max_ejection: o.max_ejection.0.max(o.base_ejection.0),
-            max_ejected_percent: o.max_ejected_percent.min(100),
-        }
+    let slow = o
+        .slow_threshold
+        .filter(|_| o.consecutive_slow > 0)
+        .map(|t| (t.0, o.consecutive_slow));
+    let outlier = (o.enabled
+        && (o.consecutive_failures > 0 || o.consecutive_5xx > 0 || slow.is_some()))
+    .then(|| OutlierSettings {
+        consecutive_failures: o.consecutive_failures,
+        consecutive_5xx: o.consecutive_5xx,
+        slow,
+        base_ejection: o.base_ejection.0,
+        max_ejection: o.max_ejection.0.max(o.base_ejection.0),
+        max_ejected_percent: o.max_ejected_percent.min(100),
     });
 
     let breaker = k.breaker.map(|b| compile_breaker(b, problems));

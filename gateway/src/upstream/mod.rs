@@ -343,12 +343,21 @@ impl Pool {
         } else {
             http::Version::HTTP_11
         };
+        let slow = self
+            .config
+            .settings
+            .outlier
+            .as_ref()
+            .and_then(|o| o.slow)
+            .map(|(t, _)| tokio::time::Instant::now() + t);
         let result = tokio::time::timeout_at(deadline, self.client.request(req)).await;
         let (outcome, out) = match result {
             Ok(Ok(response)) => {
                 let status = response.status().as_u16();
                 let o = if status >= 500 {
                     Outcome::Status5xx
+                } else if slow.is_some_and(|at| tokio::time::Instant::now() > at) {
+                    Outcome::Slow
                 } else {
                     Outcome::Success
                 };

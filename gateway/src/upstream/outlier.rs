@@ -1,6 +1,7 @@
 //! Passive health checks (outlier detection): every try's outcome is
 //! recorded on its target; `consecutive_failures` connect failures, resets
-//! or timeouts in a row, or `consecutive_5xx` 5xx responses in a row, eject
+//! or timeouts in a row, `consecutive_5xx` 5xx responses in a row, or
+//! `consecutive_slow` response heads slower than `slow_threshold`, eject
 //! the target for `base_ejection × n` (n = ejections in a row, capped at
 //! `max_ejection`). At most `max_ejected_percent` of the pool (and never
 //! all of it) is ejected at once. A target that served requests well for
@@ -23,7 +24,7 @@ pub fn record(
     now: u64,
 ) -> bool {
     target.requests.fetch_add(1, Ordering::Relaxed);
-    let failed = outcome != Outcome::Success;
+    let failed = matches!(outcome, Outcome::Failure | Outcome::Status5xx);
     target.recent.add(now, 1, u64::from(failed));
     if !failed {
         // Cheap common case: reset streaks only when they are non-zero.
@@ -33,13 +34,23 @@ pub fn record(
         if target.consecutive_5xx.load(Ordering::Relaxed) != 0 {
             target.consecutive_5xx.store(0, Ordering::Relaxed);
         }
-        return false;
+        if outcome == Outcome::Success {
+            if target.consecutive_slow.load(Ordering::Relaxed) != 0 {
+                target.consecutive_slow.store(0, Ordering::Relaxed);
+            }
+            return false;
+        }
+    } else {
+        target.errors.fetch_add(1, Ordering::Relaxed);
     }
-    target.errors.fetch_add(1, Ordering::Relaxed);
     let Some(s) = settings else {
         return false;
     };
     let trip = match outcome {
+        Outcome::Slow => {
+            let n = target.consecutive_slow.fetch_add(1, Ordering::Relaxed) + 1;
+            s.slow.is_some_and(|(_, count)| n >= count)
+        }
         Outcome::Failure => {
             target.consecutive_5xx.store(0, Ordering::Relaxed);
             let n = target.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -81,6 +92,7 @@ pub fn record(
     }
     target.consecutive_failures.store(0, Ordering::Relaxed);
     target.consecutive_5xx.store(0, Ordering::Relaxed);
+    target.consecutive_slow.store(0, Ordering::Relaxed);
     target.metrics.ejections.increment(1);
     target.metrics.ejected.set(1.0);
     tracing::warn!(
@@ -88,7 +100,8 @@ pub fn record(
         target = %target.addr,
         ejection = n,
         for_ms = duration,
-        "target ejected after consecutive failures"
+        reason = ?outcome,
+        "target ejected"
     );
     true
 }
@@ -107,6 +120,7 @@ mod tests {
             base_ejection: Duration::from_millis(1000),
             max_ejection: Duration::from_millis(2500),
             max_ejected_percent: 50,
+            slow: Some((Duration::from_millis(100), 2)),
         }
     }
 
@@ -161,6 +175,21 @@ mod tests {
             record("u", Some(&s), t, &ts, Outcome::Failure, now);
         }
         assert!(!t.is_ejected(now + 1000));
+    }
+
+    #[test]
+    fn slow_responses_eject_too() {
+        let s = settings();
+        let ts = set(3);
+        assert!(!record("u", Some(&s), &ts[0], &ts, Outcome::Slow, 10));
+        assert!(!record("u", Some(&s), &ts[0], &ts, Outcome::Success, 10));
+        assert!(!record("u", Some(&s), &ts[0], &ts, Outcome::Slow, 10));
+        assert!(record("u", Some(&s), &ts[0], &ts, Outcome::Slow, 10));
+        assert_eq!(
+            ts[0].errors.load(Ordering::Relaxed),
+            0,
+            "slow is not an error"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub struct Target {
     pub(super) ejections: AtomicU32,
     pub(super) consecutive_failures: AtomicU32,
     pub(super) consecutive_5xx: AtomicU32,
+    pub(super) consecutive_slow: AtomicU32,
     pub(super) in_flight: AtomicUsize,
     pub(super) requests: AtomicU64,
     pub(super) errors: AtomicU64,
@@ -78,6 +79,7 @@ impl Target {
             ejections: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
             consecutive_5xx: AtomicU32::new(0),
+            consecutive_slow: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -132,6 +134,8 @@ impl Target {
 pub enum Outcome {
     /// A response below 500.
     Success,
+    /// A response below 500 whose head took longer than `slow_threshold`.
+    Slow,
     /// A 5xx response.
     Status5xx,
     /// Connect failure, reset, protocol error or timeout.
