@@ -99,6 +99,8 @@ impl Breaker {
             {
                 self.probes.store(0, Ordering::Relaxed);
                 self.probe_successes.store(0, Ordering::Relaxed);
+                // From now on, when the half-open state began.
+                self.opened_at.store(now, Ordering::Release);
                 self.transition("half_open", 2.0);
             }
         }
@@ -107,11 +109,24 @@ impl Breaker {
             HALF_OPEN => {
                 let n = self.probes.fetch_add(1, Ordering::AcqRel);
                 if n < self.settings.half_open_probes {
-                    Ok(Admission::Probe)
-                } else {
-                    self.probes.fetch_sub(1, Ordering::AcqRel);
-                    Err(self.refusal(1000))
+                    return Ok(Admission::Probe);
                 }
+                self.probes.fetch_sub(1, Ordering::AcqRel);
+                // Probes that never report back (the client went away, the
+                // try was refused later on) must not keep it half-open
+                // forever: after `open_for` without a verdict, probe anew.
+                let since = self.opened_at.load(Ordering::Acquire);
+                if now > since.saturating_add(ms(self.settings.open_for))
+                    && self
+                        .opened_at
+                        .compare_exchange(since, now, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    self.probes.store(1, Ordering::Release);
+                    self.probe_successes.store(0, Ordering::Release);
+                    return Ok(Admission::Probe);
+                }
+                Err(self.refusal(1000))
             }
             _ => Err(self.refusal(ms(self.settings.open_for))),
         }
@@ -272,6 +287,24 @@ mod tests {
         assert!(b.admit().is_err(), "only two probes at once");
         b.record(p1, false);
         b.record(p2, false);
+        assert_eq!(b.state_name(), "closed");
+    }
+
+    #[test]
+    fn lost_probes_do_not_keep_it_half_open() {
+        let b = breaker(Duration::from_millis(30));
+        for _ in 0..10 {
+            b.record(Admission::Normal, true);
+        }
+        std::thread::sleep(Duration::from_millis(40));
+        // Two probes let through, never recorded.
+        let _ = (b.admit().unwrap(), b.admit().unwrap());
+        assert!(b.admit().is_err());
+        std::thread::sleep(Duration::from_millis(40));
+        let p = b.admit().unwrap();
+        assert_eq!(p, Admission::Probe);
+        b.record(p, false);
+        b.record(b.admit().unwrap(), false);
         assert_eq!(b.state_name(), "closed");
     }
 

@@ -447,6 +447,56 @@ impl Pool {
     }
 }
 
+/// Describes the metrics this module exports (see docs/upstreams.md).
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!(
+        "gateway_upstream_target_healthy",
+        "1 while active health checks pass for the target, by upstream and target."
+    );
+    describe_gauge!(
+        "gateway_upstream_target_ejected",
+        "1 while outlier detection has the target ejected."
+    );
+    describe_gauge!(
+        "gateway_upstream_target_in_flight",
+        "Requests in flight to the target (refreshed every second)."
+    );
+    describe_counter!(
+        "gateway_upstream_ejections_total",
+        "Outlier ejections by upstream and target."
+    );
+    describe_counter!(
+        "gateway_upstream_health_checks_total",
+        "Active health checks by upstream and result."
+    );
+    describe_gauge!("gateway_upstream_targets", "Targets in the pool.");
+    describe_gauge!(
+        "gateway_circuit_state",
+        "Circuit breaker state: 0 closed, 1 open, 2 half-open."
+    );
+    describe_counter!(
+        "gateway_circuit_transitions_total",
+        "Circuit breaker transitions by upstream and new state."
+    );
+    describe_counter!(
+        "gateway_upstream_retries_total",
+        "Retries by upstream and reason (connect, status, timeout, reset)."
+    );
+    describe_counter!(
+        "gateway_upstream_retry_budget_exhausted_total",
+        "Retries refused because the pool's retry budget was spent."
+    );
+    describe_counter!(
+        "gateway_upstream_overloaded_total",
+        "Requests refused with 503 by a concurrency limit."
+    );
+    describe_counter!(
+        "gateway_discovery_updates_total",
+        "Service discovery rounds by upstream and result."
+    );
+}
+
 /// Exports per-target gauges once a second until the pool is dropped.
 async fn export(pool: std::sync::Weak<Pool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
