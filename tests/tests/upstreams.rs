@@ -1122,3 +1122,63 @@ path_prefix = "/"
         c.hits()
     );
 }
+
+/// `gateway check` places upstream problems at their key.
+#[test]
+fn check_reports_upstream_problems_with_locations() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.toml");
+    std::fs::write(
+        &path,
+        r#"[[upstreams]]
+name = "both"
+targets = ["127.0.0.1:1"]
+[upstreams.dns]
+name = "api.test"
+port = 80
+[[upstreams]]
+name = "bad"
+balance = "round_robin"
+hash_key = "header:x-user"
+targets = [{ address = "127.0.0.1:2", weight = 0 }]
+[upstreams.breaker]
+error_rate = 1.5
+[upstreams.retry]
+on_status = [999]
+[upstreams.concurrency]
+max = 0
+[[upstreams]]
+name = "odd"
+balance = "sideways"
+targets = ["127.0.0.1:3"]
+"#,
+    )
+    .unwrap();
+    let (code, out, _) = gateway_tests::gateway::run_cli(&["check", "-c", path.to_str().unwrap()]);
+    let p = path.display().to_string();
+    let lines: Vec<String> = out.lines().map(|l| l.replace(&p, "F")).collect();
+    assert_eq!(code, 2, "{lines:?}");
+    // A bad enum value is a parse error, reported alone.
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("F:20:11: unknown variant `sideways`"),
+        "{lines:?}"
+    );
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("\"sideways\"", "\"maglev\"")).unwrap();
+    let (code, out, _) = gateway_tests::gateway::run_cli(&["check", "-c", path.to_str().unwrap()]);
+    let lines: Vec<String> = out.lines().map(|l| l.replace(&p, "F")).collect();
+    assert_eq!(code, 2);
+    assert_eq!(
+        lines,
+        [
+            "F:2:8: upstream \"both\" needs exactly one target source: `targets`, `[upstreams.dns]` or `[upstreams.file]`",
+            "F:10:12: hash_key needs balance = \"ring_hash\" or \"maglev\"",
+            "F:11:12: target weight must be between 1 and 1000",
+            "F:13:14: error_rate must be above 0 and at most 1",
+            "F:15:14: invalid status 999",
+            "F:17:7: concurrency max must be at least 1",
+        ]
+    );
+}
