@@ -624,6 +624,14 @@ strip_prefix = "/half-dead"
 [routes.match]
 path_prefix = "/half-dead/"
 [[routes]]
+name = "buffered"
+upstream = "half-dead"
+strip_prefix = "/buffered"
+[routes.match]
+path_prefix = "/buffered/"
+[routes.retry]
+buffer_body = "1KiB"
+[[routes]]
 name = "broken"
 upstream = "broken"
 strip_prefix = "/broken"
@@ -666,6 +674,19 @@ path_prefix = "/broken/"
         )
         .await;
         assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    // With buffer_body, a request body can be sent again too.
+    for _ in 0..6 {
+        let r = client::send(
+            &c,
+            Request::post(format!("{}/buffered/echo", env.base))
+                .body(Full::new(Bytes::from_static(b"0123456789")))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["body_len"], 10);
     }
 
     // Everything fails: retries stop at the budget (20 % of requests).

@@ -303,7 +303,11 @@ async fn call_upstream(
     pool.budget.deposit();
     let hash = pool.request_hash(conn.peer.ip(), req.headers());
     let method = req.method().clone();
-    let mut req = req;
+    let mut req = if policy.max_retries > 0 {
+        upstream::retry::buffer_body(req, policy.buffer_body).await?
+    } else {
+        req
+    };
     let mut avoid = None;
     let mut retries = 0;
     loop {

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::config::Problem;
-use crate::config::units::Secs;
+use crate::config::units::{ByteSize, Secs};
 
 // ---------------------------------------------------------------------------
 // As written.
@@ -211,6 +211,10 @@ pub struct Retry {
     pub per_try_timeout: Option<Secs>,
     pub backoff: Secs,
     pub max_backoff: Secs,
+    /// Read request bodies up to this size whole before the first try, so
+    /// that they can be sent again (requests with a known length only);
+    /// 0 = stream every body, never retry it.
+    pub buffer_body: ByteSize,
     /// Upstream only: retries may add at most this share of requests.
     pub budget_percent: u32,
     /// Upstream only: retries always allowed per second, whatever the share.
@@ -227,6 +231,7 @@ impl Default for Retry {
             per_try_timeout: None,
             backoff: Secs(Duration::from_millis(25)),
             max_backoff: Secs(Duration::from_millis(250)),
+            buffer_body: ByteSize(0),
             budget_percent: 20,
             budget_min_per_sec: 3,
         }
@@ -359,6 +364,7 @@ pub struct RetrySettings {
     pub per_try_timeout: Option<Duration>,
     pub backoff: Duration,
     pub max_backoff: Duration,
+    pub buffer_body: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -656,6 +662,7 @@ fn compile_retry(r: &Retry, problems: &mut Vec<Problem>) -> RetrySettings {
         per_try_timeout: r.per_try_timeout.map(|t| t.0),
         backoff: r.backoff.0,
         max_backoff: r.max_backoff.0.max(r.backoff.0),
+        buffer_body: r.buffer_body.0,
     }
 }
 

@@ -9,9 +9,9 @@
 //!   status is in `on_status`, or the try hit `per_try_timeout` with
 //!   `on_timeout`, and the method is idempotent (or the route opts in with
 //!   `non_idempotent`);
-//! - and in every case the request body can be sent again (empty, or read
-//!   whole by an earlier phase), the budget allows it, and the overall
-//!   timeout has time left.
+//! - and in every case the request body can be sent again (empty, read
+//!   whole by an earlier phase, or buffered here up to `buffer_body`), the
+//!   budget allows it, and the overall timeout has time left.
 
 use std::time::Duration;
 
@@ -19,7 +19,8 @@ use http::{Method, Request};
 
 use super::config::{BudgetSettings, RetrySettings};
 use super::window::{Window, now_ms};
-use crate::proxy::body::Body;
+use crate::error::{ErrorKind, ProxyError};
+use crate::proxy::body::{Body, BodyError};
 
 /// Whether `m` is idempotent (RFC 9110 §9.2.2).
 pub fn idempotent(m: &Method) -> bool {
@@ -43,6 +44,44 @@ pub fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
     *r.version_mut() = req.version();
     *r.headers_mut() = req.headers().clone();
     Some(r)
+}
+
+/// With `buffer_body` set, reads a request body of known length up to that
+/// size whole, so that a retry can send it again. Other bodies pass as
+/// they are. Errors are the client's (too large, too slow, broken).
+pub async fn buffer_body(req: Request<Body>, limit: u64) -> Result<Request<Body>, ProxyError> {
+    if limit == 0 || matches!(req.body(), Body::Full(_)) {
+        return Ok(req);
+    }
+    let len = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if len.is_none_or(|l| l > limit) {
+        return Ok(req);
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = http_body_util::BodyExt::collect(body)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge(limit) => ProxyError::new(
+                ErrorKind::PayloadTooLarge,
+                format!("request body exceeds {limit} bytes"),
+            )
+            .closing(),
+            BodyError::Timeout(t) => ProxyError::new(
+                ErrorKind::RequestTimeout,
+                format!("the client sent no body data for {t:?}"),
+            )
+            .closing(),
+            BodyError::Hyper(e) => {
+                ProxyError::new(ErrorKind::BadRequest, "cannot read the request body")
+                    .with_source(e)
+                    .closing()
+            }
+        })?
+        .to_bytes();
+    Ok(Request::from_parts(parts, Body::full(bytes)))
 }
 
 /// Why a try might be retried.
@@ -146,6 +185,7 @@ mod tests {
             per_try_timeout: None,
             backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(30),
+            buffer_body: 0,
         }
     }
 
