@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (process alive),
-//! `/readyz` (config loaded, listeners bound), `POST /admin/reload`. Also the
-//! client side of `gateway reload`.
+//! `/readyz` (config loaded, listeners bound), `POST /admin/reload`,
+//! `/admin/upstreams` (per pool and target: health, ejection, in-flight,
+//! recent errors, circuit state). Also the client side of `gateway reload`.
 
 use std::convert::Infallible;
 use std::io::{Read, Write};
@@ -97,7 +98,13 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 ),
             }
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/admin/reload") => json(
+        (&Method::GET, "/admin/upstreams") => {
+            let generation = state.live.load();
+            let pools: Vec<serde_json::Value> =
+                generation.upstreams.iter().map(|p| p.status()).collect();
+            json(StatusCode::OK, serde_json::json!({ "upstreams": pools }))
+        }
+        (_, "/metrics" | "/healthz" | "/readyz" | "/admin/reload" | "/admin/upstreams") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             serde_json::json!({"status": "method not allowed"}),
         ),

@@ -3,11 +3,16 @@
 //! echo of what it received. Paths with special meaning:
 //! `/status/{code}` answers that status, `/delay/{ms}` waits first,
 //! `/bytes/{n}` answers n bytes.
+//!
+//! For upstream tests a backend can also misbehave (`set_mode`: answer a
+//! fixed status, hang, answer late, or close connections without
+//! answering), be killed with its open connections (`kill`), and be
+//! started again on the same address (`start_at`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,12 +23,52 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-/// A running backend; stops when dropped.
+/// A running backend; stops accepting when dropped.
 pub struct Backend {
     pub addr: SocketAddr,
     /// Requests served.
     pub hits: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+    mode: Arc<AtomicU64>,
+    kill: tokio::sync::watch::Sender<bool>,
+}
+
+/// How a backend behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The JSON echo (and the special paths).
+    Normal,
+    /// Every request gets this status.
+    Status(u16),
+    /// Requests are never answered.
+    Hang,
+    /// Every request is answered this many milliseconds late.
+    Delay(u32),
+    /// Connections are closed without an answer (new ones at accept).
+    Reset,
+}
+
+impl Mode {
+    fn encode(self) -> u64 {
+        match self {
+            Mode::Normal => 0,
+            Mode::Status(s) => 1 << 32 | u64::from(s),
+            Mode::Hang => 2 << 32,
+            Mode::Delay(ms) => 3 << 32 | u64::from(ms),
+            Mode::Reset => 4 << 32,
+        }
+    }
+
+    fn decode(v: u64) -> Mode {
+        let arg = (v & 0xffff_ffff) as u32;
+        match v >> 32 {
+            1 => Mode::Status(arg as u16),
+            2 => Mode::Hang,
+            3 => Mode::Delay(arg),
+            4 => Mode::Reset,
+            _ => Mode::Normal,
+        }
+    }
 }
 
 impl Backend {
@@ -36,36 +81,123 @@ impl Backend {
         Self::serve(listener, name)
     }
 
+    /// Starts a backend on `addr` (e.g. where a killed one was), retrying
+    /// the bind for up to 5 s.
+    pub async fn start_at(addr: SocketAddr, name: &str) -> Backend {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => return Self::serve(l, name),
+                Err(e) if std::time::Instant::now() > deadline => panic!("bind {addr}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
     /// Serves on an already bound listener.
     pub fn serve(listener: TcpListener, name: &str) -> Backend {
         let addr = listener.local_addr().expect("local addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let name: Arc<str> = name.into();
         let h = hits.clone();
+        let mode = Arc::new(AtomicU64::new(0));
+        let m = mode.clone();
+        let (kill, killed) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                if Mode::decode(m.load(Ordering::Relaxed)) == Mode::Reset {
+                    drop(stream);
+                    continue;
+                }
                 let name = name.clone();
                 let hits = h.clone();
+                let mode = m.clone();
+                let mut killed = killed.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         hits.fetch_add(1, Ordering::Relaxed);
-                        echo(name.clone(), req)
+                        misbehave(
+                            Mode::decode(mode.load(Ordering::Relaxed)),
+                            name.clone(),
+                            req,
+                        )
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    // `kill` closes the connection; a dropped backend leaves
+                    // it open, as before.
+                    let killed = async {
+                        if killed.wait_for(|k| *k).await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = killed => {}
+                    }
                 });
             }
         });
-        Backend { addr, hits, task }
+        Backend {
+            addr,
+            hits,
+            task,
+            mode,
+            kill,
+        }
     }
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::Relaxed)
     }
+
+    /// Changes how the backend answers from now on.
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.store(mode.encode(), Ordering::Relaxed);
+    }
+
+    /// Stops accepting and closes every open connection, as a crashed
+    /// process would. Returns the address, to start again there.
+    pub async fn kill(self) -> SocketAddr {
+        let addr = self.addr;
+        self.task.abort();
+        let _ = self.kill.send(true);
+        // Let the accept loop and the connections see it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        addr
+    }
+}
+
+async fn misbehave(
+    mode: Mode,
+    name: Arc<str>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    match mode {
+        Mode::Normal => {}
+        Mode::Status(code) => {
+            let mut resp = Response::new(Full::new(Bytes::from_static(b"misbehaving")));
+            *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+            resp.headers_mut().insert(
+                "x-backend",
+                name.parse().unwrap_or(http::HeaderValue::from_static("?")),
+            );
+            return Ok(resp);
+        }
+        Mode::Hang => std::future::pending::<()>().await,
+        Mode::Delay(ms) => tokio::time::sleep(Duration::from_millis(u64::from(ms))).await,
+        Mode::Reset => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "reset mode",
+            ));
+        }
+    }
+    echo(name, req).await.map_err(|never| match never {})
 }
 
 impl Drop for Backend {

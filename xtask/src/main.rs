@@ -33,9 +33,9 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
-    /// Benchmarks: `http` (default; gateway vs nginx vs direct) or `xdp`.
+    /// Benchmarks: `http` (default; gateway vs nginx vs direct), `upstreams`, `policy` or `xdp`.
     Bench {
-        /// Which benchmark: http or xdp.
+        /// Which benchmark: http, upstreams, policy or xdp.
         #[arg(default_value = "http")]
         what: String,
         /// Extra arguments for that benchmark.

@@ -83,30 +83,34 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
                 format!("duplicate upstream name {name:?}"),
             ));
         }
-        if u.targets.get_ref().is_empty() {
-            problems.push(Problem::at(
-                u.targets.span(),
-                format!("upstream {name:?} has no targets"),
-            ));
-        }
-        for t in u.targets.get_ref() {
-            if let Err(msg) = check_authority(t.get_ref()) {
-                problems.push(Problem::at(t.span(), msg));
-            }
-        }
+        let (targets, settings) = crate::upstream::config::compile_upstream(
+            &base,
+            &crate::upstream::config::UpstreamKeys {
+                name,
+                name_span: u.name.span(),
+                targets: u.targets.as_ref(),
+                balance: u.balance,
+                hash_key: u.hash_key.as_ref(),
+                health: u.health.as_ref(),
+                outlier: u.outlier.as_ref(),
+                breaker: u.breaker.as_ref(),
+                retry: u.retry.as_ref(),
+                concurrency: u.concurrency.as_ref(),
+                max_connections_per_target: u.max_connections_per_target,
+                dns: u.dns.as_ref(),
+                file: u.file.as_ref(),
+            },
+            &mut problems,
+        );
         upstreams.push(UpstreamConfig {
             name: name.into(),
-            targets: u
-                .targets
-                .get_ref()
-                .iter()
-                .map(|t| t.get_ref().clone())
-                .collect(),
+            targets,
             protocol: u.protocol,
             connect_timeout: u.connect_timeout.0,
             timeout: u.timeout.0,
             pool_idle_timeout: u.pool_idle_timeout.0,
             pool_max_idle_per_target: u.pool_max_idle_per_target,
+            settings,
         });
     }
 
@@ -211,6 +215,13 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             request_headers,
             response_headers,
             policy: Default::default(),
+            upstream_policy: crate::upstream::config::compile_route(
+                name,
+                r.retry.as_ref(),
+                r.breaker.as_ref(),
+                r.concurrency.as_ref(),
+                &mut problems,
+            ),
         });
     }
 
@@ -317,16 +328,6 @@ fn parse_addr(s: &Spanned<String>) -> Result<SocketAddr, Problem> {
             format!("invalid listen address {:?}: expected IP:PORT", s.get_ref()),
         )
     })
-}
-
-/// Checks a `host:port` upstream target.
-fn check_authority(s: &str) -> Result<(), String> {
-    let bad = || format!("invalid upstream target {s:?}: expected HOST:PORT");
-    let auth: http::uri::Authority = s.parse().map_err(|_| bad())?;
-    if auth.port_u16().is_none() || auth.host().is_empty() || auth.as_str().contains('@') {
-        return Err(bad());
-    }
-    Ok(())
 }
 
 fn respond_action(

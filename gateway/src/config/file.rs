@@ -10,6 +10,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::units::{ByteSize, Secs};
+use crate::upstream::config as up;
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
@@ -136,8 +137,10 @@ pub struct Certificate {
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     pub name: Spanned<String>,
-    /// `HOST:PORT` targets.
-    pub targets: Spanned<Vec<Spanned<String>>>,
+    /// Static targets: `"HOST:PORT"` or `{ address = "HOST:PORT", weight = 2 }`;
+    /// exactly one of `targets`, `dns` and `file`.
+    #[serde(default)]
+    pub targets: Option<Spanned<Vec<Spanned<up::TargetSpec>>>>,
     #[serde(default)]
     pub protocol: UpstreamProtocol,
     #[serde(default = "default_connect_timeout")]
@@ -149,6 +152,29 @@ pub struct Upstream {
     pub pool_idle_timeout: Secs,
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_target: usize,
+    /// How a target is chosen (see `upstream::balance`).
+    #[serde(default)]
+    pub balance: up::Balance,
+    /// Consistent-hashing key: `"client_ip"`, `"header:NAME"`, `"cookie:NAME"`.
+    #[serde(default)]
+    pub hash_key: Option<Spanned<String>>,
+    #[serde(default)]
+    pub health: Option<up::Health>,
+    #[serde(default)]
+    pub outlier: Option<up::Outlier>,
+    #[serde(default)]
+    pub breaker: Option<up::Breaker>,
+    #[serde(default)]
+    pub retry: Option<up::Retry>,
+    #[serde(default)]
+    pub concurrency: Option<up::Concurrency>,
+    /// Requests in flight to one target at once; 0 = no limit.
+    #[serde(default)]
+    pub max_connections_per_target: usize,
+    #[serde(default)]
+    pub dns: Option<up::Dns>,
+    #[serde(default)]
+    pub file: Option<up::FileSource>,
 }
 
 /// Protocol spoken to an upstream.
@@ -193,6 +219,15 @@ pub struct Route {
     pub request_headers: HeaderOps,
     #[serde(default)]
     pub response_headers: HeaderOps,
+    /// Retry policy for this route (overrides the upstream's).
+    #[serde(default)]
+    pub retry: Option<up::Retry>,
+    /// A circuit breaker of this route's own.
+    #[serde(default)]
+    pub breaker: Option<up::Breaker>,
+    /// A concurrency limit of this route's own.
+    #[serde(default)]
+    pub concurrency: Option<up::Concurrency>,
 }
 
 /// `[routes.match]`: all given predicates must hold.

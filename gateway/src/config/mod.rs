@@ -70,16 +70,18 @@ pub struct ListenerConfig {
 }
 
 /// One upstream pool as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub name: Arc<str>,
-    /// `host:port` authorities.
-    pub targets: Vec<String>,
+    /// Static `host:port` targets (empty with DNS or file discovery).
+    pub targets: Vec<crate::upstream::config::StaticTarget>,
     pub protocol: file::UpstreamProtocol,
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_target: usize,
+    /// Balancing, health, discovery, breaker, retries, limits.
+    pub settings: crate::upstream::config::UpstreamSettings,
 }
 
 /// What a matched route does.
@@ -108,6 +110,8 @@ pub struct RouteConfig {
     pub response_headers: HeaderEdits,
     /// Phase-4 steps (access, CORS, auth, rate limits, validation).
     pub policy: crate::policy::RoutePolicy,
+    /// Phase-6 overrides: retries, breaker, concurrency limit.
+    pub upstream_policy: crate::upstream::config::RouteUpstream,
 }
 
 /// Precompiled header edits: remove, then set, then add.

@@ -90,6 +90,7 @@ fn describe() {
         "Config reloads by result (ok, failed)."
     );
     describe_gauge!("gateway_build_info", "Build information; always 1.");
+    crate::upstream::describe_metrics();
 }
 
 /// The status class label (`2xx` ...) of a status code.

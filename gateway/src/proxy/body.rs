@@ -21,6 +21,10 @@ pub enum Body {
     Stream(Incoming),
     /// A client's request body with a size cap and a read timeout.
     Guarded(Box<Guarded>),
+    /// An upstream response streamed to the client, holding what the
+    /// request holds upstream (the target's in-flight count, connection and
+    /// concurrency slots) until it ends or is dropped.
+    Upstream(Incoming, crate::upstream::Held),
 }
 
 /// State of a guarded request body.
@@ -87,6 +91,13 @@ impl http_body::Body for Body {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
             Body::Guarded(g) => g.poll_frame(cx),
+            Body::Upstream(inner, held) => {
+                let r = Pin::new(inner).poll_frame(cx).map_err(BodyError::from);
+                if let Poll::Ready(None) = r {
+                    *held = Default::default();
+                }
+                r
+            }
         }
     }
 
@@ -95,6 +106,7 @@ impl http_body::Body for Body {
             Body::Full(b) => b.is_none(),
             Body::Stream(inner) => inner.is_end_stream(),
             Body::Guarded(g) => g.inner.is_end_stream(),
+            Body::Upstream(inner, _) => inner.is_end_stream(),
         }
     }
 
@@ -104,6 +116,7 @@ impl http_body::Body for Body {
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Stream(inner) => inner.size_hint(),
             Body::Guarded(g) => g.inner.size_hint(),
+            Body::Upstream(inner, _) => inner.size_hint(),
         }
     }
 }

@@ -32,6 +32,7 @@ use crate::observe::access_log::{self, AccessLog};
 use crate::policy::{self, PolicyCtx};
 use crate::reload::{Generation, Live};
 use crate::router::{self, Outcome};
+use crate::upstream;
 use body::Body;
 
 /// `X-Request-Id`.
@@ -252,9 +253,9 @@ async fn process(
     // Phase 6: upstream.
     let timeout = route.timeout.unwrap_or(pool.config.timeout);
     let started = Instant::now();
-    let result = pool.send(upstream_req, timeout).await;
+    let result = call_upstream(pool, route, conn, upstream_req, timeout).await;
     crate::observe::metrics::record_upstream(&pool.config.name, started.elapsed());
-    let resp = result.inspect_err(|e| {
+    let (resp, held) = result.inspect_err(|e| {
         let upstream_label = metrics::SharedString::from(pool.config.name.clone());
         metrics::counter!("gateway_upstream_errors_total", "upstream" => upstream_label, "kind" => e.kind.as_str()).increment(1);
     })?;
@@ -263,7 +264,96 @@ async fn process(
     let (mut parts, incoming) = resp.into_parts();
     forward::strip_hop_by_hop(&mut parts.headers);
     route.response_headers.apply(&mut parts.headers);
-    Ok(Response::from_parts(parts, Body::stream(incoming)))
+    Ok(Response::from_parts(parts, Body::Upstream(incoming, held)))
+}
+
+/// Phase 6: admission (concurrency slots of the route, then the upstream,
+/// held until the response body ends), then tries until one succeeds or
+/// may not be retried. Each try passes the breakers and picks a target
+/// (another one than the last when it can); a failed try is retried when
+/// the policy allows it for this method and failure, the body can be sent
+/// again, the pool's retry budget has room and `timeout` has time left.
+async fn call_upstream(
+    pool: &upstream::Pool,
+    route: &RouteConfig,
+    conn: &Conn,
+    req: Request<Body>,
+    timeout: std::time::Duration,
+) -> Result<(Response<Incoming>, upstream::Held), ProxyError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let rp = &route.upstream_policy;
+    let policy = rp.retry.as_ref().unwrap_or(&pool.config.settings.retry);
+    let mut held = upstream::Held::default();
+    if let Some(l) = &rp.concurrency {
+        held.route_slot = Some(l.acquire().await?);
+    }
+    if let Some(l) = &pool.limiter {
+        held.pool_slot = Some(l.acquire().await?);
+    }
+    pool.budget.deposit();
+    let hash = pool.request_hash(conn.peer.ip(), req.headers());
+    let method = req.method().clone();
+    let mut req = if policy.max_retries > 0 {
+        upstream::retry::buffer_body(req, policy.buffer_body).await?
+    } else {
+        req
+    };
+    let mut avoid = None;
+    let mut retries = 0;
+    loop {
+        // A copy for the next try, when there may be one.
+        let spare = if retries < policy.max_retries {
+            upstream::retry::replayable(&req)
+        } else {
+            None
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let per_try = policy.per_try_timeout.map_or(left, |t| t.min(left));
+        let (reason, target, failure) = match pool
+            .try_once(req, rp.breaker.as_deref(), hash, avoid, per_try)
+            .await
+        {
+            Ok(t) => {
+                let status = t.response.status().as_u16();
+                if spare.is_none() || !policy.on_status.contains(&status) {
+                    held.in_flight = Some(t.in_flight);
+                    return Ok((t.response, held));
+                }
+                (
+                    Some(upstream::retry::Reason::Status),
+                    Some(t.target),
+                    Ok((t.response, t.in_flight)),
+                )
+            }
+            Err(f) => (f.retry, f.target, Err(f.error)),
+        };
+        let retry = match (reason, spare) {
+            (Some(reason), Some(spare))
+                if upstream::retry::allowed(policy, &method, reason)
+                    && deadline > tokio::time::Instant::now()
+                    && pool.take_retry(reason) =>
+            {
+                Some(spare)
+            }
+            _ => None,
+        };
+        let Some(next) = retry else {
+            // No retry: answer with what the last try gave.
+            return match failure {
+                Ok((response, in_flight)) => {
+                    held.in_flight = Some(in_flight);
+                    Ok((response, held))
+                }
+                Err(e) => Err(e),
+            };
+        };
+        drop(failure);
+        retries += 1;
+        avoid = target;
+        let pause = upstream::retry::backoff(policy, retries);
+        tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline)).await;
+        req = next;
+    }
 }
 
 /// Phase 1: the request id, kept from the client when it is sane.

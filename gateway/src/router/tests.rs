@@ -818,6 +818,7 @@ query = [{ name = "debug", present = false }]"#,
             request_headers: Default::default(),
             response_headers: Default::default(),
             policy: Default::default(),
+            upstream_policy: Default::default(),
         })
         .collect();
     let out = r.display(&routes).to_string();

@@ -1,35 +1,115 @@
-//! Upstream pools: targets, the choice of target (round robin), and the
-//! pooled keep-alive client (hyper-util) that talks HTTP/1.1 or HTTP/2 to
-//! them with connect and request timeouts.
+//! Upstream pools: targets and how one is chosen (`balance`), their health
+//! (`health` active checks, `outlier` passive ejection), where they come
+//! from (`discovery`: static, DNS, a watched file), what protects them
+//! (`breaker`, `limit`, the retry budget in `retry`), and the pooled
+//! keep-alive client (hyper-util) that talks HTTP/1.1 or HTTP/2 to them.
+//!
+//! The data path (`Pool::try_once`) reads the current target set through
+//! `arc-swap`, picks with a few atomics, and records the outcome in
+//! atomics; it takes no lock. Health checks, re-resolution, file watching
+//! and metric export run as tasks on one background runtime thread
+//! (`runtime`); each holds only a `Weak` reference to its pool and ends
+//! when the pool is dropped (a reload that changed the pool's settings).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+pub mod balance;
+pub mod breaker;
+pub mod config;
+pub mod discovery;
+pub mod dns;
+pub mod file;
+pub mod health;
+pub mod limit;
+pub mod outlier;
+pub mod retry;
+pub mod runtime;
+pub mod target;
+pub mod window;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{HeaderMap, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::config::UpstreamConfig;
 use crate::config::file::UpstreamProtocol;
-use crate::error::{ErrorKind, ProxyError};
+use crate::error::{ErrorKind, ProxyError, Side};
 use crate::proxy::body::{Body, BodyError};
+use balance::TargetSet;
+use breaker::Breaker;
+use config::Discovery;
+use limit::Limiter;
+use retry::{Budget, Reason};
+use target::{InFlight, Outcome, Target};
+use window::now_ms;
 
 /// A live upstream pool.
-#[derive(Debug)]
 pub struct Pool {
     pub config: UpstreamConfig,
-    targets: Vec<Authority>,
+    set: ArcSwap<TargetSet>,
     next: AtomicUsize,
     client: Client<HttpConnector, Body>,
+    pub breaker: Option<Breaker>,
+    pub limiter: Option<Limiter>,
+    pub budget: Budget,
+    /// What discovery last did, for the admin API (never held across await).
+    discovery: Mutex<discovery::Status>,
+    metrics: PoolMetrics,
+}
+
+struct PoolMetrics {
+    retries: [metrics::Counter; 4],
+    budget_exhausted: metrics::Counter,
+    targets: metrics::Gauge,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.config.name)
+            .field("targets", &self.set.load().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a request holds until its response body has been passed on: its
+/// target's in-flight count and connection slot, and concurrency slots.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub in_flight: Option<InFlight>,
+    pub route_slot: Option<OwnedSemaphorePermit>,
+    pub pool_slot: Option<OwnedSemaphorePermit>,
+}
+
+/// A successful try.
+#[derive(Debug)]
+pub struct Tried {
+    pub response: Response<Incoming>,
+    pub in_flight: InFlight,
+    pub target: usize,
+}
+
+/// A failed try: the error, and whether (and why) it may be retried.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: ProxyError,
+    pub retry: Option<Reason>,
+    pub target: Option<usize>,
 }
 
 impl Pool {
-    /// Builds the pool and its client. Targets were validated at load.
+    /// Builds the pool, its client and its background tasks. Static
+    /// targets were validated at load; a file source is read now; a DNS
+    /// source is resolved now, waiting at most a few seconds.
     pub fn new(config: &UpstreamConfig) -> Arc<Pool> {
+        let s = &config.settings;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
@@ -43,90 +123,432 @@ impl Pool {
         if config.protocol == UpstreamProtocol::Http2 {
             builder.http2_only(true);
         }
-        let targets = config
+        let name = config.name.to_string();
+        let targets: Vec<Arc<Target>> = config
             .targets
             .iter()
-            .filter_map(|t| t.parse().ok())
+            .filter_map(|t| {
+                let addr = t.address.parse().ok()?;
+                Some(Arc::new(Target::new(
+                    &name,
+                    addr,
+                    t.weight,
+                    s.max_connections_per_target,
+                )))
+            })
             .collect();
-        Arc::new(Pool {
-            config: config.clone(),
-            targets,
+        let retries = ["connect", "status", "timeout", "reset"]
+            .map(|r| metrics::counter!("gateway_upstream_retries_total", "upstream" => name.clone(), "reason" => r));
+        let pool = Arc::new(Pool {
+            set: ArcSwap::from_pointee(TargetSet::new(targets, s.balance)),
             next: AtomicUsize::new(0),
             client: builder.build(connector),
-        })
-    }
-
-    /// The next target in round-robin order.
-    fn pick(&self) -> Option<&Authority> {
-        if self.targets.is_empty() {
-            return None;
+            breaker: s
+                .breaker
+                .as_ref()
+                .map(|b| Breaker::new(config.name.clone(), b.clone())),
+            limiter: s
+                .concurrency
+                .as_ref()
+                .map(|c| Limiter::new(config.name.clone(), c)),
+            budget: Budget::new(&s.budget),
+            discovery: Mutex::new(discovery::Status::default()),
+            metrics: PoolMetrics {
+                retries,
+                budget_exhausted: metrics::counter!("gateway_upstream_retry_budget_exhausted_total", "upstream" => name.clone()),
+                targets: metrics::gauge!("gateway_upstream_targets", "upstream" => name),
+            },
+            config: config.clone(),
+        });
+        pool.metrics.targets.set(pool.set.load().len() as f64);
+        if s.discovery != Discovery::Static {
+            discovery::start(&pool);
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.targets.len();
-        self.targets.get(i)
+        if s.health.is_some() {
+            runtime::spawn(health::run(Arc::downgrade(&pool)));
+        }
+        runtime::spawn(export(Arc::downgrade(&pool)));
+        pool
     }
 
-    /// Sends `req` (whose URI holds only a path and query) to a target,
-    /// waiting at most `timeout` for the response head.
-    pub async fn send(
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The current target set.
+    pub fn targets(&self) -> arc_swap::Guard<Arc<TargetSet>> {
+        self.set.load()
+    }
+
+    /// Replaces the target set with `found` (from discovery), keeping the
+    /// state of targets that stay. An empty list is refused: the last good
+    /// set is kept. Requests in flight keep their targets until they end.
+    pub fn set_targets(&self, found: Vec<(Authority, u32)>) -> Result<(), String> {
+        if found.is_empty() {
+            return Err("no targets found; keeping the last good set".into());
+        }
+        let current = self.set.load();
+        let same = current.len() == found.len()
+            && found.iter().all(|(a, w)| {
+                current
+                    .targets
+                    .iter()
+                    .any(|t| t.addr == *a && t.weight == *w)
+            });
+        if same {
+            return Ok(());
+        }
+        let name = self.name();
+        let targets: Vec<Arc<Target>> = found
+            .iter()
+            .map(|(addr, w)| {
+                current
+                    .targets
+                    .iter()
+                    .find(|t| t.addr == *addr && t.weight == *w)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(Target::new(
+                            name,
+                            addr.clone(),
+                            *w,
+                            self.config.settings.max_connections_per_target,
+                        ))
+                    })
+            })
+            .collect();
+        for t in &targets {
+            if !current.targets.iter().any(|c| Arc::ptr_eq(c, t)) {
+                tracing::info!(upstream = name, target = %t.addr, weight = t.weight, "target added");
+            }
+        }
+        for c in &current.targets {
+            if !targets.iter().any(|t| Arc::ptr_eq(c, t)) {
+                tracing::info!(upstream = name, target = %c.addr, "target removed");
+                c.metrics.healthy.set(0.0);
+                c.metrics.in_flight.set(0.0);
+            }
+        }
+        self.metrics.targets.set(targets.len() as f64);
+        self.set.store(Arc::new(TargetSet::new(
+            targets,
+            self.config.settings.balance,
+        )));
+        Ok(())
+    }
+
+    /// The consistent-hashing key of a request, if the pool hashes.
+    pub fn request_hash(&self, client: std::net::IpAddr, headers: &HeaderMap) -> Option<u64> {
+        self.config
+            .settings
+            .hash_key
+            .as_ref()
+            .and_then(|k| balance::request_hash(k, client, headers))
+    }
+
+    /// Counts a retry of kind `reason` against the budget; false when the
+    /// budget is spent.
+    pub fn take_retry(&self, reason: Reason) -> bool {
+        if !self.budget.withdraw() {
+            self.metrics.budget_exhausted.increment(1);
+            return false;
+        }
+        let i = match reason {
+            Reason::Connect => 0,
+            Reason::Status => 1,
+            Reason::Timeout => 2,
+            Reason::Reset => 3,
+        };
+        self.metrics.retries[i].increment(1);
+        true
+    }
+
+    /// One try: breaker admission, a target (avoiding `avoid` if another is
+    /// available), its connection slot, the exchange until the response
+    /// head (at most `timeout`), and the outcome recorded for outlier
+    /// detection and the breakers.
+    pub async fn try_once(
         &self,
         mut req: Request<Body>,
+        route_breaker: Option<&Breaker>,
+        hash: Option<u64>,
+        avoid: Option<usize>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let Some(target) = self.pick() else {
-            return Err(ProxyError::new(
-                ErrorKind::NoUpstream,
-                format!("upstream {:?} has no targets", self.config.name),
-            ));
+    ) -> Result<Tried, Failed> {
+        let refused = |error| Failed {
+            error,
+            retry: None,
+            target: None,
         };
+        let route_adm = match route_breaker {
+            Some(b) => Some(b.admit().map_err(refused)?),
+            None => None,
+        };
+        let pool_adm = match &self.breaker {
+            Some(b) => Some(b.admit().map_err(refused)?),
+            None => None,
+        };
+        let set = self.set.load();
+        let now = now_ms();
+        let Some(index) = set.pick(self.config.settings.balance, &self.next, hash, avoid, now)
+        else {
+            let detail = if set.is_empty() {
+                format!("upstream {:?} has no targets", self.config.name)
+            } else {
+                format!("upstream {:?} has no healthy targets", self.config.name)
+            };
+            return Err(refused(ProxyError::new(ErrorKind::NoUpstream, detail)));
+        };
+        let target = set.targets[index].clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let conn = match &target.conns {
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    match tokio::time::timeout_at(deadline, sem.clone().acquire_owned()).await {
+                        Ok(Ok(p)) => Some(p),
+                        _ => {
+                            return Err(Failed {
+                                error: ProxyError::new(
+                                    ErrorKind::Overloaded,
+                                    format!(
+                                        "target {} of upstream {:?} is at max_connections_per_target",
+                                        target.addr, self.config.name
+                                    ),
+                                ),
+                                retry: Some(Reason::Connect),
+                                target: Some(index),
+                            });
+                        }
+                    }
+                }
+            },
+            None => None,
+        };
+        let in_flight = InFlight::new(target.clone(), conn);
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(target.clone());
+        parts.authority = Some(target.addr.clone());
         parts.path_and_query = Some(
             req.uri()
                 .path_and_query()
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         );
-        *req.uri_mut() = Uri::from_parts(parts)
-            .map_err(|e| ProxyError::new(ErrorKind::Internal, "bad upstream URI").with_source(e))?;
-        if self.config.protocol == UpstreamProtocol::Http2 {
-            *req.version_mut() = http::Version::HTTP_2;
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| {
+            refused(ProxyError::new(ErrorKind::Internal, "bad upstream URI").with_source(e))
+        })?;
+        *req.version_mut() = if self.config.protocol == UpstreamProtocol::Http2 {
+            http::Version::HTTP_2
         } else {
-            *req.version_mut() = http::Version::HTTP_11;
+            http::Version::HTTP_11
+        };
+        let slow = self
+            .config
+            .settings
+            .outlier
+            .as_ref()
+            .and_then(|o| o.slow)
+            .map(|(t, _)| tokio::time::Instant::now() + t);
+        let result = tokio::time::timeout_at(deadline, self.client.request(req)).await;
+        let (outcome, out) = match result {
+            Ok(Ok(response)) => {
+                let status = response.status().as_u16();
+                let o = if status >= 500 {
+                    Outcome::Status5xx
+                } else if slow.is_some_and(|at| tokio::time::Instant::now() > at) {
+                    Outcome::Slow
+                } else {
+                    Outcome::Success
+                };
+                (
+                    Some((o, status)),
+                    Ok(Tried {
+                        response,
+                        in_flight,
+                        target: index,
+                    }),
+                )
+            }
+            Ok(Err(e)) => {
+                let (error, reason) = classify(&self.config.name, &target.addr, e);
+                // A client-side body problem says nothing about the target.
+                let o = (error.kind.side() != Side::Downstream).then_some((Outcome::Failure, 0));
+                (
+                    o,
+                    Err(Failed {
+                        error,
+                        retry: reason,
+                        target: Some(index),
+                    }),
+                )
+            }
+            Err(_) => (
+                Some((Outcome::Failure, 0)),
+                Err(Failed {
+                    error: ProxyError::new(
+                        ErrorKind::UpstreamTimeout,
+                        format!(
+                            "upstream {:?} ({}) did not answer within {timeout:?}",
+                            self.config.name, target.addr
+                        ),
+                    ),
+                    retry: Some(Reason::Timeout),
+                    target: Some(index),
+                }),
+            ),
+        };
+        if let Some((o, status)) = outcome {
+            outlier::record(
+                &self.config.name,
+                self.config.settings.outlier.as_ref(),
+                &target,
+                &set.targets,
+                o,
+                now_ms(),
+            );
+            for (b, adm) in [
+                (route_breaker, route_adm),
+                (self.breaker.as_ref(), pool_adm),
+            ] {
+                if let (Some(b), Some(adm)) = (b, adm) {
+                    let failed =
+                        o == Outcome::Failure || (o == Outcome::Status5xx && b.counts(status));
+                    b.record(adm, failed);
+                }
+            }
         }
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(&self.config.name, target, e)),
-            Err(_) => Err(ProxyError::new(
-                ErrorKind::UpstreamTimeout,
-                format!(
-                    "upstream {:?} ({target}) did not answer within {timeout:?}",
-                    self.config.name
-                ),
-            )),
+        out
+    }
+
+    /// The pool's state for `/admin/upstreams`.
+    pub fn status(&self) -> serde_json::Value {
+        let now = now_ms();
+        let set = self.set.load();
+        let s = &self.config.settings;
+        let discovery = match self.discovery.lock() {
+            Ok(d) => d.to_json(&s.discovery),
+            Err(p) => p.into_inner().to_json(&s.discovery),
+        };
+        serde_json::json!({
+            "name": &*self.config.name,
+            "balance": s.balance.as_str(),
+            "targets": set.targets.iter().map(|t| t.status(now)).collect::<Vec<_>>(),
+            "healthy_targets": set.targets.iter().filter(|t| t.available(now)).count(),
+            "circuit": self.breaker.as_ref().map(Breaker::status),
+            "concurrency": self.limiter.as_ref().map(Limiter::status),
+            "retry_budget": self.budget.status(),
+            "discovery": discovery,
+        })
+    }
+
+    pub(crate) fn discovery_status(&self) -> std::sync::MutexGuard<'_, discovery::Status> {
+        self.discovery.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Describes the metrics this module exports (see docs/upstreams.md).
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!(
+        "gateway_upstream_target_healthy",
+        "1 while active health checks pass for the target, by upstream and target."
+    );
+    describe_gauge!(
+        "gateway_upstream_target_ejected",
+        "1 while outlier detection has the target ejected."
+    );
+    describe_gauge!(
+        "gateway_upstream_target_in_flight",
+        "Requests in flight to the target (refreshed every second)."
+    );
+    describe_counter!(
+        "gateway_upstream_ejections_total",
+        "Outlier ejections by upstream and target."
+    );
+    describe_counter!(
+        "gateway_upstream_health_checks_total",
+        "Active health checks by upstream and result."
+    );
+    describe_gauge!("gateway_upstream_targets", "Targets in the pool.");
+    describe_gauge!(
+        "gateway_circuit_state",
+        "Circuit breaker state: 0 closed, 1 open, 2 half-open."
+    );
+    describe_counter!(
+        "gateway_circuit_transitions_total",
+        "Circuit breaker transitions by upstream and new state."
+    );
+    describe_counter!(
+        "gateway_upstream_retries_total",
+        "Retries by upstream and reason (connect, status, timeout, reset)."
+    );
+    describe_counter!(
+        "gateway_upstream_retry_budget_exhausted_total",
+        "Retries refused because the pool's retry budget was spent."
+    );
+    describe_counter!(
+        "gateway_upstream_overloaded_total",
+        "Requests refused with 503 by a concurrency limit."
+    );
+    describe_counter!(
+        "gateway_discovery_updates_total",
+        "Service discovery rounds by upstream and result."
+    );
+}
+
+/// Exports per-target gauges once a second until the pool is dropped.
+async fn export(pool: std::sync::Weak<Pool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let now = now_ms();
+        for t in pool.set.load().targets.iter() {
+            t.metrics.in_flight.set(t.in_flight() as f64);
+            t.metrics
+                .healthy
+                .set(if t.is_healthy() { 1.0 } else { 0.0 });
+            t.metrics
+                .ejected
+                .set(if t.is_ejected(now) { 1.0 } else { 0.0 });
         }
     }
 }
 
-/// Maps a client error to the error kind it means.
-fn classify(name: &str, target: &Authority, e: hyper_util::client::legacy::Error) -> ProxyError {
+/// Maps a client error to the error kind it means and whether it may be
+/// retried.
+fn classify(
+    name: &str,
+    target: &Authority,
+    e: hyper_util::client::legacy::Error,
+) -> (ProxyError, Option<Reason>) {
     // A request body over its limit surfaces as a client error.
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
     while let Some(s) = src {
         match s.downcast_ref::<BodyError>() {
             Some(BodyError::TooLarge(limit)) => {
-                return ProxyError::new(
-                    ErrorKind::PayloadTooLarge,
-                    format!("request body exceeds {limit} bytes"),
-                )
-                .closing();
+                return (
+                    ProxyError::new(
+                        ErrorKind::PayloadTooLarge,
+                        format!("request body exceeds {limit} bytes"),
+                    )
+                    .closing(),
+                    None,
+                );
             }
             Some(BodyError::Timeout(t)) => {
-                return ProxyError::new(
-                    ErrorKind::RequestTimeout,
-                    format!("the client sent no body data for {t:?}"),
-                )
-                .closing();
+                return (
+                    ProxyError::new(
+                        ErrorKind::RequestTimeout,
+                        format!("the client sent no body data for {t:?}"),
+                    )
+                    .closing(),
+                    None,
+                );
             }
             _ => {}
         }
@@ -134,16 +556,22 @@ fn classify(name: &str, target: &Authority, e: hyper_util::client::legacy::Error
         src = s.source();
     }
     if e.is_connect() {
-        ProxyError::new(
-            ErrorKind::UpstreamConnect,
-            format!("cannot connect to upstream {name:?} ({target})"),
+        (
+            ProxyError::new(
+                ErrorKind::UpstreamConnect,
+                format!("cannot connect to upstream {name:?} ({target})"),
+            )
+            .with_source(e),
+            Some(Reason::Connect),
         )
-        .with_source(e)
     } else {
-        ProxyError::new(
-            ErrorKind::UpstreamProtocol,
-            format!("upstream {name:?} ({target}) failed"),
+        (
+            ProxyError::new(
+                ErrorKind::UpstreamProtocol,
+                format!("upstream {name:?} ({target}) failed"),
+            )
+            .with_source(e),
+            Some(Reason::Reset),
         )
-        .with_source(e)
     }
 }

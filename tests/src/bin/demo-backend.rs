@@ -1,5 +1,6 @@
 //! The demo backend `cargo xtask run` starts: an echo server on the address
-//! given as the first argument (default 127.0.0.1:8081).
+//! given as the first argument (default 127.0.0.1:8081); a second argument
+//! delays every answer by that many milliseconds.
 use gateway_tests::backend::Backend;
 
 #[tokio::main(flavor = "current_thread")]
@@ -14,7 +15,12 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let _backend = Backend::serve(listener, "demo");
+    let backend = Backend::serve(listener, "demo");
+    // An optional second argument delays every answer by that many ms
+    // (the slow target of `cargo xtask bench upstreams`).
+    if let Some(ms) = std::env::args().nth(2).and_then(|a| a.parse().ok()) {
+        backend.set_mode(gateway_tests::backend::Mode::Delay(ms));
+    }
     eprintln!("demo-backend: listening on {addr}");
     let _ = tokio::signal::ctrl_c().await;
 }

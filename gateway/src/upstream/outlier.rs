@@ -1,0 +1,211 @@
+//! Passive health checks (outlier detection): every try's outcome is
+//! recorded on its target; `consecutive_failures` connect failures, resets
+//! or timeouts in a row, `consecutive_5xx` 5xx responses in a row, or
+//! `consecutive_slow` response heads slower than `slow_threshold`, eject
+//! the target for `base_ejection × n` (n = ejections in a row, capped at
+//! `max_ejection`). At most `max_ejected_percent` of the pool (and never
+//! all of it) is ejected at once. A target that served requests well for
+//! `max_ejection` after its last ejection starts again from n = 1.
+
+use std::sync::atomic::Ordering;
+
+use super::config::OutlierSettings;
+use super::target::{Outcome, Target};
+use super::window::ms;
+
+/// Records one try's outcome on `target`. Returns true when this outcome
+/// ejected the target. `set` is the pool's current targets, for the cap.
+pub fn record(
+    name: &str,
+    settings: Option<&OutlierSettings>,
+    target: &Target,
+    set: &[std::sync::Arc<Target>],
+    outcome: Outcome,
+    now: u64,
+) -> bool {
+    target.requests.fetch_add(1, Ordering::Relaxed);
+    let failed = matches!(outcome, Outcome::Failure | Outcome::Status5xx);
+    target.recent.add(now, 1, u64::from(failed));
+    if !failed {
+        // Cheap common case: reset streaks only when they are non-zero.
+        if target.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            target.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if target.consecutive_5xx.load(Ordering::Relaxed) != 0 {
+            target.consecutive_5xx.store(0, Ordering::Relaxed);
+        }
+        if outcome == Outcome::Success {
+            if target.consecutive_slow.load(Ordering::Relaxed) != 0 {
+                target.consecutive_slow.store(0, Ordering::Relaxed);
+            }
+            return false;
+        }
+    } else {
+        target.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    let Some(s) = settings else {
+        return false;
+    };
+    let trip = match outcome {
+        Outcome::Slow => {
+            let n = target.consecutive_slow.fetch_add(1, Ordering::Relaxed) + 1;
+            s.slow.is_some_and(|(_, count)| n >= count)
+        }
+        Outcome::Failure => {
+            target.consecutive_5xx.store(0, Ordering::Relaxed);
+            let n = target.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            s.consecutive_failures > 0 && n >= s.consecutive_failures
+        }
+        Outcome::Status5xx => {
+            target.consecutive_failures.store(0, Ordering::Relaxed);
+            let n = target.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+            s.consecutive_5xx > 0 && n >= s.consecutive_5xx
+        }
+        Outcome::Success => false,
+    };
+    if !trip || target.is_ejected(now) {
+        return false;
+    }
+    // The cap: count the targets ejected now (failure path only).
+    let ejected = set.iter().filter(|t| t.is_ejected(now)).count();
+    let cap = (set.len() * s.max_ejected_percent as usize / 100).min(set.len().saturating_sub(1));
+    if ejected >= cap {
+        tracing::debug!(upstream = name, target = %target.addr, "outlier not ejected: ejection cap reached");
+        return false;
+    }
+    let previous_until = target.ejected_until.load(Ordering::Relaxed);
+    let max = ms(s.max_ejection);
+    // Healthy for a whole max_ejection since the last ejection ended: start over.
+    if previous_until != 0 && now.saturating_sub(previous_until) > max {
+        target.ejections.store(0, Ordering::Relaxed);
+    }
+    let n = target.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+    let duration = ms(s.base_ejection).saturating_mul(u64::from(n)).min(max);
+    let until = now.saturating_add(duration);
+    if target
+        .ejected_until
+        .compare_exchange(previous_until, until, Ordering::Relaxed, Ordering::Relaxed)
+        .is_err()
+    {
+        // Another thread ejected it first.
+        return false;
+    }
+    target.consecutive_failures.store(0, Ordering::Relaxed);
+    target.consecutive_5xx.store(0, Ordering::Relaxed);
+    target.consecutive_slow.store(0, Ordering::Relaxed);
+    target.metrics.ejections.increment(1);
+    target.metrics.ejected.set(1.0);
+    tracing::warn!(
+        upstream = name,
+        target = %target.addr,
+        ejection = n,
+        for_ms = duration,
+        reason = ?outcome,
+        "target ejected"
+    );
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn settings() -> OutlierSettings {
+        OutlierSettings {
+            consecutive_failures: 3,
+            consecutive_5xx: 2,
+            base_ejection: Duration::from_millis(1000),
+            max_ejection: Duration::from_millis(2500),
+            max_ejected_percent: 50,
+            slow: Some((Duration::from_millis(100), 2)),
+        }
+    }
+
+    fn set(n: usize) -> Vec<Arc<Target>> {
+        (0..n)
+            .map(|i| {
+                Arc::new(Target::new(
+                    "t",
+                    format!("10.0.0.{i}:80").parse().unwrap(),
+                    1,
+                    0,
+                ))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ejection_grows_on_repeat_and_is_capped() {
+        let s = settings();
+        let ts = set(4);
+        let t = &ts[0];
+        let mut now = 1000;
+        for _ in 0..2 {
+            assert!(!record("u", Some(&s), t, &ts, Outcome::Failure, now));
+        }
+        // A success resets the streak.
+        record("u", Some(&s), t, &ts, Outcome::Success, now);
+        for _ in 0..2 {
+            assert!(!record("u", Some(&s), t, &ts, Outcome::Failure, now));
+        }
+        assert!(record("u", Some(&s), t, &ts, Outcome::Failure, now));
+        assert!(t.is_ejected(now + 999) && !t.is_ejected(now + 1000));
+        now += 1000;
+        for _ in 0..3 {
+            record("u", Some(&s), t, &ts, Outcome::Failure, now);
+        }
+        assert!(
+            t.is_ejected(now + 1999) && !t.is_ejected(now + 2000),
+            "second ejection is twice as long"
+        );
+        now += 2000;
+        for _ in 0..3 {
+            record("u", Some(&s), t, &ts, Outcome::Failure, now);
+        }
+        assert!(
+            t.is_ejected(now + 2499) && !t.is_ejected(now + 2500),
+            "capped at max_ejection"
+        );
+        // Long healthy: the multiplier starts over.
+        now += 2500 + 2600;
+        for _ in 0..3 {
+            record("u", Some(&s), t, &ts, Outcome::Failure, now);
+        }
+        assert!(!t.is_ejected(now + 1000));
+    }
+
+    #[test]
+    fn slow_responses_eject_too() {
+        let s = settings();
+        let ts = set(3);
+        assert!(!record("u", Some(&s), &ts[0], &ts, Outcome::Slow, 10));
+        assert!(!record("u", Some(&s), &ts[0], &ts, Outcome::Success, 10));
+        assert!(!record("u", Some(&s), &ts[0], &ts, Outcome::Slow, 10));
+        assert!(record("u", Some(&s), &ts[0], &ts, Outcome::Slow, 10));
+        assert_eq!(
+            ts[0].errors.load(Ordering::Relaxed),
+            0,
+            "slow is not an error"
+        );
+    }
+
+    #[test]
+    fn at_most_the_share_of_the_pool_is_ejected() {
+        let s = settings();
+        let ts = set(4);
+        for t in &ts {
+            for _ in 0..2 {
+                record("u", Some(&s), t, &ts, Outcome::Status5xx, 10);
+            }
+        }
+        assert_eq!(ts.iter().filter(|t| t.is_ejected(10)).count(), 2);
+        let one = set(1);
+        for _ in 0..5 {
+            record("u", Some(&s), &one[0], &one, Outcome::Failure, 10);
+        }
+        assert!(!one[0].is_ejected(10), "the last target is never ejected");
+    }
+}

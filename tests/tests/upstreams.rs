@@ -1,0 +1,1205 @@
+//! Upstreams that stay up: balancing, consistent hashing, active health
+//! checks, outlier ejection, the circuit breaker, retries and their budget,
+//! concurrency limits, and file and DNS discovery, against real backends
+//! that die, come back, hang and fail. Timings are short (health checks
+//! every 200–300 ms) and every wait is a deadline, not a fixed sleep.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gateway_tests::backend::{Backend, Mode};
+use gateway_tests::client::{self, Reply};
+use gateway_tests::dns::{DnsServer, Record};
+use gateway_tests::free_port;
+use gateway_tests::gateway::Gateway;
+use http::Request;
+use http_body_util::Full;
+
+struct Env {
+    gw: Gateway,
+    base: String,
+}
+
+impl Env {
+    /// A gateway with `body` (upstreams and routes) after a listener and
+    /// the admin section.
+    fn start(body: &str) -> Env {
+        let port = free_port();
+        let admin = format!("127.0.0.1:{}", free_port());
+        let gw = Gateway::start(&Self::config(port, &admin, body), &admin);
+        Env {
+            gw,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    fn config(port: u16, admin: &str, body: &str) -> String {
+        format!(
+            r#"
+[server]
+workers = 2
+watch_config = false
+[admin]
+listen = "{admin}"
+[access_log]
+enabled = false
+[[listeners]]
+name = "main"
+listen = "127.0.0.1:{port}"
+{body}
+"#
+        )
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        client::get(&format!("{}{path}", self.base)).await
+    }
+
+    async fn get_with(&self, path: &str, header: (&str, &str)) -> Reply {
+        let req = Request::get(format!("{}{path}", self.base))
+            .header(header.0, header.1)
+            .body(Full::default())
+            .unwrap();
+        client::send(&client::http1(), req).await
+    }
+
+    async fn upstream(&self, name: &str) -> serde_json::Value {
+        let r = client::get(&format!("http://{}/admin/upstreams", self.gw.admin)).await;
+        assert_eq!(r.status, 200);
+        r.json()["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no upstream {name} in {}", r.text()))
+    }
+
+    async fn target(&self, upstream: &str, addr: &str) -> serde_json::Value {
+        let u = self.upstream(upstream).await;
+        u["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["address"] == addr)
+            .cloned()
+            .unwrap_or_else(|| panic!("no target {addr} in {u}"))
+    }
+
+    async fn metrics(&self) -> String {
+        client::get(&format!("http://{}/metrics", self.gw.admin))
+            .await
+            .text()
+    }
+}
+
+fn backend_of(r: &Reply) -> String {
+    r.header("x-backend").unwrap_or("").to_string()
+}
+
+fn assert_problem(r: &Reply, status: u16) -> serde_json::Value {
+    assert_eq!(r.status.as_u16(), status, "body: {}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    let p = r.json();
+    assert_eq!(p["status"], status);
+    p
+}
+
+/// Polls `f` every 50 ms until it is true or `within` passes.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn count_backends(env: &Env, path: &str, n: usize) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for _ in 0..n {
+        let r = env.get(path).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        *seen.entry(backend_of(&r)).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_weighted_and_least_request_spread_load() {
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "rr"
+targets = ["{a}", "{b}", "{c}"]
+[[upstreams]]
+name = "wrr"
+balance = "weighted_round_robin"
+targets = [{{ address = "{a}", weight = 3 }}, "{b}"]
+[[upstreams]]
+name = "lr"
+balance = "least_request"
+targets = ["{a}", "{c}"]
+[[routes]]
+name = "rr"
+upstream = "rr"
+strip_prefix = "/rr"
+[routes.match]
+path_prefix = "/rr/"
+[[routes]]
+name = "wrr"
+upstream = "wrr"
+strip_prefix = "/wrr"
+[routes.match]
+path_prefix = "/wrr/"
+[[routes]]
+name = "lr"
+upstream = "lr"
+strip_prefix = "/lr"
+[routes.match]
+path_prefix = "/lr/"
+"#,
+        a = a.addr,
+        b = b.addr,
+        c = c.addr
+    ));
+    let rr = count_backends(&env, "/rr/x", 30).await;
+    assert_eq!(rr.get("a"), Some(&10), "{rr:?}");
+    assert_eq!(rr.get("b"), Some(&10), "{rr:?}");
+    assert_eq!(rr.get("c"), Some(&10), "{rr:?}");
+    let wrr = count_backends(&env, "/wrr/x", 40).await;
+    assert_eq!(wrr.get("a"), Some(&30), "{wrr:?}");
+    assert_eq!(wrr.get("b"), Some(&10), "{wrr:?}");
+
+    // Least request: while `a` holds slow requests, new ones go to `c`.
+    let slow: Vec<_> = (0..4)
+        .map(|_| {
+            let url = format!("{}/lr/delay/1500", env.base);
+            tokio::spawn(async move { client::get(&url).await })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(3),
+        "slow requests in flight",
+        || async {
+            let u = env.upstream("lr").await;
+            u["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["in_flight"].as_u64().unwrap())
+                .sum::<u64>()
+                == 4
+        },
+    )
+    .await;
+    let busy_a = env.target("lr", &a.addr.to_string()).await["in_flight"]
+        .as_u64()
+        .unwrap();
+    let busy_c = env.target("lr", &c.addr.to_string()).await["in_flight"]
+        .as_u64()
+        .unwrap();
+    let lr = count_backends(&env, "/lr/x", 20).await;
+    let (busier, idler) = if busy_a > busy_c {
+        ("a", "c")
+    } else {
+        ("c", "a")
+    };
+    if busy_a != busy_c {
+        assert!(
+            lr.get(idler).copied().unwrap_or(0) > lr.get(busier).copied().unwrap_or(0),
+            "least request should favour the idle target: {lr:?} (in flight a={busy_a} c={busy_c})"
+        );
+    }
+    for s in slow {
+        assert_eq!(s.await.unwrap().status, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hashing_keeps_most_keys_when_a_target_goes_away() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "ring"
+balance = "ring_hash"
+hash_key = "header:x-user"
+targets = ["{a}", "{b}", "{c}"]
+[upstreams.health]
+path = "/healthz"
+interval = "200ms"
+timeout = "200ms"
+unhealthy_threshold = 1
+[upstreams.retry]
+max_retries = 0
+[[upstreams]]
+name = "maglev"
+balance = "maglev"
+hash_key = "cookie:session"
+targets = ["{a}", "{b}", "{c}"]
+[upstreams.health]
+path = "/healthz"
+interval = "200ms"
+timeout = "200ms"
+unhealthy_threshold = 1
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "ring"
+upstream = "ring"
+[routes.match]
+path_prefix = "/ring"
+[[routes]]
+name = "maglev"
+upstream = "maglev"
+[routes.match]
+path_prefix = "/maglev"
+"#,
+        a = a.addr,
+        b = b.addr,
+        c = c.addr
+    ));
+    let keys: Vec<String> = (0..60).map(|i| format!("user-{i}")).collect();
+    let mut before = HashMap::new();
+    for k in &keys {
+        let r1 = env.get_with("/ring", ("x-user", k)).await;
+        let r2 = env
+            .get_with("/maglev", ("cookie", &format!("x=1; session={k}")))
+            .await;
+        // The same key lands on the same target every time.
+        assert_eq!(
+            backend_of(&r1),
+            backend_of(&env.get_with("/ring", ("x-user", k)).await)
+        );
+        before.insert(k.clone(), (backend_of(&r1), backend_of(&r2)));
+    }
+    for which in [0, 1] {
+        let mut spread: HashMap<&str, usize> = HashMap::new();
+        for v in before.values() {
+            *spread
+                .entry(if which == 0 { &v.0 } else { &v.1 })
+                .or_default() += 1;
+        }
+        assert_eq!(spread.len(), 3, "keys spread over all targets: {spread:?}");
+    }
+
+    let b_addr = b.kill().await.to_string();
+    eventually(Duration::from_secs(3), "b marked unhealthy", || async {
+        env.target("ring", &b_addr).await["healthy"] == false
+            && env.target("maglev", &b_addr).await["healthy"] == false
+    })
+    .await;
+    let (mut stayed, mut moved) = (0, 0);
+    for k in &keys {
+        let r1 = env.get_with("/ring", ("x-user", k)).await;
+        let r2 = env
+            .get_with("/maglev", ("cookie", &format!("session={k}")))
+            .await;
+        assert_eq!(r1.status, 200);
+        assert_eq!(r2.status, 200);
+        let (was1, was2) = &before[k];
+        for (was, now) in [(was1, backend_of(&r1)), (was2, backend_of(&r2))] {
+            assert_ne!(now, "b");
+            if was != "b" {
+                assert_eq!(*was, now, "key {k} moved off a live target");
+                stayed += 1;
+            } else {
+                moved += 1;
+            }
+        }
+    }
+    assert!(
+        stayed > moved,
+        "most keys stay: {stayed} stayed, {moved} moved"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_target_leaves_rotation_within_one_interval_and_comes_back() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{a}", "{b}"]
+[upstreams.health]
+path = "/status/204"
+interval = "300ms"
+timeout = "200ms"
+unhealthy_threshold = 1
+healthy_threshold = 2
+[upstreams.outlier]
+enabled = false
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "all"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr,
+        b = b.addr
+    ));
+    assert_eq!(count_backends(&env, "/x", 10).await.len(), 2);
+    let b_addr = b.kill().await;
+    let killed = Instant::now();
+    // One interval plus the check's timeout, and a little for scheduling.
+    eventually(Duration::from_millis(900), "b out of rotation", || async {
+        env.target("pool", &b_addr.to_string()).await["healthy"] == false
+    })
+    .await;
+    let took = killed.elapsed();
+    let seen = count_backends(&env, "/x", 20).await;
+    assert_eq!(
+        seen.get("a"),
+        Some(&20),
+        "all traffic on a after {took:?}: {seen:?}"
+    );
+
+    let b = Backend::start_at(b_addr, "b2").await;
+    eventually(Duration::from_secs(3), "b back in rotation", || async {
+        env.target("pool", &b_addr.to_string()).await["healthy"] == true
+    })
+    .await;
+    let seen = count_backends(&env, "/x", 10).await;
+    assert_eq!(seen.get("b2"), Some(&5), "{seen:?}");
+    assert!(b.hits() >= 5);
+    let m = env.metrics().await;
+    assert!(m.contains("gateway_upstream_target_healthy"), "{m}");
+    assert!(m.contains("gateway_upstream_health_checks_total"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_failing_target_and_keeps_it_across_reload() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    b.set_mode(Mode::Status(500));
+    let upstreams = format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{a}", "{b}"]
+[upstreams.outlier]
+consecutive_5xx = 3
+base_ejection = "30s"
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "all"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr,
+        b = b.addr
+    );
+    let env = Env::start(&upstreams);
+    let mut errors = 0;
+    for _ in 0..20 {
+        if env.get("/x").await.status != 200 {
+            errors += 1;
+        }
+    }
+    assert_eq!(errors, 3, "three 5xx, then b is ejected");
+    let t = env.target("pool", &b.addr.to_string()).await;
+    assert_eq!(t["ejected"], true, "{t}");
+    assert!(t["ejected_for_ms"].as_u64().unwrap() > 20_000, "{t}");
+    assert!(t["recent_errors"].as_u64().unwrap() >= 3, "{t}");
+    assert!(
+        env.metrics()
+            .await
+            .contains("gateway_upstream_ejections_total"),
+    );
+
+    // A reload that leaves the pool alone keeps its state.
+    let cfg = std::fs::read_to_string(&env.gw.config).unwrap();
+    env.gw.write_config(&format!(
+        "{cfg}\n[[routes]]\nname = \"extra\"\n[routes.match]\npath = \"/extra\"\n[routes.respond]\nbody = \"x\"\n"
+    ));
+    let r = client::send(
+        &client::http1(),
+        Request::post(format!("http://{}/admin/reload", env.gw.admin))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(env.get("/extra").await.text(), "x");
+    let t = env.target("pool", &b.addr.to_string()).await;
+    assert_eq!(t["ejected"], true, "still ejected after reload: {t}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_target_is_ejected_and_connections_per_target_are_capped() {
+    let fast = Backend::start("fast").await;
+    let slow = Backend::start("slow").await;
+    slow.set_mode(Mode::Delay(300));
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{fast}", "{slow}"]
+[upstreams.outlier]
+slow_threshold = "150ms"
+consecutive_slow = 2
+[[upstreams]]
+name = "capped"
+targets = ["{fast}"]
+max_connections_per_target = 1
+[[routes]]
+name = "capped"
+upstream = "capped"
+strip_prefix = "/capped"
+[routes.match]
+path_prefix = "/capped/"
+[[routes]]
+name = "all"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+"#,
+        fast = fast.addr,
+        slow = slow.addr
+    ));
+    let mut slow_answers = 0;
+    for _ in 0..12 {
+        if backend_of(&env.get("/x").await) == "slow" {
+            slow_answers += 1;
+        }
+    }
+    assert_eq!(
+        slow_answers, 2,
+        "two slow answers, then the slow target is ejected"
+    );
+    let t = env.target("pool", &slow.addr.to_string()).await;
+    assert_eq!(t["ejected"], true, "{t}");
+    assert_eq!(t["errors"], 0, "slow is not an error: {t}");
+
+    // One connection per target: three 300 ms requests take turns.
+    let t = Instant::now();
+    let all: Vec<_> = (0..3)
+        .map(|_| {
+            let url = format!("{}/capped/delay/300", env.base);
+            tokio::spawn(async move { client::get(&url).await.status })
+        })
+        .collect();
+    for r in all {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(850),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_answers_fast_half_opens_and_closes() {
+    let a = Backend::start("a").await;
+    a.set_mode(Mode::Status(503));
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "fragile"
+targets = ["{a}"]
+[upstreams.breaker]
+error_rate = 0.5
+min_requests = 5
+open_for = "700ms"
+half_open_probes = 2
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "all"
+upstream = "fragile"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr
+    ));
+    for _ in 0..5 {
+        assert_eq!(env.get("/x").await.status, 503);
+    }
+    assert_eq!(env.upstream("fragile").await["circuit"]["state"], "open");
+    let hits = a.hits();
+    let t = Instant::now();
+    let r = env.get("/x").await;
+    let p = assert_problem(&r, 503);
+    assert!(t.elapsed() < Duration::from_millis(200), "answered at once");
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("upstream circuit open"),
+        "{p}"
+    );
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(a.hits(), hits, "the backend was not touched");
+    assert!(
+        env.metrics()
+            .await
+            .contains("gateway_circuit_state{upstream=\"fragile\"} 1"),
+    );
+
+    // Recovered: after open_for, two probes go through and close it.
+    a.set_mode(Mode::Normal);
+    tokio::time::sleep(Duration::from_millis(750)).await;
+    assert_eq!(env.get("/x").await.status, 200);
+    assert_eq!(
+        env.upstream("fragile").await["circuit"]["state"],
+        "half_open"
+    );
+    assert_eq!(env.get("/x").await.status, 200);
+    assert_eq!(env.upstream("fragile").await["circuit"]["state"], "closed");
+    assert!(
+        env.metrics()
+            .await
+            .contains("gateway_circuit_state{upstream=\"fragile\"} 0"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_go_elsewhere_respect_idempotency_and_stay_within_budget() {
+    let good = Backend::start("good").await;
+    let bad = Backend::start("bad").await;
+    bad.set_mode(Mode::Status(503));
+    let worse = Backend::start("worse").await;
+    worse.set_mode(Mode::Status(503));
+    let dead = free_port();
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "mixed"
+targets = ["{good}", "{bad}"]
+[upstreams.outlier]
+enabled = false
+[upstreams.retry]
+max_retries = 2
+on_status = [503]
+backoff = "1ms"
+[[upstreams]]
+name = "half-dead"
+targets = ["{good}", "127.0.0.1:{dead}"]
+connect_timeout = "500ms"
+[upstreams.outlier]
+enabled = false
+[[upstreams]]
+name = "broken"
+targets = ["{bad}", "{worse}"]
+[upstreams.outlier]
+enabled = false
+[upstreams.retry]
+max_retries = 3
+on_status = [503]
+backoff = "1ms"
+budget_percent = 20
+budget_min_per_sec = 0
+[[routes]]
+name = "mixed"
+upstream = "mixed"
+strip_prefix = "/mixed"
+[routes.match]
+path_prefix = "/mixed/"
+[[routes]]
+name = "half-dead"
+upstream = "half-dead"
+strip_prefix = "/half-dead"
+[routes.match]
+path_prefix = "/half-dead/"
+[[routes]]
+name = "buffered"
+upstream = "half-dead"
+strip_prefix = "/buffered"
+[routes.match]
+path_prefix = "/buffered/"
+[routes.retry]
+buffer_body = "1KiB"
+[[routes]]
+name = "broken"
+upstream = "broken"
+strip_prefix = "/broken"
+[routes.match]
+path_prefix = "/broken/"
+"#,
+        good = good.addr,
+        bad = bad.addr,
+        worse = worse.addr
+    ));
+    // A 503 is retried on the other target.
+    for _ in 0..10 {
+        let r = env.get("/mixed/x").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(backend_of(&r), "good");
+    }
+    // ...but not for POST (not idempotent) unless the route opts in.
+    let c = client::http1();
+    let mut posts = HashMap::new();
+    for _ in 0..6 {
+        let r = client::send(
+            &c,
+            Request::post(format!("{}/mixed/x", env.base))
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap(),
+        )
+        .await;
+        *posts.entry(r.status.as_u16()).or_insert(0) += 1;
+    }
+    assert_eq!(posts.get(&503), Some(&3), "{posts:?}");
+
+    // A connect failure is retried for any method: the request never left
+    // (a streamed request body cannot be sent twice, so this one has none).
+    for _ in 0..6 {
+        let r = client::send(
+            &c,
+            Request::post(format!("{}/half-dead/x", env.base))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    // With buffer_body, a request body can be sent again too.
+    for _ in 0..6 {
+        let r = client::send(
+            &c,
+            Request::post(format!("{}/buffered/echo", env.base))
+                .body(Full::new(Bytes::from_static(b"0123456789")))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["body_len"], 10);
+    }
+
+    // Everything fails: retries stop at the budget (20 % of requests).
+    let before = bad.hits() + worse.hits();
+    let n = 100;
+    for _ in 0..n {
+        assert_eq!(env.get("/broken/x").await.status, 503);
+    }
+    let tries = bad.hits() + worse.hits() - before;
+    assert!(
+        tries <= n + n / 5 + 2,
+        "{tries} tries for {n} requests: retries exceeded the budget"
+    );
+    assert!(tries > n, "some retries were made");
+    let m = env.metrics().await;
+    assert!(
+        m.contains("gateway_upstream_retry_budget_exhausted_total{upstream=\"broken\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("gateway_upstream_retries_total{upstream=\"mixed\",reason=\"status\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeout_retries_a_hung_target() {
+    let hung = Backend::start("hung").await;
+    hung.set_mode(Mode::Hang);
+    let ok = Backend::start("ok").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{hung}", "{ok}"]
+timeout = "3s"
+[upstreams.outlier]
+enabled = false
+[upstreams.retry]
+max_retries = 1
+on_timeout = true
+per_try_timeout = "200ms"
+backoff = "1ms"
+[[routes]]
+name = "all"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+"#,
+        hung = hung.addr,
+        ok = ok.addr
+    ));
+    for _ in 0..4 {
+        let t = Instant::now();
+        let r = env.get("/x").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(backend_of(&r), "ok");
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limit_queues_then_answers_503_with_retry_after() {
+    let a = Backend::start("a").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{a}"]
+[[routes]]
+name = "limited"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+[routes.concurrency]
+max = 1
+queue = 1
+queue_timeout = "300ms"
+"#,
+        a = a.addr
+    ));
+    let first = {
+        let url = format!("{}/delay/1200", env.base);
+        tokio::spawn(async move { client::get(&url).await })
+    };
+    eventually(
+        Duration::from_secs(2),
+        "first request in flight",
+        || async { a.hits() == 1 },
+    )
+    .await;
+    let queued = {
+        let url = format!("{}/x", env.base);
+        tokio::spawn(async move {
+            let t = Instant::now();
+            (client::get(&url).await, t.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Queue full: refused at once.
+    let t = Instant::now();
+    let r = env.get("/x").await;
+    assert_problem(&r, 503);
+    assert!(r.header("retry-after").is_some());
+    assert!(t.elapsed() < Duration::from_millis(200));
+    // The queued one waited for its timeout, then got 503 too.
+    let (r, waited) = queued.await.unwrap();
+    assert_problem(&r, 503);
+    assert!(r.header("retry-after").is_some());
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    assert_eq!(first.await.unwrap().status, 200);
+    // Free again.
+    assert_eq!(env.get("/x").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_discovery_changes_apply_live() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("targets.json");
+    let write = |text: String| {
+        let tmp = dir.path().join("targets.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write(format!(r#"{{"api": ["{}"]}}"#, a.addr));
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "api"
+[upstreams.file]
+path = "{}"
+interval = "300ms"
+[[routes]]
+name = "all"
+upstream = "api"
+[routes.match]
+path_prefix = "/"
+"#,
+        file.display()
+    ));
+    assert_eq!(count_backends(&env, "/x", 4).await.get("a"), Some(&4));
+
+    write(format!(
+        r#"{{"api": ["{}", {{"address": "{}", "weight": 2}}], "other": []}}"#,
+        b.addr, c.addr
+    ));
+    eventually(Duration::from_secs(3), "b and c in the pool", || async {
+        env.upstream("api").await["targets"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    })
+    .await;
+    let seen = count_backends(&env, "/x", 10).await;
+    assert!(!seen.contains_key("a"), "{seen:?}");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // A broken file keeps the last good set.
+    write("{ not json".to_string());
+    eventually(
+        Duration::from_secs(3),
+        "the failure is reported",
+        || async { env.upstream("api").await["discovery"]["last_error"].is_string() },
+    )
+    .await;
+    let seen = count_backends(&env, "/x", 6).await;
+    assert_eq!(seen.values().sum::<usize>(), 6);
+    assert!(!seen.contains_key("a"));
+    write(r#"{"api": []}"#.to_string());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        env.upstream("api").await["targets"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "an empty list does not empty the pool"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_discovery_adds_and_removes_targets() {
+    let dns = DnsServer::start().await;
+    // Two backends on one port, at two loopback addresses.
+    let port = free_port();
+    let one = Backend::start_at(format!("127.0.0.1:{port}").parse().unwrap(), "one").await;
+    let two = Backend::start_at(format!("127.0.0.2:{port}").parse().unwrap(), "two").await;
+    let three = Backend::start("three").await;
+    dns.set("api.test", vec![Record::A("127.0.0.1".parse().unwrap())]);
+    dns.set(
+        "_http._tcp.api.test",
+        vec![
+            Record::Srv {
+                priority: 1,
+                weight: 3,
+                port: three.addr.port(),
+                target: "three.test".into(),
+            },
+            Record::Srv {
+                priority: 1,
+                weight: 1,
+                port,
+                target: "api.test".into(),
+            },
+            Record::Srv {
+                priority: 9,
+                weight: 1,
+                port: 1,
+                target: "backup.test".into(),
+            },
+        ],
+    );
+    dns.set("three.test", vec![Record::A("127.0.0.1".parse().unwrap())]);
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "api"
+[upstreams.dns]
+name = "api.test."
+port = {port}
+resolver = "{resolver}"
+interval = "200ms"
+[[upstreams]]
+name = "srv"
+[upstreams.dns]
+name = "_http._tcp.api.test."
+srv = true
+resolver = "{resolver}"
+interval = "200ms"
+[[routes]]
+name = "srv"
+upstream = "srv"
+strip_prefix = "/srv"
+[routes.match]
+path_prefix = "/srv/"
+[[routes]]
+name = "all"
+upstream = "api"
+[routes.match]
+path_prefix = "/"
+"#,
+        resolver = dns.addr
+    ));
+    assert_eq!(count_backends(&env, "/x", 4).await.get("one"), Some(&4));
+
+    // SRV: port and weight from the records; the priority-9 record unused.
+    let srv = env.upstream("srv").await;
+    let mut targets: Vec<(String, u64)> = srv["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["address"].as_str().unwrap().to_string(),
+                t["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    targets.sort();
+    let mut want = vec![
+        (format!("127.0.0.1:{port}"), 1),
+        (three.addr.to_string(), 3),
+    ];
+    want.sort();
+    assert_eq!(targets, want, "{srv}");
+
+    // A record added.
+    dns.set(
+        "api.test",
+        vec![
+            Record::A("127.0.0.1".parse().unwrap()),
+            Record::A("127.0.0.2".parse().unwrap()),
+        ],
+    );
+    eventually(Duration::from_secs(3), "two targets", || async {
+        env.upstream("api").await["targets"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    })
+    .await;
+    let seen = count_backends(&env, "/x", 10).await;
+    assert_eq!(
+        (seen.get("one"), seen.get("two")),
+        (Some(&5), Some(&5)),
+        "{seen:?}"
+    );
+
+    // The server fails: the last good set stays.
+    dns.fail(true);
+    eventually(
+        Duration::from_secs(3),
+        "the failure is reported",
+        || async { env.upstream("api").await["discovery"]["last_error"].is_string() },
+    )
+    .await;
+    assert_eq!(count_backends(&env, "/x", 4).await.len(), 2);
+    dns.fail(false);
+
+    // A record removed.
+    dns.set("api.test", vec![Record::A("127.0.0.2".parse().unwrap())]);
+    eventually(Duration::from_secs(3), "one target left", || async {
+        env.upstream("api").await["targets"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+    assert_eq!(count_backends(&env, "/x", 4).await.get("two"), Some(&4));
+    assert!(one.hits() > 0 && two.hits() > 0);
+}
+
+/// Load for `GATEWAY_CHAOS_SECS` (default 30) seconds while one of three
+/// backends closes connections unanswered for a second, and another is
+/// killed (with requests in flight) and later restored: every
+/// answer is a 200 or a clean problem+json 502/503, none hangs, and the
+/// restored backend takes traffic again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kill_and_restore_under_load_fails_cleanly() {
+    let secs: u64 = std::env::var("GATEWAY_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let run = Duration::from_secs(secs);
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+balance = "least_request"
+targets = ["{a}", "{b}", "{c}"]
+connect_timeout = "300ms"
+timeout = "3s"
+[upstreams.health]
+path = "/healthz"
+interval = "300ms"
+timeout = "200ms"
+unhealthy_threshold = 1
+healthy_threshold = 2
+[upstreams.outlier]
+consecutive_failures = 2
+base_ejection = "1s"
+[[routes]]
+name = "all"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr,
+        b = b.addr,
+        c = c.addr
+    ));
+    let start = Instant::now();
+    let stop = start + run;
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let base = env.base.clone();
+        clients.push(tokio::spawn(async move {
+            let c = client::http1();
+            let (mut ok, mut failed, mut hung) = (0u32, 0u32, 0u32);
+            let mut bad = Vec::new();
+            let mut n = 0u32;
+            while Instant::now() < stop && n < 200_000 {
+                n += 1;
+                // Some requests linger so that a kill catches them in flight.
+                let path = if (n + i).is_multiple_of(10) {
+                    "/delay/50"
+                } else {
+                    "/x"
+                };
+                let req = Request::get(format!("{base}{path}"))
+                    .body(Full::default())
+                    .unwrap();
+                let fut = async {
+                    let resp = c.request(req).await?;
+                    let (parts, body) = resp.into_parts();
+                    let body = http_body_util::BodyExt::collect(body).await?.to_bytes();
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, body))
+                };
+                match tokio::time::timeout(Duration::from_secs(5), fut).await {
+                    Err(_) => hung += 1,
+                    Ok(Err(e)) => bad.push(format!("client error: {e}")),
+                    Ok(Ok((parts, body))) => match parts.status.as_u16() {
+                        200 => ok += 1,
+                        502 | 503 => {
+                            failed += 1;
+                            let clean = parts
+                                .headers
+                                .get("content-type")
+                                .and_then(|v| v.to_str().ok())
+                                == Some("application/problem+json")
+                                && serde_json::from_slice::<serde_json::Value>(&body)
+                                    .is_ok_and(|p| p["status"] == parts.status.as_u16());
+                            if !clean {
+                                bad.push(format!("unclean {}: {body:?}", parts.status));
+                            }
+                        }
+                        s => bad.push(format!("status {s}: {body:?}")),
+                    },
+                }
+            }
+            (ok, failed, hung, bad)
+        }));
+    }
+    // A burst of connections closed without an answer on b...
+    tokio::time::sleep(run / 6).await;
+    b.set_mode(Mode::Reset);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.set_mode(Mode::Normal);
+    // ...then c dies with requests in flight, and comes back later.
+    tokio::time::sleep((run / 3).saturating_sub(run / 6 + Duration::from_secs(1))).await;
+    let c_addr = c.kill().await;
+    tokio::time::sleep(run / 3).await;
+    let c = Backend::start_at(c_addr, "c").await;
+    let (mut ok, mut failed, mut hung) = (0, 0, 0);
+    let mut bad = Vec::new();
+    for t in clients {
+        let (o, f, h, b) = t.await.unwrap();
+        ok += o;
+        failed += f;
+        hung += h;
+        bad.extend(b);
+    }
+    assert!(
+        start.elapsed() < run + Duration::from_secs(10),
+        "the load stopped on time"
+    );
+    assert_eq!(hung, 0, "requests hung");
+    assert!(
+        bad.is_empty(),
+        "{} bad answers, e.g. {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    assert!(ok > 100, "{ok} ok");
+    assert!(
+        f64::from(failed) <= 0.01 * f64::from(ok + failed),
+        "{failed} failures of {}",
+        ok + failed
+    );
+    assert!(c.hits() > 0, "the restored backend takes traffic again");
+    eprintln!(
+        "chaos: {ok} ok, {failed} clean failures, a={} b={} c(restored)={}",
+        a.hits(),
+        b.hits(),
+        c.hits()
+    );
+}
+
+/// `gateway check` places upstream problems at their key.
+#[test]
+fn check_reports_upstream_problems_with_locations() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.toml");
+    std::fs::write(
+        &path,
+        r#"[[upstreams]]
+name = "both"
+targets = ["127.0.0.1:1"]
+[upstreams.dns]
+name = "api.test"
+port = 80
+[[upstreams]]
+name = "bad"
+balance = "round_robin"
+hash_key = "header:x-user"
+targets = [{ address = "127.0.0.1:2", weight = 0 }]
+[upstreams.breaker]
+error_rate = 1.5
+[upstreams.retry]
+on_status = [999]
+[upstreams.concurrency]
+max = 0
+[[upstreams]]
+name = "odd"
+balance = "sideways"
+targets = ["127.0.0.1:3"]
+"#,
+    )
+    .unwrap();
+    let (code, out, _) = gateway_tests::gateway::run_cli(&["check", "-c", path.to_str().unwrap()]);
+    let p = path.display().to_string();
+    let lines: Vec<String> = out.lines().map(|l| l.replace(&p, "F")).collect();
+    assert_eq!(code, 2, "{lines:?}");
+    // A bad enum value is a parse error, reported alone.
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("F:20:11: unknown variant `sideways`"),
+        "{lines:?}"
+    );
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("\"sideways\"", "\"maglev\"")).unwrap();
+    let (code, out, _) = gateway_tests::gateway::run_cli(&["check", "-c", path.to_str().unwrap()]);
+    let lines: Vec<String> = out.lines().map(|l| l.replace(&p, "F")).collect();
+    assert_eq!(code, 2);
+    assert_eq!(
+        lines,
+        [
+            "F:2:8: upstream \"both\" needs exactly one target source: `targets`, `[upstreams.dns]` or `[upstreams.file]`",
+            "F:10:12: hash_key needs balance = \"ring_hash\" or \"maglev\"",
+            "F:11:12: target weight must be between 1 and 1000",
+            "F:13:14: error_rate must be above 0 and at most 1",
+            "F:15:14: invalid status 999",
+            "F:17:7: concurrency max must be at least 1",
+        ]
+    );
+}
