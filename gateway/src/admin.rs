@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (process alive),
-//! `/readyz` (config loaded, listeners bound), `POST /admin/reload`. Also the
+//! `/readyz` (config loaded, listeners bound), `POST /admin/reload`,
+//! `GET /admin/bans` (auto-ban bans in force). Also the
 //! client side of `gateway reload`.
 
 use std::convert::Infallible;
@@ -97,7 +98,17 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 ),
             }
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/admin/reload") => json(
+        (&Method::GET, "/admin/bans") => {
+            let bans: Vec<_> = state
+                .live
+                .enforcer()
+                .bans()
+                .into_iter()
+                .map(|(ip, left)| serde_json::json!({"ip": ip.to_string(), "expires_in_s": left.as_secs_f64()}))
+                .collect();
+            json(StatusCode::OK, serde_json::json!({ "bans": bans }))
+        }
+        (_, "/metrics" | "/healthz" | "/readyz" | "/admin/reload" | "/admin/bans") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             serde_json::json!({"status": "method not allowed"}),
         ),

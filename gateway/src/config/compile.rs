@@ -122,6 +122,8 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    let policy_globals = crate::policy::Globals::compile(f, &mut problems);
+
     // Routes.
     let mut routes = Vec::new();
     let mut matchers: Vec<Option<Arc<Matcher>>> = Vec::new();
@@ -210,7 +212,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             max_body_bytes: r.max_body_bytes.map(|b| b.0),
             request_headers,
             response_headers,
-            policy: Default::default(),
+            policy: crate::policy::compile_route(r, &policy_globals, &base, &mut problems),
         });
     }
 
@@ -268,6 +270,10 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             max_headers: l.max_headers,
             max_body_bytes: l.max_body_bytes.0,
             router: Router::new(entries),
+            auto_ban: l
+                .auto_ban
+                .as_ref()
+                .and_then(|a| crate::policy::autoban::AutoBan::compile(name, a, &mut problems)),
         });
     }
 
