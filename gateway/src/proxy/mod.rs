@@ -187,19 +187,19 @@ async fn process(
             headers: req.headers(),
         })
     };
-    let mut outcome = find(req.method());
-    // A CORS preflight is routed by the method it announces, when the
-    // route found that way answers preflights.
-    if !matches!(outcome, Outcome::Matched { .. })
-        && let Some(m) = policy::cors::preflight_method(&req)
-        && let Outcome::Matched { route, params } = find(&m)
-        && config
-            .routes
-            .get(route)
-            .is_some_and(|r| r.policy.cors.is_some())
-    {
-        outcome = Outcome::Matched { route, params };
-    }
+    // A CORS preflight is routed by the method it announces (as the request
+    // it asks about would be), when the route found that way answers
+    // preflights; otherwise like any request.
+    let preflight = policy::cors::preflight_method(&req)
+        .map(|m| find(&m))
+        .filter(|o| match o {
+            Outcome::Matched { route, .. } => config
+                .routes
+                .get(*route)
+                .is_some_and(|r| r.policy.cors.is_some()),
+            _ => false,
+        });
+    let outcome = preflight.unwrap_or_else(|| find(req.method()));
     let (route_id, params) = match outcome {
         Outcome::Matched { route, params } => (route, params),
         Outcome::MethodNotAllowed { allowed } => {
