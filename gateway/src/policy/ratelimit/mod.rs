@@ -205,7 +205,6 @@ impl Decision {
 pub struct RateLimit {
     route: Arc<str>,
     source: KeySource,
-    hasher: std::hash::RandomState,
     windows: Vec<WindowSpec>,
     local: Option<Arc<local::Local>>,
     quota: Option<Arc<quota::LocalQuota>>,
@@ -309,7 +308,6 @@ impl RateLimit {
         Some(RateLimit {
             route: route.into(),
             source,
-            hasher: std::hash::RandomState::new(),
             windows,
             local,
             quota,
@@ -331,7 +329,7 @@ impl RateLimit {
         &self,
         key: Key<'_>,
     ) -> Result<(Decision, Option<concurrency::Permit>), ProxyError> {
-        let hashed = self.hasher.hash_one(key);
+        let hashed = hasher().hash_one(key);
         let mut decision = Decision::UNLIMITED;
         if self.local.is_some() || self.quota.is_some() {
             decision = match &self.redis {
@@ -393,6 +391,14 @@ impl RateLimit {
         }
         q.map_or(w, |q| w.tighter(q))
     }
+}
+
+/// Hashes keys for the in-process maps: random per process (keys are
+/// client-controlled), the same for every configuration so that state kept
+/// across a reload is found again.
+fn hasher() -> &'static std::hash::RandomState {
+    static HASHER: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    HASHER.get_or_init(std::hash::RandomState::new)
 }
 
 /// The 429 for a refused decision.

@@ -115,6 +115,8 @@ pub struct Redis {
     conns: std::sync::OnceLock<Vec<ConnectionManager>>,
     next: AtomicUsize,
     down: AtomicBool,
+    /// Whether `gateway_ratelimit_redis_up` has been set to 1.
+    reported_up: AtomicBool,
 }
 
 impl std::fmt::Debug for Redis {
@@ -155,6 +157,7 @@ impl Redis {
             conns: std::sync::OnceLock::new(),
             next: AtomicUsize::new(0),
             down: AtomicBool::new(false),
+            reported_up: AtomicBool::new(false),
         }))
     }
 
@@ -241,14 +244,21 @@ impl Redis {
         }
         let call = inv.invoke_async::<(u8, u64, u64, u64, u64, u8)>(&mut conn);
         match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok((allowed, limit, remaining, reset_ms, retry_ms, is_quota))) => Ok(Decision {
-                allowed: allowed == 1,
-                limit,
-                remaining,
-                reset: Duration::from_millis(reset_ms),
-                retry_after: Duration::from_millis(retry_ms),
-                quota: is_quota == 1,
-            }),
+            Ok(Ok((allowed, limit, remaining, reset_ms, retry_ms, is_quota))) => {
+                if !self.reported_up.load(Ordering::Relaxed)
+                    && !self.reported_up.swap(true, Ordering::Relaxed)
+                {
+                    metrics::gauge!("gateway_ratelimit_redis_up").set(1.0);
+                }
+                Ok(Decision {
+                    allowed: allowed == 1,
+                    limit,
+                    remaining,
+                    reset: Duration::from_millis(reset_ms),
+                    retry_after: Duration::from_millis(retry_ms),
+                    quota: is_quota == 1,
+                })
+            }
             Ok(Err(e)) => {
                 self.outage(&e.to_string());
                 Err(())
@@ -283,6 +293,7 @@ impl Redis {
                 let ping = cmd.query_async::<String>(&mut conn);
                 if let Ok(Ok(_)) = tokio::time::timeout(me.timeout, ping).await {
                     me.down.store(false, Ordering::Release);
+                    me.reported_up.store(true, Ordering::Relaxed);
                     metrics::gauge!("gateway_ratelimit_redis_up").set(1.0);
                     tracing::info!(url = %me.url, "redis reachable again after {:?}; shared limits resume", since.elapsed());
                     return;
