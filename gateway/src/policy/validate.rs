@@ -3,7 +3,8 @@
 //! Order: content type, required/typed headers and query parameters (every
 //! violation of these is listed in one `400`); then, with a schema, the body
 //! is read whole (up to `max_body_bytes`, else `413`), parsed (`400` if it
-//! is not JSON) and validated (`422` listing every schema violation with
+//! is missing — GET, HEAD, OPTIONS and DELETE may come without one — or is
+//! not JSON) and validated (`422` listing every schema violation with
 //! its JSON pointer). The bytes read are sent upstream in place of the
 //! client's stream. Schemas are compiled at config load.
 //!
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -266,6 +267,20 @@ impl Validate {
         let Some(schema) = &self.schema else {
             return Ok(None);
         };
+        if !has_body {
+            // Requests that usually carry no body are not checked without
+            // one; the others must send the document the schema describes.
+            if matches!(
+                *req.method(),
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
+            ) {
+                return Ok(None);
+            }
+            return Err(invalid(
+                ErrorKind::BadRequest,
+                vec![json!({"in": "body", "pointer": "", "message": "a JSON body is required"})],
+            ));
+        }
         let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
         let read = http_body_util::Limited::new(req.body_mut(), limit).collect();
         let bytes = match tokio::time::timeout(self.body_timeout, read).await {
