@@ -506,3 +506,50 @@ async fn redis_outage_falls_back_to_local_or_open() {
     }
     assert_eq!(env.gw.stderr().matches("redis unreachable").count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_is_shared_and_metered_in_redis() {
+    let Some(redis) = Redis::start() else { return };
+    let b = Backend::start("one").await;
+    let top = format!("[redis]\nurl = \"{}\"\nkey_prefix = \"m:\"\n", redis.url());
+    let route = r#"
+[[routes]]
+name = "metered"
+upstream = "one"
+[routes.match]
+path_prefix = "/metered/"
+[routes.rate_limit]
+key = "header:x-api-key"
+backend = "redis"
+quota = { requests = 3, per = "month" }
+"#;
+    let g1 = start_with(&b, &top, route);
+    let g2 = start_with(&b, &top, route);
+    for (i, left) in [2, 1, 0].into_iter().enumerate() {
+        let base = if i % 2 == 0 { &g1.base } else { &g2.base };
+        let r = get(&format!("{base}/metered/x"), &[("x-api-key", "cust-7")]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(num(&r, "ratelimit-remaining"), left);
+    }
+    let r = get(
+        &format!("{}/metered/x", g2.base),
+        &[("x-api-key", "cust-7")],
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    assert!(r.json()["detail"].as_str().unwrap().contains("quota"));
+    assert_eq!(
+        get(
+            &format!("{}/metered/x", g1.base),
+            &[("x-api-key", "cust-8")]
+        )
+        .await
+        .status,
+        200
+    );
+    // The count is readable in Redis (the metering record).
+    let keys = redis
+        .command("KEYS m:metered:k:cust-7:quota:month:*")
+        .unwrap_or_default();
+    assert_eq!(keys, "*1", "one quota key for the customer this month");
+}

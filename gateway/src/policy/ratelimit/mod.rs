@@ -207,7 +207,8 @@ pub struct RateLimit {
     source: KeySource,
     windows: Vec<WindowSpec>,
     local: Option<Arc<local::Local>>,
-    quota: Option<Arc<quota::LocalQuota>>,
+    /// Counts and limit.
+    quota: Option<(Arc<quota::LocalQuota>, u64)>,
     in_flight: Option<Arc<concurrency::InFlight>>,
     redis: Option<Arc<redis::Redis>>,
     on_redis_error: OnRedisError,
@@ -294,10 +295,11 @@ impl RateLimit {
         });
         let quota = s.quota.as_ref().map(|q| {
             let q = q.get_ref();
-            crate::policy::shared::get_or_make(
-                format!("{state_key}quota {} {:?}", q.requests, q.per),
-                || quota::LocalQuota::new(q.requests, q.per),
-            )
+            let counts =
+                crate::policy::shared::get_or_make(format!("{state_key}quota {:?}", q.per), || {
+                    quota::LocalQuota::new(q.per)
+                });
+            (counts, q.requests)
         });
         let in_flight = s.max_in_flight.as_ref().map(|m| {
             crate::policy::shared::get_or_make(
@@ -334,7 +336,12 @@ impl RateLimit {
         if self.local.is_some() || self.quota.is_some() {
             decision = match &self.redis {
                 Some(r) => match r
-                    .check(&self.route, key, &self.windows, self.quota.as_deref())
+                    .check(
+                        &self.route,
+                        key,
+                        &self.windows,
+                        self.quota.as_ref().map(|(q, limit)| (q.period, *limit)),
+                    )
                     .await
                 {
                     Ok(d) => d,
@@ -373,7 +380,7 @@ impl RateLimit {
 
     /// Windows and quota in process.
     fn check_local(&self, key: u64) -> Decision {
-        let q = self.quota.as_ref().map(|q| q.take(key));
+        let q = self.quota.as_ref().map(|(q, limit)| q.take(key, *limit));
         if let Some(q) = q
             && !q.allowed
         {
@@ -384,7 +391,7 @@ impl RateLimit {
             .as_ref()
             .map_or(Decision::UNLIMITED, |l| l.check(key));
         if !w.allowed {
-            if let Some(qq) = &self.quota {
+            if let Some((qq, _)) = &self.quota {
                 qq.refund(key);
             }
             return w;

@@ -66,10 +66,10 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// In-process quota counters.
+/// In-process quota counters. The limit is not part of the state, so
+/// changing it on reload keeps the period's counts (they meter usage).
 #[derive(Debug)]
 pub struct LocalQuota {
-    pub limit: u64,
     pub period: Period,
     /// key → (period id, used)
     used: DashMap<u64, (u64, u64)>,
@@ -77,17 +77,17 @@ pub struct LocalQuota {
 }
 
 impl LocalQuota {
-    pub fn new(limit: u64, period: Period) -> LocalQuota {
+    pub fn new(period: Period) -> LocalQuota {
         LocalQuota {
-            limit,
             period,
             used: DashMap::new(),
             swept: AtomicBool::new(false),
         }
     }
 
-    /// Counts one request for `key` if the quota has room.
-    pub fn take(self: &Arc<Self>, key: u64) -> Decision {
+    /// Counts one request for `key` if fewer than `limit` were counted in
+    /// this period.
+    pub fn take(self: &Arc<Self>, key: u64, limit: u64) -> Decision {
         if !self.swept.load(Ordering::Relaxed) && !self.swept.swap(true, Ordering::Relaxed) {
             let weak: std::sync::Weak<dyn Sweep> = Arc::downgrade(self) as _;
             shared::sweep_later(weak);
@@ -99,10 +99,10 @@ impl LocalQuota {
         if e.0 != id {
             *e = (id, 0);
         }
-        if e.1 >= self.limit {
+        if e.1 >= limit {
             return Decision {
                 allowed: false,
-                limit: self.limit,
+                limit,
                 remaining: 0,
                 reset,
                 retry_after: reset,
@@ -112,8 +112,8 @@ impl LocalQuota {
         e.1 += 1;
         Decision {
             allowed: true,
-            limit: self.limit,
-            remaining: self.limit - e.1,
+            limit,
+            remaining: limit - e.1,
             reset,
             retry_after: Duration::ZERO,
             quota: true,
@@ -158,14 +158,16 @@ mod tests {
 
     #[test]
     fn counts_refunds_and_refuses() {
-        let q = Arc::new(LocalQuota::new(2, Period::Day));
-        assert_eq!(q.take(1).remaining, 1);
+        let q = Arc::new(LocalQuota::new(Period::Day));
+        assert_eq!(q.take(1, 2).remaining, 1);
         q.refund(1);
-        assert_eq!(q.take(1).remaining, 1);
-        assert_eq!(q.take(1).remaining, 0);
-        let d = q.take(1);
+        assert_eq!(q.take(1, 2).remaining, 1);
+        assert_eq!(q.take(1, 2).remaining, 0);
+        let d = q.take(1, 2);
         assert!(!d.allowed && d.quota);
         assert!(d.retry_after > Duration::ZERO);
-        assert!(q.take(2).allowed);
+        assert!(q.take(2, 2).allowed);
+        // A raised limit keeps the count.
+        assert_eq!(q.take(1, 3).remaining, 0);
     }
 }

@@ -19,7 +19,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::quota::{self, LocalQuota};
+use super::quota;
 use super::{Decision, Key, WindowSpec};
 use crate::config::Problem;
 use crate::config::units::Secs;
@@ -191,7 +191,7 @@ impl Redis {
         route: &str,
         key: Key<'_>,
         windows: &[WindowSpec],
-        quota: Option<&LocalQuota>,
+        quota: Option<(quota::Period, u64)>,
     ) -> Result<Decision, ()> {
         if self.down.load(Ordering::Relaxed) {
             metrics::counter!("gateway_ratelimit_redis_fallbacks_total").increment(1);
@@ -228,13 +228,18 @@ impl Redis {
             inv.arg(w.burst);
         }
         match quota {
-            Some(q) => {
+            Some((period, limit)) => {
                 let now = quota::unix_now();
-                let (id, end) = quota::period_of(q.period, now);
+                let (id, end) = quota::period_of(period, now);
                 let mut qk = base.clone();
-                qk.extend_from_slice(format!(":q{:?}{}/{}", q.period, id, q.limit).as_bytes());
+                // Not keyed by the limit: a changed limit keeps the count.
+                let p = match period {
+                    quota::Period::Day => "day",
+                    quota::Period::Month => "month",
+                };
+                qk.extend_from_slice(format!(":quota:{p}:{id}").as_bytes());
                 inv.key(qk);
-                inv.arg(q.limit);
+                inv.arg(limit);
                 inv.arg(end + 86_400);
                 inv.arg(end.saturating_sub(now));
             }
