@@ -1,7 +1,8 @@
-//! `cargo xtask bench [http|xdp]`: benchmarks that compare side by side in
+//! `cargo xtask bench [http|xdp|policy]`: benchmarks that compare side by side in
 //! one run and report ratios (the machines are shared and noisy).
 
 mod http;
+mod policy;
 mod xdp;
 
 use anyhow::bail;
@@ -10,6 +11,7 @@ pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
     match what {
         "http" => http::run(args),
         "xdp" => xdp::run(args),
-        other => bail!("unknown benchmark {other:?}: expected http or xdp"),
+        "policy" => policy::run(args),
+        other => bail!("unknown benchmark {other:?}: expected http, xdp or policy"),
     }
 }
