@@ -183,7 +183,7 @@ upstream = "one"
 [routes.match]
 path_prefix = "/w/"
 [routes.rate_limit]
-limits = [{ requests = 2, per = "1s" }, { requests = 3, per = "1h" }]
+limits = [{ requests = 2, per = "2s" }, { requests = 3, per = "1h" }]
 "#,
     );
     let url = format!("{}/w/x", env.base);
@@ -193,11 +193,12 @@ limits = [{ requests = 2, per = "1s" }, { requests = 3, per = "1h" }]
     assert_eq!(
         num(&r, "ratelimit-remaining"),
         0,
-        "the 1 s window is closest"
+        "the 2 s window is closest"
     );
     assert_eq!(num(&r, "ratelimit-limit"), 2);
-    // Refused by the per-second window (which spends nothing hourly).
-    for _ in 0..5 {
+    // Refused by the short window (which spends nothing hourly); it earns
+    // a request back each second, so these must come quickly.
+    for _ in 0..2 {
         assert_eq!(get(&url, &[]).await.status, 429);
     }
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -261,12 +262,12 @@ key = "header:x-api-key"
 max_in_flight = 1
 "#,
     );
-    let url = format!("{}/delay/600", env.base);
+    let url = format!("{}/delay/1500", env.base);
     let first = {
         let url = url.clone();
         tokio::spawn(async move { get(&url, &[("x-api-key", "a")]).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let second = get(&url, &[("x-api-key", "a")]).await;
     assert_eq!(second.status, 429, "{}", second.text());
     assert!(
@@ -485,7 +486,9 @@ async fn redis_outage_falls_back_to_local_or_open() {
         200
     );
     redis.kill();
-    // local: the same limit, counted in process (a fresh bucket of 10).
+    // local: the same limit, counted in process (a fresh bucket of 10,
+    // then one a second).
+    let started = Instant::now();
     let mut ok = 0;
     for _ in 0..15 {
         match get(&format!("{}/shared/x", env.base), &[])
@@ -498,7 +501,11 @@ async fn redis_outage_falls_back_to_local_or_open() {
             s => panic!("unexpected {s}"),
         }
     }
-    assert!((10..=12).contains(&ok), "local fallback admitted {ok}");
+    let most = 11 + started.elapsed().as_secs();
+    assert!(
+        ok >= 10 && ok <= most,
+        "local fallback admitted {ok} (at most {most})"
+    );
     // allow: everything passes, without RateLimit headers.
     for _ in 0..15 {
         let r = get(&format!("{}/fail-open/x", env.base), &[]).await;

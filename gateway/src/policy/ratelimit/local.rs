@@ -74,17 +74,16 @@ impl Local {
             match limiter.check_key(&key) {
                 Ok(snap) => {
                     let remaining = snap.remaining_burst_capacity();
-                    if best.is_none_or(|b| u64::from(remaining) < b.remaining) {
-                        let used = spec.burst.saturating_sub(remaining);
-                        best = Some(Decision {
-                            allowed: true,
-                            limit: u64::from(spec.burst),
-                            remaining: u64::from(remaining),
-                            reset: spec.emission_interval() * used,
-                            retry_after: Duration::ZERO,
-                            quota: false,
-                        });
-                    }
+                    let used = spec.burst.saturating_sub(remaining);
+                    let d = Decision {
+                        allowed: true,
+                        limit: u64::from(spec.burst),
+                        remaining: u64::from(remaining),
+                        reset: spec.emission_interval() * used,
+                        retry_after: Duration::ZERO,
+                        quota: false,
+                    };
+                    best = Some(best.map_or(d, |b| b.tighter(d)));
                 }
                 Err(not_until) => {
                     let wait = not_until.wait_time_from(limiter.clock().now());

@@ -189,12 +189,17 @@ impl Decision {
         quota: false,
     };
 
-    /// The tighter of two decisions (a refusal wins; else fewer remaining).
-    fn tighter(self, other: Decision) -> Decision {
+    /// The tighter of two decisions: a refusal; else fewer remaining; on a
+    /// tie, the later reset (the constraint that lasts longer).
+    pub fn tighter(self, other: Decision) -> Decision {
         match (self.allowed, other.allowed) {
             (true, false) => other,
             (false, true) => self,
-            _ if other.remaining < self.remaining => other,
+            _ if (other.remaining, std::cmp::Reverse(other.reset))
+                < (self.remaining, std::cmp::Reverse(self.reset)) =>
+            {
+                other
+            }
             _ => self,
         }
     }

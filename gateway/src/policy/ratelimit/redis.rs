@@ -74,7 +74,7 @@ for i = 1, nw do
   end
   tats[i] = new_tat
   local rem = math.floor((now + em * burst - new_tat) / em)
-  if remaining < 0 or rem < remaining then
+  if remaining < 0 or rem < remaining or (rem == remaining and new_tat - now > reset) then
     limit, remaining, reset = burst, rem, new_tat - now
   end
 end
@@ -89,7 +89,7 @@ if qlimit > 0 then
   used = redis.call('INCR', KEYS[nw + 1])
   if used == 1 then redis.call('EXPIREAT', KEYS[nw + 1], tonumber(ARGV[2 * nw + 3])) end
   qleft = qlimit - used
-  if remaining < 0 or qleft < remaining then
+  if remaining < 0 or qleft <= remaining then
     limit, remaining, reset = qlimit, qleft, qreset
     for i = 1, nw do
       redis.call('SET', KEYS[i], tostring(tats[i]), 'PX', math.ceil(tats[i] - now) + 1000)
