@@ -145,6 +145,8 @@ pub async fn on_request(
         }
         ctx.cors_origin = c.allowed_origin(req);
     }
+    // 4c. Authentication sets `ctx.consumer` here, before the limits that
+    // may be keyed by it.
     // 4d.
     if let Some(rl) = &policy.rate_limit {
         let key = rl
