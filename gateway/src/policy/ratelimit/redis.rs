@@ -10,7 +10,7 @@
 //! waiting on Redis, and one task probes with exponential backoff until
 //! Redis answers again, which is logged too.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -205,11 +205,9 @@ impl Redis {
         base.extend_from_slice(self.prefix.as_bytes());
         base.extend_from_slice(route.as_bytes());
         base.push(b':');
-        let mut k = String::new();
         match key {
             Key::Ip(ip) => {
-                let _ = write!(k, "ip:{ip}");
-                base.extend_from_slice(k.as_bytes());
+                let _ = write!(base, "ip:{ip}");
             }
             Key::Route => base.extend_from_slice(b"route"),
             Key::Named(n) => {
@@ -220,9 +218,7 @@ impl Redis {
         inv.arg(windows.len());
         for w in windows {
             let mut wk = base.clone();
-            wk.extend_from_slice(
-                format!(":w{}/{}/{}", w.requests, w.per.as_millis(), w.burst).as_bytes(),
-            );
+            let _ = write!(wk, ":w{}/{}/{}", w.requests, w.per.as_millis(), w.burst);
             inv.key(wk);
             inv.arg(w.emission_interval().as_secs_f64() * 1000.0);
             inv.arg(w.burst);
@@ -237,7 +233,7 @@ impl Redis {
                     quota::Period::Day => "day",
                     quota::Period::Month => "month",
                 };
-                qk.extend_from_slice(format!(":quota:{p}:{id}").as_bytes());
+                let _ = write!(qk, ":quota:{p}:{id}");
                 inv.key(qk);
                 inv.arg(limit);
                 inv.arg(end + 86_400);
