@@ -1,7 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (process alive),
 //! `/readyz` (config loaded, listeners bound), `POST /admin/reload`,
 //! `/admin/upstreams` (per pool and target: health, ejection, in-flight,
-//! recent errors, circuit state). Also the client side of `gateway reload`.
+//! recent errors, circuit state), `GET /admin/bans` (auto-ban bans in
+//! force). Also the client side of `gateway reload`.
 
 use std::convert::Infallible;
 use std::io::{Read, Write};
@@ -104,7 +105,21 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 generation.upstreams.iter().map(|p| p.status()).collect();
             json(StatusCode::OK, serde_json::json!({ "upstreams": pools }))
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/admin/reload" | "/admin/upstreams") => json(
+        (&Method::GET, "/admin/bans") => {
+            let bans: Vec<_> = state
+                .live
+                .enforcer()
+                .bans()
+                .into_iter()
+                .map(|(ip, left)| serde_json::json!({"ip": ip.to_string(), "expires_in_s": left.as_secs_f64()}))
+                .collect();
+            json(StatusCode::OK, serde_json::json!({ "bans": bans }))
+        }
+        (
+            _,
+            "/metrics" | "/healthz" | "/readyz" | "/admin/reload" | "/admin/upstreams"
+            | "/admin/bans",
+        ) => json(
             StatusCode::METHOD_NOT_ALLOWED,
             serde_json::json!({"status": "method not allowed"}),
         ),

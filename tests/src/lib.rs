@@ -1,11 +1,13 @@
 //! Test harness for the end-to-end tests: real hyper backends on ephemeral
 //! ports (`backend`), the real gateway binary started on a generated config
-//! (`gateway`), small clients (`client`), and a tiny DNS server (`dns`).
+//! (`gateway`), small clients (`client`), a tiny DNS server (`dns`) and a
+//! real redis-server (`redis`).
 
 pub mod backend;
 pub mod client;
 pub mod dns;
 pub mod gateway;
+pub mod redis;
 
 /// A free TCP port on 127.0.0.1 (bound then released; the OS does not hand
 /// it out again at once).

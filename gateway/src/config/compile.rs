@@ -126,6 +126,8 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    let policy_globals = crate::policy::Globals::compile(f, &mut problems);
+
     // Routes.
     let mut routes = Vec::new();
     let mut matchers: Vec<Option<Arc<Matcher>>> = Vec::new();
@@ -214,7 +216,6 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             max_body_bytes: r.max_body_bytes.map(|b| b.0),
             request_headers,
             response_headers,
-            policy: Default::default(),
             upstream_policy: crate::upstream::config::compile_route(
                 name,
                 r.retry.as_ref(),
@@ -222,6 +223,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
                 r.concurrency.as_ref(),
                 &mut problems,
             ),
+            policy: crate::policy::compile_route(r, &policy_globals, &base, &mut problems),
         });
     }
 
@@ -279,6 +281,10 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             max_headers: l.max_headers,
             max_body_bytes: l.max_body_bytes.0,
             router: Router::new(entries),
+            auto_ban: l
+                .auto_ban
+                .as_ref()
+                .and_then(|a| crate::policy::autoban::AutoBan::compile(name, a, &mut problems)),
         });
     }
 

@@ -30,6 +30,12 @@ pub struct File {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub xdp: Option<Spanned<crate::xdp::config::Xdp>>,
+    /// CORS for routes without their own `[routes.cors]`.
+    #[serde(default)]
+    pub cors: Option<crate::policy::cors::CorsSection>,
+    /// Redis for rate limits with `backend = "redis"`.
+    #[serde(default)]
+    pub redis: Option<crate::policy::ratelimit::redis::RedisSection>,
 }
 
 /// `[server]`: process-wide settings.
@@ -109,6 +115,9 @@ pub struct Listener {
     /// Default request body limit for routes on this listener.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: ByteSize,
+    /// Ban sources that keep failing authentication or limits.
+    #[serde(default)]
+    pub auto_ban: Option<Spanned<crate::policy::autoban::AutoBanSection>>,
 }
 
 /// `[listeners.tls]`.
@@ -228,6 +237,18 @@ pub struct Route {
     /// A concurrency limit of this route's own.
     #[serde(default)]
     pub concurrency: Option<up::Concurrency>,
+    /// Phase 4a: route IP allow/deny.
+    #[serde(default)]
+    pub access: Option<crate::policy::access::AccessSection>,
+    /// Phase 4b: CORS (replaces the global `[cors]` for this route).
+    #[serde(default)]
+    pub cors: Option<crate::policy::cors::CorsSection>,
+    /// Phase 4d: rate limits, quota, concurrency.
+    #[serde(default)]
+    pub rate_limit: Option<Spanned<crate::policy::ratelimit::RateLimitSection>>,
+    /// Phase 4e: request (and response) validation.
+    #[serde(default)]
+    pub validate: Option<crate::policy::validate::ValidateSection>,
 }
 
 /// `[routes.match]`: all given predicates must hold.

@@ -67,6 +67,8 @@ pub struct ListenerConfig {
     pub max_body_bytes: u64,
     /// Routes served on this listener.
     pub router: Router,
+    /// `[listeners.auto_ban]`.
+    pub auto_ban: Option<Arc<crate::policy::autoban::AutoBan>>,
 }
 
 /// One upstream pool as configured.

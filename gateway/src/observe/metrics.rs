@@ -91,6 +91,26 @@ fn describe() {
     );
     describe_gauge!("gateway_build_info", "Build information; always 1.");
     crate::upstream::describe_metrics();
+    describe_counter!(
+        "gateway_ratelimit_redis_errors_total",
+        "Rate-limit checks that Redis failed or did not answer in time."
+    );
+    describe_counter!(
+        "gateway_ratelimit_redis_fallbacks_total",
+        "Rate-limit checks served by on_redis_error while Redis was down."
+    );
+    describe_gauge!(
+        "gateway_ratelimit_redis_up",
+        "Whether the rate limiter's Redis answers (0 during an outage)."
+    );
+    describe_counter!(
+        "gateway_response_validation_failures_total",
+        "Upstream responses that violate the route's response schema, by route."
+    );
+    describe_counter!(
+        "gateway_autoban_bans_total",
+        "Sources banned by auto-ban, by listener and reason."
+    );
 }
 
 /// The status class label (`2xx` ...) of a status code.

@@ -1,29 +1,47 @@
 //! Phase 4 of the pipeline (see `proxy/mod.rs`): what decides whether a
 //! routed request may go on, in this order:
 //!
-//! - 4a. route-level IP allow/deny
-//! - 4b. CORS (preflights answered here)
+//! - 4a. route-level IP allow/deny (`access`)
+//! - 4b. CORS, preflights answered here (`cors`)
 //! - 4c. authentication and authorization
-//! - 4d. rate limits, quotas and per-consumer concurrency
-//! - 4e. request validation
+//! - 4d. rate limits, quotas and per-consumer concurrency (`ratelimit`)
+//! - 4e. request validation (`validate`)
 //!
 //! Each step is a module that owns its config section and compiles it into a
 //! field of `RoutePolicy`; a route without the field skips the step at no
 //! cost. `on_response` runs in phase 7 for the steps that add response
-//! headers (CORS, rate-limit headers) or hold resources until the response
-//! (concurrency permits).
+//! headers (CORS, rate-limit headers), check responses (validation) or hold
+//! resources until the response (concurrency permits). `autoban` watches
+//! the statuses phase 8 records and bans sources through `xdp::Enforcer`.
+
+pub mod access;
+pub mod autoban;
+pub mod cors;
+pub mod ratelimit;
+pub mod shared;
+pub mod validate;
+
+use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
+use crate::config::Problem;
+use crate::config::file;
 use crate::error::ProxyError;
 use crate::proxy::Conn;
 use crate::proxy::body::Body;
 
 /// One route's compiled phase-4 policy.
 #[derive(Debug, Default)]
-pub struct RoutePolicy {}
+pub struct RoutePolicy {
+    pub access: Option<access::Access>,
+    pub cors: Option<Arc<cors::Cors>>,
+    pub rate_limit: Option<ratelimit::RateLimit>,
+    pub validate: Option<validate::Validate>,
+}
 
 /// Per-request state shared by the phase-4 steps and phase 7.
 #[derive(Debug, Default)]
@@ -33,26 +51,142 @@ pub struct PolicyCtx {
     /// A request body a step had to read whole (validation); sent upstream
     /// instead of the client's stream.
     pub buffered_body: Option<Bytes>,
+    /// The request's `Origin` when CORS allows it (echoed in phase 7).
+    pub cors_origin: Option<HeaderValue>,
+    /// The rate-limit decision to report in `RateLimit-*` headers.
+    pub rate: Option<ratelimit::Decision>,
+    /// A concurrency slot, given back when this context is dropped.
+    pub permit: Option<ratelimit::concurrency::Permit>,
 }
 
 impl RoutePolicy {
     /// True when the route has no phase-4 step at all.
     pub fn is_empty(&self) -> bool {
-        true
+        self.access.is_none()
+            && self.cors.is_none()
+            && self.rate_limit.is_none()
+            && self.validate.is_none()
+    }
+}
+
+/// Process-wide policy settings routes refer to.
+#[derive(Debug, Default)]
+pub struct Globals {
+    /// `[cors]`: for routes without their own `[routes.cors]`.
+    pub cors: Option<Arc<cors::Cors>>,
+    /// `[redis]`: for limits with `backend = "redis"`.
+    pub redis: Option<Arc<ratelimit::redis::Redis>>,
+}
+
+impl Globals {
+    pub fn compile(f: &file::File, problems: &mut Vec<Problem>) -> Globals {
+        Globals {
+            cors: f
+                .cors
+                .as_ref()
+                .map(|c| Arc::new(cors::Cors::compile(c, problems))),
+            redis: f
+                .redis
+                .as_ref()
+                .and_then(|r| ratelimit::redis::Redis::compile(r, problems)),
+        }
+    }
+}
+
+/// Compiles a route's phase-4 sections.
+pub fn compile_route(
+    r: &file::Route,
+    globals: &Globals,
+    base: &Path,
+    problems: &mut Vec<Problem>,
+) -> RoutePolicy {
+    let name = r.name.get_ref().as_str();
+    RoutePolicy {
+        access: r
+            .access
+            .as_ref()
+            .map(|a| access::Access::compile(a, problems)),
+        cors: match &r.cors {
+            Some(c) => Some(Arc::new(cors::Cors::compile(c, problems))),
+            None => globals.cors.clone(),
+        },
+        rate_limit: r.rate_limit.as_ref().and_then(|s| {
+            ratelimit::RateLimit::compile(
+                name,
+                s.get_ref(),
+                globals.redis.as_ref(),
+                s.span(),
+                problems,
+            )
+        }),
+        validate: r
+            .validate
+            .as_ref()
+            .map(|v| validate::Validate::compile(name, v, base, problems)),
     }
 }
 
 /// Runs the phase-4 steps. `Ok(Some(resp))` answers the request directly
 /// (e.g. a CORS preflight); `Err` rejects it.
 pub async fn on_request(
-    _policy: &RoutePolicy,
-    _conn: &Conn,
-    _ctx: &mut PolicyCtx,
-    _req: &mut Request<Incoming>,
+    policy: &RoutePolicy,
+    conn: &Conn,
+    ctx: &mut PolicyCtx,
+    req: &mut Request<Incoming>,
 ) -> Result<Option<Response<Body>>, ProxyError> {
+    // 4a.
+    if let Some(a) = &policy.access {
+        a.check(conn.peer.ip())?;
+    }
+    // 4b.
+    if let Some(c) = &policy.cors {
+        if let Some(resp) = c.preflight(req) {
+            return Ok(Some(resp));
+        }
+        ctx.cors_origin = c.allowed_origin(req);
+    }
+    // 4c. Authentication sets `ctx.consumer` here, before the limits that
+    // may be keyed by it.
+    // 4d.
+    if let Some(rl) = &policy.rate_limit {
+        let key = rl
+            .source()
+            .key(conn.peer.ip(), req.headers(), ctx.consumer.as_deref());
+        let (decision, permit) = rl.check(key).await?;
+        if rl.headers {
+            ctx.rate = Some(decision);
+        }
+        ctx.permit = permit;
+    }
+    // 4e.
+    if let Some(v) = &policy.validate
+        && let Some(body) = v.check(req).await?
+    {
+        ctx.buffered_body = Some(body);
+    }
     Ok(None)
 }
 
-/// Phase-7 hook: adds the response headers the steps owe and releases what
-/// they hold.
-pub fn on_response(_policy: &RoutePolicy, _ctx: &mut PolicyCtx, _resp: &mut Response<Body>) {}
+/// Phase-7 hook, for every response of a routed request (errors included):
+/// checks the response (validation), adds the response headers the steps
+/// owe and releases what they hold.
+pub async fn on_response(
+    policy: &RoutePolicy,
+    ctx: &mut PolicyCtx,
+    resp: &mut Response<Body>,
+    request_id: &HeaderValue,
+) {
+    if let Some(v) = &policy.validate
+        && v.checks_responses()
+        && let Err(e) = v.check_response(resp).await
+    {
+        *resp = crate::respond::error_response(&e, request_id.to_str().unwrap_or(""));
+    }
+    ctx.permit = None;
+    if let (Some(c), Some(origin)) = (&policy.cors, ctx.cors_origin.take()) {
+        c.apply(origin, resp.headers_mut());
+    }
+    if let Some(d) = &ctx.rate {
+        ratelimit::add_headers(d, resp.headers_mut());
+    }
+}

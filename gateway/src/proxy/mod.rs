@@ -7,7 +7,8 @@
 //! 1. `identify`  – request id (kept from `X-Request-Id` or generated)
 //! 2. `validate`  – smuggling checks, header limits, path normalization
 //! 3. `route`     – host/path/method/header/query match → route or 404/405
-//! 4. access control, authentication, rate limits – not yet
+//! 4. `policy`    – route IP allow/deny, CORS, authentication, rate limits,
+//!    validation (see `crate::policy`)
 //! 5. `transform` – direct response, or the upstream request: path rewrite,
 //!    forwarding and hop-by-hop headers, header edits, body limit
 //! 6. `upstream`  – pooled call with timeout
@@ -103,8 +104,14 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
     if let Some(route) = ctx.route_id.and_then(|i| generation.config.routes.get(i))
         && !route.policy.is_empty()
     {
-        policy::on_response(&route.policy, &mut ctx.policy, &mut resp);
+        policy::on_response(&route.policy, &mut ctx.policy, &mut resp, &ctx.request_id).await;
     }
+    policy::autoban::on_status(
+        &generation.config,
+        conn,
+        shared.live.enforcer(),
+        resp.status(),
+    );
     resp.headers_mut()
         .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
 
@@ -163,13 +170,28 @@ async fn process(
 
     // Phase 3: route.
     let host = request_host(&req);
-    let outcome = listener.router.find(&router::Request {
-        method: req.method(),
-        host: host.as_deref(),
-        path: &path,
-        query: req.uri().query(),
-        headers: req.headers(),
-    });
+    let find = |method: &Method| {
+        listener.router.find(&router::Request {
+            method,
+            host: host.as_deref(),
+            path: &path,
+            query: req.uri().query(),
+            headers: req.headers(),
+        })
+    };
+    // A CORS preflight is routed by the method it announces (as the request
+    // it asks about would be), when the route found that way answers
+    // preflights; otherwise like any request.
+    let preflight = policy::cors::preflight_method(&req)
+        .map(|m| find(&m))
+        .filter(|o| match o {
+            Outcome::Matched { route, .. } => config
+                .routes
+                .get(*route)
+                .is_some_and(|r| r.policy.cors.is_some()),
+            _ => false,
+        });
+    let outcome = preflight.unwrap_or_else(|| find(req.method()));
     let (route_id, params) = match outcome {
         Outcome::Matched { route, params } => (route, params),
         Outcome::MethodNotAllowed { allowed } => {

@@ -1,7 +1,8 @@
-//! `cargo xtask bench [http|xdp|upstreams]`: benchmarks that compare side by side in
-//! one run and report ratios (the machines are shared and noisy).
+//! `cargo xtask bench [http|upstreams|policy|xdp]`: benchmarks that compare
+//! side by side in one run and report ratios (the machines are shared and noisy).
 
 mod http;
+mod policy;
 mod upstreams;
 mod xdp;
 
@@ -12,6 +13,7 @@ pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
         "http" => http::run(args),
         "xdp" => xdp::run(args),
         "upstreams" => upstreams::run(args),
-        other => bail!("unknown benchmark {other:?}: expected http, xdp or upstreams"),
+        "policy" => policy::run(args),
+        other => bail!("unknown benchmark {other:?}: expected http, upstreams, policy or xdp"),
     }
 }

@@ -1,0 +1,227 @@
+//! Route-level IP allow/deny, and auto-ban in userspace mode: a source that
+//! keeps exceeding limits has its connections refused for the ban's TTL,
+//! then is let in again. Sources are told apart by binding clients to
+//! different loopback addresses (127.0.0.1, 127.0.0.2, ...).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use gateway_tests::backend::Backend;
+use gateway_tests::free_port;
+use gateway_tests::gateway::Gateway;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Env {
+    gw: Gateway,
+    addr: SocketAddr,
+}
+
+fn start(b: &Backend, listener_extra: &str, routes: &str) -> Env {
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"
+[server]
+workers = 2
+watch_config = false
+[access_log]
+enabled = false
+[admin]
+listen = "{admin}"
+[[listeners]]
+name = "main"
+listen = "127.0.0.1:{port}"
+{listener_extra}
+[[upstreams]]
+name = "one"
+targets = ["{b}"]
+{routes}
+[[routes]]
+name = "open"
+upstream = "one"
+[routes.match]
+path_prefix = "/"
+"#,
+        b = b.addr,
+    );
+    let gw = Gateway::start(&config, &admin);
+    Env {
+        gw,
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+    }
+}
+
+/// Sends `GET path` from source address `src` on a fresh connection; the
+/// status, or `None` when the connection is refused or closed unanswered.
+async fn get_from(src: &str, addr: SocketAddr, path: &str) -> Option<u16> {
+    let sock = tokio::net::TcpSocket::new_v4().ok()?;
+    sock.bind(format!("{src}:0").parse().ok()?).ok()?;
+    let mut s = tokio::time::timeout(Duration::from_secs(5), sock.connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn admin_get(gw: &Gateway, path: &str) -> String {
+    gateway_tests::client::raw(
+        &gw.admin,
+        &format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_allow_and_deny_lists() {
+    let b = Backend::start("one").await;
+    let env = start(
+        &b,
+        "",
+        r#"
+[[routes]]
+name = "no-two"
+upstream = "one"
+[routes.match]
+path_prefix = "/no-two/"
+[routes.access]
+deny = ["127.0.0.2"]
+[[routes]]
+name = "loopback-but-not-three"
+upstream = "one"
+[routes.match]
+path_prefix = "/lb/"
+[routes.access]
+allow = ["127.0.0.0/8"]
+deny = ["127.0.0.3/32"]
+[[routes]]
+name = "ten-only"
+upstream = "one"
+[routes.match]
+path_prefix = "/ten/"
+[routes.access]
+allow = ["10.0.0.0/8", "2001:db8::/32"]
+"#,
+    );
+    assert_eq!(
+        get_from("127.0.0.1", env.addr, "/no-two/x").await,
+        Some(200)
+    );
+    assert_eq!(
+        get_from("127.0.0.2", env.addr, "/no-two/x").await,
+        Some(403)
+    );
+    assert_eq!(get_from("127.0.0.2", env.addr, "/lb/x").await, Some(200));
+    assert_eq!(get_from("127.0.0.3", env.addr, "/lb/x").await, Some(403));
+    assert_eq!(get_from("127.0.0.1", env.addr, "/ten/x").await, Some(403));
+    // Other routes are not affected.
+    assert_eq!(get_from("127.0.0.2", env.addr, "/open").await, Some(200));
+    assert_eq!(b.hits(), 3, "refused requests never reach the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_cidr_is_reported_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.toml");
+    std::fs::write(
+        &path,
+        r#"[[upstreams]]
+name = "u"
+targets = ["127.0.0.1:1"]
+[[routes]]
+name = "r"
+upstream = "u"
+[routes.access]
+deny = ["10.0.0.0/33"]
+"#,
+    )
+    .unwrap();
+    let (code, out, _) = gateway_tests::gateway::run_cli(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("g.toml:8:9: invalid CIDR \"10.0.0.0/33\""),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_ban_refuses_a_source_that_keeps_exceeding_limits_until_the_ttl_ends() {
+    let b = Backend::start("one").await;
+    let env = start(
+        &b,
+        r#"
+[listeners.auto_ban]
+limit_exceeded = 3
+auth_failures = 0
+window = "30s"
+ttl = "2s"
+exempt = ["127.0.0.3"]
+"#,
+        r#"
+[[routes]]
+name = "limited"
+upstream = "one"
+[routes.match]
+path_prefix = "/limited/"
+[routes.rate_limit]
+limits = [{ requests = 1, per = "1h" }]
+"#,
+    );
+    let addr = env.addr;
+    // 127.0.0.2: one request passes, then three 429s earn a ban.
+    assert_eq!(get_from("127.0.0.2", addr, "/limited/a").await, Some(200));
+    for _ in 0..3 {
+        assert_eq!(get_from("127.0.0.2", addr, "/limited/a").await, Some(429));
+    }
+    let banned_at = Instant::now();
+    assert_eq!(
+        get_from("127.0.0.2", addr, "/open").await,
+        None,
+        "a banned source's connections are refused"
+    );
+    // Other sources are served; an exempt source is never banned.
+    assert_eq!(get_from("127.0.0.1", addr, "/open").await, Some(200));
+    for _ in 0..5 {
+        assert!(get_from("127.0.0.3", addr, "/limited/a").await.is_some());
+    }
+    assert_eq!(get_from("127.0.0.3", addr, "/open").await, Some(200));
+    let bans = admin_get(&env.gw, "/admin/bans");
+    assert!(bans.contains("\"ip\":\"127.0.0.2\""), "{bans}");
+    assert!(!bans.contains("127.0.0.3"), "{bans}");
+    let metrics = admin_get(&env.gw, "/metrics");
+    assert!(
+        metrics
+            .contains("gateway_autoban_bans_total{listener=\"main\",reason=\"limit_exceeded\"} 1"),
+        "{metrics}"
+    );
+    // Let in again once the TTL has passed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if get_from("127.0.0.2", addr, "/open").await == Some(200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ban never lifted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        banned_at.elapsed() >= Duration::from_millis(1900),
+        "lifted after {:?}, before the 2 s TTL",
+        banned_at.elapsed()
+    );
+    let bans = admin_get(&env.gw, "/admin/bans");
+    assert!(!bans.contains("127.0.0.2"), "{bans}");
+    assert!(
+        env.gw.stderr().contains("auto-ban: source banned"),
+        "{}",
+        env.gw.stderr()
+    );
+}
