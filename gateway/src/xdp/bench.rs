@@ -1,0 +1,187 @@
+//! `gateway xdp bench` (hidden; `cargo xtask bench xdp` runs it): the cost
+//! of the whole program per packet through BPF_PROG_TEST_RUN, for passed,
+//! denied and rate-limited packets, against deny lists and bucket maps of
+//! growing size. Needs root; attaches nothing and pins nothing.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use gateway_common::{Bucket, SrcKey, xdp_action};
+use ipnet::{IpNet, Ipv4Net};
+
+use super::config::{Count, Policy, Ports, RateLimit, XdpSettings};
+use super::kernel::Loaded;
+use super::packet;
+use super::rules::{Entry, List, Rules};
+
+const PORT: u16 = 8080;
+
+/// One size's figures, ns per packet.
+#[derive(Debug, Clone, Copy)]
+pub struct Figures {
+    pub pass: f64,
+    pub deny: f64,
+    pub ratelimit: f64,
+}
+
+fn settings(rate: u64, burst: u64) -> XdpSettings {
+    XdpSettings {
+        enabled: true,
+        default_policy: Policy::Allow,
+        ports: Ports::List(vec![PORT]),
+        rate_limit: Some(RateLimit {
+            rate,
+            burst,
+            count: Count::Syn,
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+        }),
+        ..XdpSettings::default()
+    }
+}
+
+/// A deny list of `n` entries: four in five single addresses, one in five
+/// /24s, none inside 198.18.0.0/15 (where the passed and rate-limited
+/// sources live). Returns the rules and one listed single address.
+pub fn deny_list(n: u32, seed: u64) -> (Rules, Ipv4Addr) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut r = Rules::default();
+    let mut last = Ipv4Addr::new(203, 0, 113, 7);
+    let e = Entry {
+        from_config: true,
+        cli_until: 0,
+    };
+    let mut added = 0;
+    while added < n {
+        let a = Ipv4Addr::from(rng.u32(0x0100_0000..0xe000_0000));
+        if a.octets()[0] == 198 && a.octets()[1] & 0xfe == 18 {
+            continue;
+        }
+        let len = if rng.u8(..5) == 0 { 24 } else { 32 };
+        let net = IpNet::V4(Ipv4Net::new(a, len).unwrap_or_default().trunc());
+        if r.entry(List::Deny, &net).is_present() {
+            continue;
+        }
+        r.set(List::Deny, &net, e);
+        if len == 32 {
+            last = a;
+        }
+        added += 1;
+    }
+    if n == 0 {
+        r.set(List::Deny, &IpNet::V4(Ipv4Net::from(last)), e);
+    }
+    // Make sure the probe address is listed as a single address.
+    r.set(List::Deny, &IpNet::V4(Ipv4Net::from(last)), e);
+    (r, last)
+}
+
+/// Fills the bucket map with `n` sources (outside 198.18.0.0/15).
+fn fill_buckets(loaded: &mut Loaded, n: u32) -> anyhow::Result<()> {
+    for i in 0..n {
+        let a = 0x0a00_0000u32 + i;
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&a.to_be_bytes());
+        loaded
+            .maps
+            .buckets
+            .insert(SrcKey { family: 4, addr }, Bucket { tat_ns: 0 }, 0)?;
+    }
+    Ok(())
+}
+
+/// The lowest mean of three runs of `repeat`, checking the action.
+fn measure(loaded: &mut Loaded, frame: &[u8], repeat: u32, want: u32) -> anyhow::Result<f64> {
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let (action, d) = loaded.test_run(frame, repeat)?;
+        if action != want {
+            bail!("the program returned {action}, expected {want}");
+        }
+        best = best.min(d);
+    }
+    Ok(best.as_nanos() as f64)
+}
+
+/// Measures one list size.
+pub fn figures(entries: u32, repeat: u32) -> anyhow::Result<Figures> {
+    let max = (entries + entries / 4 + 1024).max(gateway_common::DEFAULT_MAX_RULES);
+    let mut loaded = Loaded::load(None, max, max)?;
+    let (rules, denied) = deny_list(entries, 42);
+    loaded.maps.apply(&Rules::default(), &rules, false)?;
+    fill_buckets(&mut loaded, entries)?;
+
+    // Passed: a SYN that goes through every check, including a bucket update
+    // that never runs out.
+    loaded
+        .maps
+        .set_policy(&settings(1_000_000_000, 1_000_000_000))?;
+    let pass = measure(
+        &mut loaded,
+        &packet::tcp4(Ipv4Addr::new(198, 18, 0, 1), PORT, packet::SYN),
+        repeat,
+        xdp_action::XDP_PASS,
+    )?;
+    let deny = measure(
+        &mut loaded,
+        &packet::tcp4(denied, PORT, packet::SYN),
+        repeat,
+        xdp_action::XDP_DROP,
+    )?;
+    // Rate-limited: one SYN per second, burst one; the first run passes.
+    loaded.maps.set_policy(&settings(1, 1))?;
+    let frame = packet::tcp4(Ipv4Addr::new(198, 18, 0, 2), PORT, packet::SYN);
+    loaded.test_run(&frame, 1)?;
+    let ratelimit = measure(&mut loaded, &frame, repeat, xdp_action::XDP_DROP)?;
+    Ok(Figures {
+        pass,
+        deny,
+        ratelimit,
+    })
+}
+
+/// The cost of parsing alone: a frame that is not IP.
+fn baseline(repeat: u32) -> anyhow::Result<(f64, Option<u32>)> {
+    let mut loaded = Loaded::load(None, 1024, 1024)?;
+    let ns = measure(&mut loaded, &packet::arp(), repeat, xdp_action::XDP_PASS)?;
+    Ok((ns, loaded.verified_insns()))
+}
+
+/// Prints the table and, last, `result pass=X deny=Y ratelimit=Z` for the
+/// largest size.
+pub fn run(repeat: u32, max_entries: u32) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the XDP benchmark needs root (BPF_PROG_TEST_RUN)");
+    }
+    let mut sizes = vec![1, 1_000, max_entries];
+    sizes.sort_unstable();
+    sizes.dedup();
+    println!("xdp program cost per packet (BPF_PROG_TEST_RUN, {repeat} runs, best of 3), ns");
+    let (base, insns) = baseline(repeat).context("baseline")?;
+    if let Some(n) = insns {
+        println!("verifier: {n} instructions processed (limit 1000000)");
+    }
+    println!("not IP (parse only): {base:.1}");
+    println!(
+        "{:>12} {:>8} {:>8} {:>10}",
+        "deny list", "pass", "deny", "ratelimit"
+    );
+    let mut last = None;
+    for n in sizes {
+        let f = figures(n, repeat).with_context(|| format!("{n} entries"))?;
+        println!(
+            "{:>12} {:>8.1} {:>8.1} {:>10.1}",
+            n, f.pass, f.deny, f.ratelimit
+        );
+        last = Some(f);
+    }
+    if let Some(f) = last {
+        println!(
+            "result pass={:.1} deny={:.1} ratelimit={:.1}",
+            f.pass, f.deny, f.ratelimit
+        );
+    }
+    Ok(())
+}
