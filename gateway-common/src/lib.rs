@@ -36,21 +36,27 @@ pub mod maps {
     pub const ALLOW_V6: &str = "GW_ALLOW_V6";
     /// `LpmTrie<[u8; 16], RuleValue>`: the IPv6 deny list.
     pub const DENY_V6: &str = "GW_DENY_V6";
-    /// `LruHashMap<SrcKey, Bucket>`: rate-limit state per source prefix.
-    pub const BUCKETS: &str = "GW_BUCKETS";
+    /// `LruHashMap<u32, Bucket>`: rate-limit state per IPv4 source prefix
+    /// (host order).
+    pub const BUCKETS4: &str = "GW_BUCKETS4";
+    /// `LruHashMap<V6Src, Bucket>`: rate-limit state per IPv6 source prefix.
+    pub const BUCKETS6: &str = "GW_BUCKETS6";
     /// `PerCpuArray<Counter>`, `stat::COUNT` entries.
     pub const STATS: &str = "GW_STATS";
     /// `RingBuf` of `DropEvent`s (sampled, budgeted per CPU).
     pub const EVENTS: &str = "GW_EVENTS";
     /// `PerCpuArray<Budget>`, one entry: the drop-event budget.
     pub const BUDGET: &str = "GW_BUDGET";
+    /// `PerCpuArray<ClockCache>`, one entry: the program's clock cache
+    /// (not pinned).
+    pub const CLOCK: &str = "GW_CLOCK";
     /// `LruHashMap<SrcKey, u64>`: estimated drops per source (sampled).
     pub const DROP_SRC: &str = "GW_DROP_SRC";
 
     /// Every map userspace pins, in a stable order.
-    pub const PINNED: [&str; 15] = [
-        CONFIG, META, PORTS, V4_TBL, V4_EXT, V6_EXT, ALLOW_V4, DENY_V4, ALLOW_V6, DENY_V6, BUCKETS,
-        STATS, EVENTS, BUDGET, DROP_SRC,
+    pub const PINNED: [&str; 16] = [
+        CONFIG, META, PORTS, V4_TBL, V4_EXT, V6_EXT, ALLOW_V4, DENY_V4, ALLOW_V6, DENY_V6,
+        BUCKETS4, BUCKETS6, STATS, EVENTS, BUDGET, DROP_SRC,
     ];
 }
 
@@ -69,8 +75,13 @@ pub const DEFAULT_MAX_SOURCES: u32 = 131_072;
 pub const DROP_SRC_ENTRIES: u32 = 4096;
 /// Size of the drop-event ring buffer.
 pub const EVENT_RING_BYTES: u32 = 64 * 1024;
-/// Most distinct IPv6 prefix lengths the program looks up (`Config::v6_lens`).
-pub const V6_MAX_LENS: usize = 32;
+/// Slots of `Config::v4_lens`: every IPv4 prefix length (0..=32) fits.
+pub const V4_LEN_SLOTS: usize = 40;
+/// Slots of `Config::v6_lens`: the most distinct IPv6 prefix lengths.
+pub const V6_LEN_SLOTS: usize = 32;
+/// The prefix length of an empty slot of `Config::v4_lens`/`v6_lens`: no
+/// key has it, so looking it up finds nothing.
+pub const NO_LEN: u32 = 0xff;
 
 /// Bits of one IPv4 /24 slot in `V4_TBL`.
 pub mod slot {
@@ -94,11 +105,14 @@ pub mod flags {
     pub const RATE_LIMIT: u32 = 4;
     /// The rate limit counts every packet (else only TCP SYNs).
     pub const COUNT_PACKETS: u32 = 8;
+    /// Some list entry expires: compare expiries with the clock. Set by
+    /// the rule writers (the others by the policy writer).
+    pub const TIMED: u32 = 16;
 }
 
 /// The policy, written by userspace (one entry of `CONFIG`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     /// `ABI_VERSION` once userspace has written the entry; the program
     /// passes everything while it is anything else.
@@ -109,19 +123,79 @@ pub struct Config {
     pub rl_interval_ns: u64,
     /// How far ahead of now the bucket may run: burst * `rl_interval_ns`.
     pub rl_tolerance_ns: u64,
-    /// Source prefix length a bucket covers, IPv4 (0..=32).
-    pub v4_src_prefix: u32,
-    /// Source prefix length a bucket covers, IPv6 (0..=128).
-    pub v6_src_prefix: u32,
-    /// Bit `n` set: `V4_EXT` holds entries of prefix length `n` (0..=32).
-    pub v4_ext_lens: u64,
+    /// The source prefix a bucket covers, IPv4: the mask (host order).
+    pub v4_src_mask: u32,
+    pub _pad: u32,
+    /// The same for IPv6 (two host-order halves).
+    pub v6_src_mask: [u64; 2],
     /// Default expiry of `gateway deny add` without `--ttl` (0 = never).
     pub ban_ttl_ns: u64,
-    /// Number of valid entries in `v6_lens`.
-    pub v6_nlens: u32,
+    /// Slots of `v4_lens` in use (the rest are not read).
+    pub v4_nslots: u32,
+    /// Slots of `v6_lens` in use.
+    pub v6_nslots: u32,
+    /// Prefix lengths present in `V4_EXT`, one per slot, with their masks
+    /// (so the program computes no mask). A length keeps its slot while
+    /// present, so a reader racing a rewrite sees the slots of lengths that
+    /// stay unchanged.
+    pub v4_lens: [LenSlot4; V4_LEN_SLOTS],
+    /// The same for `V6_EXT`.
+    pub v6_lens: [LenSlot6; V6_LEN_SLOTS],
+}
+
+/// One IPv4 prefix length the program looks up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LenSlot4 {
+    /// `NO_LEN` for an empty slot.
+    pub len: u32,
+    /// Host order.
+    pub mask: u32,
+}
+
+/// One IPv6 prefix length the program looks up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LenSlot6 {
+    /// `NO_LEN` for an empty slot.
+    pub len: u32,
     pub _pad: u32,
-    /// Prefix lengths present in `V6_EXT`, longest first.
-    pub v6_lens: [u8; V6_MAX_LENS],
+    /// Two host-order halves.
+    pub mask: [u64; 2],
+}
+
+impl LenSlot4 {
+    pub const EMPTY: LenSlot4 = LenSlot4 {
+        len: NO_LEN,
+        mask: 0,
+    };
+}
+
+impl LenSlot6 {
+    pub const EMPTY: LenSlot6 = LenSlot6 {
+        len: NO_LEN,
+        _pad: 0,
+        mask: [0; 2],
+    };
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            abi: 0,
+            flags: 0,
+            rl_interval_ns: 0,
+            rl_tolerance_ns: 0,
+            v4_src_mask: 0,
+            _pad: 0,
+            v6_src_mask: [0; 2],
+            ban_ttl_ns: 0,
+            v4_nslots: 0,
+            v6_nslots: 0,
+            v4_lens: [LenSlot4::EMPTY; V4_LEN_SLOTS],
+            v6_lens: [LenSlot6::EMPTY; V6_LEN_SLOTS],
+        }
+    }
 }
 
 /// Bookkeeping shared by every writer of the pinned maps (one entry of `META`).
@@ -197,6 +271,14 @@ pub struct SrcKey {
     pub addr: [u8; 16],
 }
 
+/// Key of the IPv6 rate-limit buckets: a source prefix, host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct V6Src {
+    pub hi: u64,
+    pub lo: u64,
+}
+
 /// A rate-limit bucket (generic cell rate algorithm): the theoretical
 /// arrival time of the next conforming packet.
 #[repr(C)]
@@ -218,14 +300,25 @@ pub struct Counter {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Budget {
     pub window_start_ns: u64,
+    /// Events sent in the current window.
     pub used: u64,
+    /// Drops seen (for sampling).
+    pub drops: u64,
+}
+
+/// A CPU's cache of the coarse clock, refreshed once per jiffy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockCache {
+    pub jiffies: u64,
+    pub ns: u64,
 }
 
 /// Drop events a CPU may emit per `EVENT_WINDOW_NS`.
 pub const EVENTS_PER_WINDOW: u64 = 8;
 /// The drop-event budget window: 100 ms.
 pub const EVENT_WINDOW_NS: u64 = 100_000_000;
-/// One drop in this many (per CPU and reason) updates `DROP_SRC`, by this
+/// One drop in this many (per CPU) updates `DROP_SRC`, by this
 /// many.
 pub const DROP_SAMPLE: u64 = 16;
 
@@ -235,6 +328,7 @@ pub const DROP_SAMPLE: u64 = 16;
 pub struct DropEvent {
     /// Network order; IPv4 uses the first four bytes.
     pub addr: [u8; 16],
+    /// When the CPU's event window began (coarse monotonic ns).
     pub time_ns: u64,
     /// 4 or 6.
     pub family: u8,
@@ -289,8 +383,12 @@ pub mod stat {
 
 // No implicit padding: every size is the sum of its fields.
 const _: () = {
-    assert!(core::mem::size_of::<Config>() == 4 + 4 + 8 + 8 + 4 + 4 + 8 + 8 + 4 + 4 + V6_MAX_LENS);
-    assert!(core::mem::size_of::<Config>().is_multiple_of(8));
+    assert!(
+        core::mem::size_of::<Config>()
+            == 4 + 4 + 8 + 8 + 4 + 4 + 16 + 8 + 4 + 4 + 8 * V4_LEN_SLOTS + 24 * V6_LEN_SLOTS
+    );
+    assert!(core::mem::size_of::<LenSlot4>() == 8);
+    assert!(core::mem::size_of::<LenSlot6>() == 24);
     assert!(core::mem::size_of::<Meta>() == 16);
     assert!(core::mem::size_of::<V4Key>() == 8);
     assert!(core::mem::size_of::<V6Key>() == 20);
@@ -299,7 +397,9 @@ const _: () = {
     assert!(core::mem::size_of::<SrcKey>() == 20);
     assert!(core::mem::size_of::<Bucket>() == 8);
     assert!(core::mem::size_of::<Counter>() == 16);
-    assert!(core::mem::size_of::<Budget>() == 16);
+    assert!(core::mem::size_of::<Budget>() == 24);
+    assert!(core::mem::size_of::<V6Src>() == 16);
+    assert!(core::mem::size_of::<ClockCache>() == 16);
     assert!(core::mem::size_of::<DropEvent>() == 32);
 };
 
@@ -317,5 +417,7 @@ mod pod {
     unsafe impl aya::Pod for Bucket {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for Budget {}
+    unsafe impl aya::Pod for V6Src {}
+    unsafe impl aya::Pod for ClockCache {}
     unsafe impl aya::Pod for DropEvent {}
 }

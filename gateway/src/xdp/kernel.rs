@@ -27,12 +27,12 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
 use gateway_common::{
-    ABI_VERSION, Bucket, Config, Counter, ExtValue, Meta, PORT_WORDS, RuleValue, SrcKey, V4Key,
-    V6_MAX_LENS, V6Key, flags, maps, stat,
+    ABI_VERSION, Bucket, Config, Counter, ExtValue, LenSlot4, LenSlot6, Meta, NO_LEN, PORT_WORDS,
+    RuleValue, SrcKey, V4Key, V6_LEN_SLOTS, V6Key, V6Src, flags, maps, stat,
 };
 
 use crate::xdp::config::{Count, Mode, Policy, Ports, XdpSettings};
-use crate::xdp::rules::{Entry, List, Rules, v4_blocks};
+use crate::xdp::rules::{Entry, List, Rules, mask4, mask6, v4_blocks};
 
 /// The XDP program, built by build.rs (empty when built with AYA_BUILD_SKIP=1).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-xdp"));
@@ -145,7 +145,8 @@ pub struct Maps {
     deny_v4: LpmTrie<MapData, [u8; 4], RuleValue>,
     allow_v6: LpmTrie<MapData, [u8; 16], RuleValue>,
     deny_v6: LpmTrie<MapData, [u8; 16], RuleValue>,
-    pub buckets: HashMap<MapData, SrcKey, Bucket>,
+    pub buckets4: HashMap<MapData, u32, Bucket>,
+    pub buckets6: HashMap<MapData, V6Src, Bucket>,
     stats: PerCpuArray<MapData, Counter>,
     drop_src: HashMap<MapData, SrcKey, u64>,
 }
@@ -168,7 +169,8 @@ impl Maps {
             deny_v4: m!(maps::DENY_V4),
             allow_v6: m!(maps::ALLOW_V6),
             deny_v6: m!(maps::DENY_V6),
-            buckets: m!(maps::BUCKETS),
+            buckets4: m!(maps::BUCKETS4),
+            buckets6: m!(maps::BUCKETS6),
             stats: m!(maps::STATS),
             drop_src: m!(maps::DROP_SRC),
         })
@@ -238,9 +240,9 @@ impl Maps {
     /// removed (used at start-up, to repair whatever a crash left).
     pub fn apply(&mut self, old: &Rules, new: &Rules, force: bool) -> anyhow::Result<()> {
         let lens6 = new.v6_lens();
-        if lens6.len() > V6_MAX_LENS {
+        if lens6.len() > V6_LEN_SLOTS {
             bail!(
-                "too many distinct IPv6 prefix lengths ({}; at most {V6_MAX_LENS})",
+                "too many distinct IPv6 prefix lengths ({}; at most {V6_LEN_SLOTS})",
                 lens6.len()
             );
         }
@@ -314,10 +316,14 @@ impl Maps {
         union6.extend(&lens6);
         union6.sort_unstable_by(|a, b| b.cmp(a));
         union6.dedup();
-        if union6.len() > V6_MAX_LENS {
+        if union6.len() > V6_LEN_SLOTS {
             union6 = lens6.clone();
         }
-        self.set_lens(old.v4_ext_lens() | new.v4_ext_lens(), &union6)?;
+        self.set_lens(
+            old.v4_ext_lens() | new.v4_ext_lens(),
+            &union6,
+            old.has_timed() || new.has_timed(),
+        )?;
         // 4. The /24 table.
         for (a, l) in v4_blocks(keys4.iter().copied()) {
             for (i, w) in new.v4_words(a, l).into_iter().enumerate() {
@@ -362,7 +368,7 @@ impl Maps {
             }
         }
         // 6. Exactly the lengths present.
-        self.set_lens(new.v4_ext_lens(), &lens6)?;
+        self.set_lens(new.v4_ext_lens(), &lens6, new.has_timed())?;
         // 7. The tries lose what is gone.
         for &(a, l) in &keys4 {
             for list in [List::Allow, List::Deny] {
@@ -404,20 +410,51 @@ impl Maps {
         }
     }
 
-    fn set_lens(&mut self, v4: u64, v6: &[u8]) -> anyhow::Result<()> {
+    /// Makes the prefix lengths the program looks up exactly `v4` (bit
+    /// `n`: length `n`) and `v6`, keeping each length that stays in the slot
+    /// it had (see `Config::v4_lens`); `timed`: some entry expires.
+    fn set_lens(&mut self, v4: u64, v6: &[u8], timed: bool) -> anyhow::Result<()> {
         let mut c = self.config()?;
-        let mut lens = [0u8; V6_MAX_LENS];
-        for (d, s) in lens.iter_mut().zip(v6) {
-            *d = *s;
+        if timed {
+            c.flags |= flags::TIMED;
+        } else {
+            c.flags &= !flags::TIMED;
         }
-        let nlens = v6.len().min(V6_MAX_LENS) as u32;
-        if c.v4_ext_lens == v4 && c.v6_lens == lens && c.v6_nlens == nlens {
-            return Ok(());
+        let want4: Vec<u8> = (0..=32u8).filter(|l| v4 & (1 << l) != 0).collect();
+        let mut lens4: Vec<u32> = c.v4_lens.iter().map(|s| s.len).collect();
+        let n4 = assign_slots(&mut lens4, &want4)?;
+        for (slot, &len) in c.v4_lens.iter_mut().zip(&lens4) {
+            *slot = if len == NO_LEN {
+                LenSlot4::EMPTY
+            } else {
+                LenSlot4 {
+                    len,
+                    mask: mask4(len as u8),
+                }
+            };
         }
-        c.v4_ext_lens = v4;
-        c.v6_lens = lens;
-        c.v6_nlens = nlens;
-        self.config.set(0, c, 0)?;
+        let mut lens6: Vec<u32> = c.v6_lens.iter().map(|s| s.len).collect();
+        let n6 = assign_slots(&mut lens6, v6)?;
+        for (slot, &len) in c.v6_lens.iter_mut().zip(&lens6) {
+            *slot = if len == NO_LEN {
+                LenSlot6::EMPTY
+            } else {
+                LenSlot6 {
+                    len,
+                    _pad: 0,
+                    mask: halves(mask6(len as u8)),
+                }
+            };
+        }
+        let before = self.config()?;
+        // Grow the slot counts with the write that fills new slots; shrink
+        // them only once the slots beyond are empty (they are: assigned
+        // lengths never move).
+        c.v4_nslots = n4 as u32;
+        c.v6_nslots = n6 as u32;
+        if c != before {
+            self.config.set(0, c, 0)?;
+        }
         Ok(())
     }
 
@@ -439,7 +476,8 @@ impl Maps {
         }
         let mut c = self.config()?;
         c.abi = ABI_VERSION;
-        c.flags = 0;
+        // Keep what the rule writers own.
+        c.flags &= flags::TIMED;
         if s.default_policy == Policy::Deny {
             c.flags |= flags::DEFAULT_DENY;
         }
@@ -454,8 +492,8 @@ impl Maps {
                 }
                 c.rl_interval_ns = 1_000_000_000 / rl.rate.max(1);
                 c.rl_tolerance_ns = c.rl_interval_ns.saturating_mul(rl.burst);
-                c.v4_src_prefix = u32::from(rl.ipv4_prefix);
-                c.v6_src_prefix = u32::from(rl.ipv6_prefix);
+                c.v4_src_mask = mask4(rl.ipv4_prefix);
+                c.v6_src_mask = halves(mask6(rl.ipv6_prefix));
             }
             None => {
                 c.rl_interval_ns = 0;
@@ -496,6 +534,36 @@ impl Maps {
         v.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v
     }
+}
+
+/// Puts exactly the lengths `want` into `slots`: a length already present
+/// keeps its slot, absent ones are emptied, new ones take the lowest free
+/// slots. Returns the number of slots in use (up to the last one used).
+fn assign_slots(slots: &mut [u32], want: &[u8]) -> anyhow::Result<usize> {
+    for s in slots.iter_mut() {
+        if *s != NO_LEN && !want.iter().any(|&w| u32::from(w) == *s) {
+            *s = NO_LEN;
+        }
+    }
+    for &l in want {
+        let l = u32::from(l);
+        if slots.contains(&l) {
+            continue;
+        }
+        match slots.iter_mut().find(|s| **s == NO_LEN) {
+            Some(s) => *s = l,
+            None => bail!("too many distinct prefix lengths (at most {})", slots.len()),
+        }
+    }
+    Ok(slots
+        .iter()
+        .rposition(|&s| s != NO_LEN)
+        .map_or(0, |i| i + 1))
+}
+
+/// A 128-bit value as two host-order halves (high first).
+fn halves(v: u128) -> [u64; 2] {
+    [(v >> 64) as u64, v as u64]
 }
 
 fn v4key((a, l): (u32, u8)) -> V4Key {
@@ -560,7 +628,8 @@ impl Loaded {
         ] {
             loader.map_max_entries(name, max_rules);
         }
-        loader.map_max_entries(maps::BUCKETS, max_sources);
+        loader.map_max_entries(maps::BUCKETS4, max_sources);
+        loader.map_max_entries(maps::BUCKETS6, max_sources);
         let mut ebpf = loader.load(OBJECT).context("cannot load the XDP object")?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),

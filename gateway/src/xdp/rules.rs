@@ -249,6 +249,15 @@ impl Rules {
         changed
     }
 
+    /// Whether some entry expires.
+    pub fn has_timed(&self) -> bool {
+        self.v4
+            .values()
+            .chain(self.v6.values())
+            .flat_map(|p| [p.allow.until(), p.deny.until()])
+            .any(|u| u != 0 && u != FOREVER)
+    }
+
     /// The earliest run-time expiry still to come.
     pub fn next_expiry(&self) -> Option<u64> {
         self.v4
