@@ -193,8 +193,8 @@ pub fn run(repeat: u32, max_entries: u32) -> anyhow::Result<()> {
     }
     println!("not IP (parse only): {base:.1}");
     println!(
-        "{:>12} {:>8} {:>8} {:>10}",
-        "deny list", "pass", "deny", "ratelimit"
+        "{:>10} {:>12} {:>8} {:>10} {:>11} {:>10}",
+        "deny list", "pass, no rl", "pass", "deny /32", "deny in /24", "ratelimit"
     );
     let mut last = None;
     for n in sizes {

@@ -109,6 +109,9 @@ impl Enforcer {
             no_xdp,
             ..Enforcer::default()
         };
+        if settings.enabled {
+            describe_metrics();
+        }
         e.apply(settings, true);
         e
     }
@@ -294,7 +297,6 @@ impl Kernel {
             }
         }
         let generation = loaded.maps.meta()?.generation;
-        describe_metrics();
         Ok(Kernel {
             dir,
             loaded,
