@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (process alive),
-//! `/readyz` (config loaded, listeners bound), `POST /admin/reload`. Also the
+//! `/readyz` (config loaded, listeners bound), `POST /admin/reload`,
+//! `/admin/xdp/{allow,deny}` (see `crate::xdp::api`). Also the
 //! client side of `gateway reload`.
 
 use std::convert::Infallible;
@@ -94,6 +95,24 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 Err(_) => json(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     serde_json::json!({"status": "reload task failed"}),
+                ),
+            }
+        }
+        // The XDP allow/deny lists (gateway/src/xdp/api.rs); blocking: it
+        // may write pinned maps under a file lock.
+        (_, p) if p.starts_with("/admin/xdp/") => {
+            let enforcer = state.live.enforcer().clone();
+            let (method, path) = (req.method().clone(), p.to_string());
+            let query = req.uri().query().map(str::to_string);
+            match tokio::task::spawn_blocking(move || {
+                crate::xdp::api::handle(&enforcer, &method, &path, query.as_deref())
+            })
+            .await
+            {
+                Ok((status, v)) => json(status, v),
+                Err(_) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({"status": "xdp task failed"}),
                 ),
             }
         }

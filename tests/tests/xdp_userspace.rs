@@ -185,3 +185,50 @@ fn cli_errors_are_clear() {
         "{err}"
     );
 }
+
+#[test]
+fn cli_edits_a_userspace_gateway_through_its_admin_listener() {
+    let (g, port) = start("deny = [\"127.0.0.8\"]");
+    let cfg = g.config.to_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let none = dir.path().join("none");
+    let cli = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["-c", &cfg, "--pin-path", none.to_str().unwrap()]);
+        run_cli(&a)
+    };
+    assert_eq!(get_from("127.0.0.7", port), Some(200));
+    let (code, out, err) = cli(&["deny", "add", "127.0.0.7", "--ttl", "10m"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("deny 127.0.0.7/32: added, expires in 10m"),
+        "{out}"
+    );
+    assert_eq!(get_from("127.0.0.7", port), None, "refused at once");
+    let (_, out, _) = cli(&["deny", "list"]);
+    assert!(
+        out.contains("127.0.0.7/32") && out.contains("run time (expires in "),
+        "{out}"
+    );
+    assert!(
+        out.contains("127.0.0.8/32") && out.contains("config"),
+        "{out}"
+    );
+    let (code, _, err) = cli(&["deny", "del", "127.0.0.8"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("in the config file's [xdp] deny list"),
+        "{err}"
+    );
+    let (code, out, err) = cli(&["deny", "del", "127.0.0.7"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(get_from("127.0.0.7", port), Some(200));
+    let (code, _, err) = cli(&["deny", "del", "127.0.0.7"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not in the deny list"), "{err}");
+    // IPv6 prefixes travel URL-encoded.
+    let (code, out, err) = cli(&["allow", "add", "2001:db8::/32"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, out, _) = cli(&["allow", "list"]);
+    assert!(out.contains("2001:db8::/32"), "{out}");
+}

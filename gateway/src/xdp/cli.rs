@@ -1,8 +1,11 @@
 //! `gateway deny|allow|xdp ...`: commands acting on the pinned maps of a
 //! running gateway. They need no running gateway beyond its pins, and take
-//! effect at once (the next packet sees the change).
+//! effect at once (the next packet sees the change). Where no program is
+//! attached, the rule commands go through the admin listener of the
+//! gateway of `-c CONFIG` instead (a gateway enforcing in userspace).
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,17 +13,22 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use gateway_common::stat;
 
+use super::api;
 use super::config::{DEFAULT_PIN_PATH, parse_cidr};
 use super::kernel::{self, Maps, PinLock};
 pub use super::rules::List;
-use super::rules::{Entry, FOREVER, now_ns};
+use super::rules::{Edit, expiry, now_ns, remaining};
 
-/// Where the pinned maps are.
+/// Where the lists are: the pinned maps, or a gateway's admin listener.
 #[derive(Debug, Args)]
 pub struct Pins {
     /// The gateway's `[xdp] pin_path`.
     #[arg(long, env = "GATEWAY_XDP_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,
+    /// The gateway's config file: its admin listener is used when no XDP
+    /// program is attached (a gateway enforcing in userspace).
+    #[arg(short, long, default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
 }
 
 /// `gateway deny ...` / `gateway allow ...`.
@@ -83,109 +91,96 @@ fn open(pins: &Pins) -> anyhow::Result<Maps> {
     if !dir.join(gateway_common::maps::CONFIG).exists() {
         bail!(
             "no pinned XDP maps in {}: no gateway has run with XDP here (the XDP program is \
-             only loaded with `[xdp] interfaces` set, as root, without --no-xdp; in userspace \
-             mode the lists come from the config file: edit `[xdp] deny`/`allow` and reload)",
+             only loaded with `[xdp] interfaces` set, as root, without --no-xdp)",
             dir.display()
         );
     }
     Maps::open_pinned(dir)
 }
 
-/// "in 9m 59s", "expired" or "never" for an expiry.
-fn remaining(until: u64, now: u64) -> String {
-    if until == FOREVER {
-        "never".into()
-    } else if until <= now {
-        "expired".into()
-    } else {
-        let secs = (until - now).div_ceil(1_000_000_000);
-        format!(
-            "in {}",
-            humantime::format_duration(Duration::from_secs(secs))
-        )
+/// The admin listener named in `config`, if the file says.
+fn admin_addr(config: &Path) -> Option<SocketAddr> {
+    let text = std::fs::read_to_string(config).ok()?;
+    let v: toml::Table = toml::from_str(&text).ok()?;
+    v.get("admin")?.get("listen")?.as_str()?.parse().ok()
+}
+
+/// Where a rule command acts.
+enum Target {
+    Maps(Box<Maps>),
+    Api(SocketAddr),
+}
+
+/// The pinned maps while a program is attached; else the admin listener
+/// of the gateway of `--config`; else the pinned maps (they apply when a
+/// gateway attaches them again).
+fn target(pins: &Pins) -> anyhow::Result<Target> {
+    let has_maps = pins.pin_path.join(gateway_common::maps::CONFIG).exists();
+    if has_maps && !kernel::pinned_links(&pins.pin_path).is_empty() {
+        return Ok(Target::Maps(Box::new(open(pins)?)));
     }
+    if let Some(addr) = admin_addr(&pins.config) {
+        return Ok(Target::Api(addr));
+    }
+    if has_maps {
+        eprintln!(
+            "note: no XDP program is attached from {}; the change applies when one is",
+            pins.pin_path.display()
+        );
+        return Ok(Target::Maps(Box::new(open(pins)?)));
+    }
+    bail!(
+        "no pinned XDP maps in {} and no admin listener in {}: pass --pin-path for a gateway \
+         enforcing with XDP, or -c with the config of one enforcing in userspace",
+        pins.pin_path.display(),
+        pins.config.display()
+    )
 }
 
 /// Runs `gateway deny|allow ...`.
 pub fn run_rule(list: List, cmd: RuleCmd) -> anyhow::Result<()> {
-    match cmd {
+    let (pins, edit) = match cmd {
         RuleCmd::Add { cidr, ttl, pins } => {
             let net = parse_cidr(&cidr).map_err(anyhow::Error::msg)?;
-            let mut maps = open(&pins)?;
-            let ttl = match ttl {
-                Some(t) => humantime::parse_duration(&t)
-                    .with_context(|| format!("invalid --ttl {t:?} (e.g. 90s, 10m, 1h)"))?,
-                None if list == List::Deny => Duration::from_nanos(maps.config()?.ban_ttl_ns),
-                None => Duration::ZERO,
-            };
-            let now = now_ns();
-            let until = if ttl.is_zero() {
-                FOREVER
-            } else {
-                now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX))
-            };
-            let _lock = PinLock::acquire(&pins.pin_path)?;
-            let old = maps.read_rules()?;
-            let mut new = old.clone();
-            let e = old.entry(list, &net);
-            new.set(
-                list,
-                &net,
-                Entry {
-                    from_config: e.from_config,
-                    cli_until: until,
-                },
-            );
-            maps.apply(&old, &new, false)?;
-            let note = if e.from_config {
-                " (also listed in the config file)"
-            } else {
-                ""
-            };
-            println!(
-                "{} {net}: added, expires {}{note}",
-                list.name(),
-                remaining(until, now)
-            );
-            Ok(())
+            let ttl = ttl
+                .map(|t| {
+                    humantime::parse_duration(&t)
+                        .with_context(|| format!("invalid --ttl {t:?} (e.g. 90s, 10m, 1h)"))
+                })
+                .transpose()?;
+            (pins, Some((net, Some(ttl))))
         }
         RuleCmd::Del { cidr, pins } => {
             let net = parse_cidr(&cidr).map_err(anyhow::Error::msg)?;
-            let mut maps = open(&pins)?;
+            (pins, Some((net, None)))
+        }
+        RuleCmd::List { pins } => (pins, None),
+    };
+    match (target(&pins)?, edit) {
+        (Target::Maps(mut maps), Some((net, add))) => {
+            let now = now_ns();
+            let edit = match add {
+                Some(ttl) => {
+                    let ttl = match (ttl, list) {
+                        (Some(t), _) => t,
+                        (None, List::Deny) => Duration::from_nanos(maps.config()?.ban_ttl_ns),
+                        (None, List::Allow) => Duration::ZERO,
+                    };
+                    Edit::Add {
+                        until: expiry(ttl, now),
+                    }
+                }
+                None => Edit::Del,
+            };
             let _lock = PinLock::acquire(&pins.pin_path)?;
             let old = maps.read_rules()?;
-            let e = old.entry(list, &net);
-            if e.cli_until == 0 {
-                if e.from_config {
-                    bail!(
-                        "{net} is in the config file's [xdp] {} list: remove it there and reload",
-                        list.name()
-                    );
-                }
-                bail!("{net} is not in the {} list", list.name());
-            }
-            let mut new = old.clone();
-            new.set(
-                list,
-                &net,
-                Entry {
-                    from_config: e.from_config,
-                    cli_until: 0,
-                },
-            );
+            let (new, msg) = old
+                .edit(list, &net, edit, now)
+                .map_err(anyhow::Error::msg)?;
             maps.apply(&old, &new, false)?;
-            if e.from_config {
-                println!(
-                    "{} {net}: run-time entry removed; the config file still lists it",
-                    list.name()
-                );
-            } else {
-                println!("{} {net}: removed", list.name());
-            }
-            Ok(())
+            println!("{msg}");
         }
-        RuleCmd::List { pins } => {
-            let maps = open(&pins)?;
+        (Target::Maps(maps), None) => {
             let rules = maps.read_rules()?;
             let now = now_ns();
             let mut out = std::io::stdout().lock();
@@ -200,9 +195,43 @@ pub fn run_rule(list: List, cmd: RuleCmd) -> anyhow::Result<()> {
                 };
                 writeln!(out, "{net:<43} {origin}")?;
             }
-            Ok(())
+        }
+        (Target::Api(addr), Some((net, add))) => {
+            let mut path = format!(
+                "/admin/xdp/{}?cidr={}",
+                list.name(),
+                api::encode(&net.to_string())
+            );
+            let method = match add {
+                Some(ttl) => {
+                    if let Some(t) = ttl {
+                        path += &format!("&ttl={}ms", t.as_millis());
+                    }
+                    "POST"
+                }
+                None => "DELETE",
+            };
+            let v = api::request(addr, method, &path)?;
+            println!("{}", v["message"].as_str().unwrap_or("done"));
+        }
+        (Target::Api(addr), None) => {
+            let v = api::request(addr, "GET", &format!("/admin/xdp/{}", list.name()))?;
+            let mut out = std::io::stdout().lock();
+            for e in v["entries"].as_array().into_iter().flatten() {
+                let cidr = e["cidr"].as_str().unwrap_or("?");
+                let origin = match (e["config"].as_bool(), e["runtime"].as_bool()) {
+                    (Some(true), Some(false)) => "config".to_string(),
+                    (Some(true), _) => "config, run time".to_string(),
+                    _ => match e["expires"].as_str() {
+                        Some(x) => format!("run time (expires {x})"),
+                        None => "run time (expires never)".to_string(),
+                    },
+                };
+                writeln!(out, "{cidr:<43} {origin}")?;
+            }
         }
     }
+    Ok(())
 }
 
 /// Runs `gateway xdp ...`.

@@ -8,6 +8,7 @@
 //! - `userspace`: the same policy checked at accept.
 //! - `cli`: `gateway deny|allow|xdp ...`.
 
+pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -33,7 +34,7 @@ use gateway_common::{DropEvent, stat};
 
 use config::XdpSettings;
 use kernel::{Loaded, PinLock};
-use rules::{Rules, now_ns};
+use rules::{Edit, List, Rules, now_ns};
 use userspace::Policy;
 
 /// Enforces the `[xdp]` policy, in the kernel when possible, else at accept.
@@ -68,6 +69,11 @@ struct State {
     kernel: Option<Running>,
     /// The last reason XDP could not be used (said once).
     failure: Option<String>,
+    /// The `[xdp]` section in force.
+    settings: XdpSettings,
+    /// The lists the userspace fallback enforces: the config file's and
+    /// run-time entries added through the admin API.
+    rules: Rules,
 }
 
 /// An attached program and the thread that reads its counters and events.
@@ -140,8 +146,70 @@ impl Enforcer {
             .is_some()
     }
 
+    /// Applies a run-time change to a list (the admin API): to the pinned
+    /// maps when the program enforces, else to the userspace policy. `ttl`
+    /// `None` means `[xdp] ban_ttl` for the deny list, no expiry for allow.
+    pub fn edit(
+        &self,
+        list: List,
+        net: &ipnet::IpNet,
+        del: bool,
+        ttl: Option<Duration>,
+    ) -> Result<String, String> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = now_ns();
+        let ttl = ttl.unwrap_or(match list {
+            List::Deny => st.settings.ban_ttl,
+            List::Allow => Duration::ZERO,
+        });
+        let edit = if del {
+            Edit::Del
+        } else {
+            Edit::Add {
+                until: rules::expiry(ttl, now),
+            }
+        };
+        if let Some(r) = &st.kernel {
+            let mut k = r.kernel.lock().unwrap_or_else(|e| e.into_inner());
+            return k.edit(list, net, edit, now);
+        }
+        if !st.settings.enabled {
+            return Err("no [xdp] section in the config: nothing enforces the lists".into());
+        }
+        let mut rules = st.rules.clone();
+        rules.reap(now);
+        let (rules, msg) = rules.edit(list, net, edit, now)?;
+        let prev = self.user.load_full();
+        self.user.store(Some(Arc::new(Policy::new(
+            &st.settings,
+            &rules,
+            prev.as_deref(),
+        ))));
+        st.rules = rules;
+        Ok(msg)
+    }
+
+    /// The live entries of `list`.
+    pub fn entries(&self, list: List) -> Result<Vec<(ipnet::IpNet, rules::Entry)>, String> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let rules = match &st.kernel {
+            Some(r) => {
+                let k = r.kernel.lock().unwrap_or_else(|e| e.into_inner());
+                k.loaded.maps.read_rules().map_err(|e| format!("{e:#}"))?
+            }
+            None => st.rules.clone(),
+        };
+        let now = now_ns();
+        Ok(rules
+            .list(list)
+            .into_iter()
+            .filter(|(_, e)| e.live(now))
+            .collect())
+    }
+
     fn apply(&self, s: &XdpSettings, at_start: bool) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.settings = s.clone();
         let want_kernel = s.enabled && !self.no_xdp && !s.interfaces.is_empty();
         if let Some(r) = &st.kernel {
             if want_kernel {
@@ -196,10 +264,10 @@ impl Enforcer {
             self.user.store(None);
             return;
         }
-        let rules = Rules::default().with_config(&s.allow, &s.deny);
+        st.rules = st.rules.with_config(&s.allow, &s.deny);
         let prev = self.user.load_full();
         self.user
-            .store(Some(Arc::new(Policy::new(s, &rules, prev.as_deref()))));
+            .store(Some(Arc::new(Policy::new(s, &st.rules, prev.as_deref()))));
     }
 }
 
@@ -360,6 +428,29 @@ impl Kernel {
         }
         self.settings = s.clone();
         Ok(())
+    }
+
+    /// A run-time list change in the maps.
+    fn edit(
+        &mut self,
+        list: List,
+        net: &ipnet::IpNet,
+        edit: Edit,
+        now: u64,
+    ) -> Result<String, String> {
+        let mut out = Err(String::new());
+        let r = self.change(|r| match r.edit(list, net, edit, now) {
+            Ok((new, msg)) => {
+                out = Ok(msg);
+                new
+            }
+            Err(e) => {
+                out = Err(e);
+                r.clone()
+            }
+        });
+        r.map_err(|e| format!("{e:#}"))?;
+        out
     }
 
     fn detach_all(&self) {

@@ -409,6 +409,101 @@ impl Rules {
     }
 }
 
+/// A run-time change to a list (`gateway deny|allow add|del`, or the admin
+/// API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edit {
+    /// Add (or renew) a run-time entry that expires at `until` (`FOREVER`:
+    /// never).
+    Add { until: u64 },
+    /// Remove the run-time entry.
+    Del,
+}
+
+/// "in 9m 59s", "expired" or "never" for an expiry at `until`.
+pub fn remaining(until: u64, now: u64) -> String {
+    if until == FOREVER {
+        "never".into()
+    } else if until <= now {
+        "expired".into()
+    } else {
+        let secs = (until - now).div_ceil(1_000_000_000);
+        format!(
+            "in {}",
+            humantime::format_duration(std::time::Duration::from_secs(secs))
+        )
+    }
+}
+
+/// `ttl` from now as an expiry (zero: never).
+pub fn expiry(ttl: std::time::Duration, now: u64) -> u64 {
+    if ttl.is_zero() {
+        FOREVER
+    } else {
+        now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+impl Rules {
+    /// `rules` after `edit` of `net` in `list`, and what to tell the user;
+    /// an error when there is nothing to delete.
+    pub fn edit(
+        &self,
+        list: List,
+        net: &IpNet,
+        edit: Edit,
+        now: u64,
+    ) -> Result<(Rules, String), String> {
+        let e = self.entry(list, net);
+        let name = list.name();
+        let mut new = self.clone();
+        match edit {
+            Edit::Add { until } => {
+                new.set(
+                    list,
+                    net,
+                    Entry {
+                        from_config: e.from_config,
+                        cli_until: until,
+                    },
+                );
+                let note = if e.from_config {
+                    " (also listed in the config file)"
+                } else {
+                    ""
+                };
+                Ok((
+                    new,
+                    format!(
+                        "{name} {net}: added, expires {}{note}",
+                        remaining(until, now)
+                    ),
+                ))
+            }
+            Edit::Del if e.cli_until == 0 && e.from_config => Err(format!(
+                "{net} is in the config file's [xdp] {name} list: remove it there and reload"
+            )),
+            Edit::Del if e.cli_until == 0 => Err(format!("{net} is not in the {name} list")),
+            Edit::Del => {
+                new.set(
+                    list,
+                    net,
+                    Entry {
+                        from_config: e.from_config,
+                        cli_until: 0,
+                    },
+                );
+                let msg = if e.from_config {
+                    format!("{name} {net}: run-time entry removed; the config file still lists it")
+                } else {
+                    format!("{name} {net}: removed")
+                };
+                Ok((new, msg))
+            }
+        }
+    }
+}
+
 /// The blocks (`addr`, `len` <= 20) of `GW_V4_TBL` that `keys` touch, without
 /// blocks nested in others.
 pub fn v4_blocks(keys: impl IntoIterator<Item = (u32, u8)>) -> Vec<(u32, u8)> {
