@@ -894,3 +894,28 @@ pub fn remove_all(dir: &Path) -> anyhow::Result<Vec<String>> {
     }
     Ok(links)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_keep_their_slots() {
+        let mut slots = vec![NO_LEN; 8];
+        assert_eq!(assign_slots(&mut slots, &[32, 24]).unwrap(), 2);
+        assert_eq!(&slots[..3], &[32, 24, NO_LEN]);
+        // 32 goes, 16 comes: 24 stays where it was, 16 takes the hole.
+        assert_eq!(assign_slots(&mut slots, &[24, 16]).unwrap(), 2);
+        assert_eq!(&slots[..3], &[16, 24, NO_LEN]);
+        assert_eq!(assign_slots(&mut slots, &[16]).unwrap(), 1);
+        assert_eq!(assign_slots(&mut slots, &[]).unwrap(), 0);
+        let many: Vec<u8> = (0..9).collect();
+        assert!(assign_slots(&mut slots, &many).is_err());
+    }
+
+    #[test]
+    fn halves_split_high_first() {
+        assert_eq!(halves(mask6(64)), [u64::MAX, 0]);
+        assert_eq!(halves(mask6(72)), [u64::MAX, 0xff00_0000_0000_0000]);
+    }
+}
