@@ -2,7 +2,8 @@
 //! `/readyz` (config loaded, listeners bound), `POST /admin/reload`,
 //! `/admin/upstreams` (per pool and target: health, ejection, in-flight,
 //! recent errors, circuit state), `GET /admin/bans` (auto-ban bans in
-//! force). Also the client side of `gateway reload`.
+//! force), `/admin/xdp/{allow,deny}` (see `crate::xdp::api`). Also the
+//! client side of `gateway reload`.
 
 use std::convert::Infallible;
 use std::io::{Read, Write};
@@ -114,6 +115,24 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 .map(|(ip, left)| serde_json::json!({"ip": ip.to_string(), "expires_in_s": left.as_secs_f64()}))
                 .collect();
             json(StatusCode::OK, serde_json::json!({ "bans": bans }))
+        }
+        // The XDP allow/deny lists (gateway/src/xdp/api.rs); blocking: it
+        // may write pinned maps under a file lock.
+        (_, p) if p.starts_with("/admin/xdp/") => {
+            let enforcer = state.live.enforcer().clone();
+            let (method, path) = (req.method().clone(), p.to_string());
+            let query = req.uri().query().map(str::to_string);
+            match tokio::task::spawn_blocking(move || {
+                crate::xdp::api::handle(&enforcer, &method, &path, query.as_deref())
+            })
+            .await
+            {
+                Ok((status, v)) => json(status, v),
+                Err(_) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({"status": "xdp task failed"}),
+                ),
+            }
         }
         (
             _,

@@ -288,7 +288,8 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
         });
     }
 
-    let xdp = match crate::xdp::config::compile(f.xdp.as_ref()) {
+    let listener_ports: Vec<u16> = listeners.iter().map(|l| l.addr.port()).collect();
+    let xdp = match crate::xdp::config::compile(f.xdp.as_ref(), &listener_ports) {
         Ok(x) => x,
         Err(ps) => {
             problems.extend(ps);
