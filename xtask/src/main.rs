@@ -56,6 +56,7 @@ fn main() -> ExitCode {
 
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    clean_cargo_env();
     let root = project_root();
     std::env::set_current_dir(&root).with_context(|| format!("cannot enter {}", root.display()))?;
     match cli.task {
@@ -66,6 +67,31 @@ fn real_main() -> anyhow::Result<()> {
             setup::all()?;
             bench::run(&what, &args)
         }
+    }
+}
+
+/// Drops the variables `cargo run` sets for xtask itself, so the cargo
+/// commands xtask runs see the same environment as a plain `cargo build`:
+/// ring's build script watches `CARGO_MANIFEST_DIR`, and passing it on would
+/// rebuild ring, rustls and the gateway on every call.
+fn clean_cargo_env() {
+    let inherited: Vec<_> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| {
+            k.starts_with("CARGO_PKG_")
+                || matches!(
+                    k.as_str(),
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                )
+        })
+        .collect();
+    for k in inherited {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::remove_var(k) };
     }
 }
 

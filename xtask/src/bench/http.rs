@@ -590,30 +590,13 @@ fn count_instructions(
     Ok(())
 }
 
-/// `cargo build --release -p gateway`, without the variables `cargo run`
-/// set for xtask itself: ring's build script watches `CARGO_MANIFEST_DIR`,
-/// so passing them on would rebuild ring, rustls and the gateway on every
-/// bench and again on the next plain `cargo build`.
+/// `cargo build --release -p gateway` (xtask's `main` has already dropped
+/// the variables `cargo run` set for it, which would force rebuilds).
 fn build_gateway() -> anyhow::Result<()> {
     eprintln!("bench: building the gateway (release)");
     let mut cmd =
         std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.args(["build", "--release", "-p", "gateway"]);
-    for (k, _) in std::env::vars_os() {
-        if let Some(k) = k.to_str()
-            && (k.starts_with("CARGO_PKG_")
-                || matches!(
-                    k,
-                    "CARGO_MANIFEST_DIR"
-                        | "CARGO_MANIFEST_PATH"
-                        | "CARGO_CRATE_NAME"
-                        | "CARGO_BIN_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                ))
-        {
-            cmd.env_remove(k);
-        }
-    }
     let status = cmd.status().context("cannot run cargo")?;
     if !status.success() {
         bail!("`cargo build --release -p gateway` failed ({status})");
