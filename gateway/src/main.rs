@@ -7,6 +7,9 @@ use clap::{Parser, Subcommand};
 
 use gateway::config::{self, Config};
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "gateway", version, about = "eBPF-accelerated API gateway")]
 struct Cli {
