@@ -39,6 +39,7 @@ impl Generation {
                     .unwrap_or_else(|| Pool::new(u))
             })
             .collect();
+        crate::auth::activate(&config.auth);
         Generation { config, upstreams }
     }
 }

@@ -122,6 +122,14 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    let auth = crate::auth::compile(
+        &base,
+        &f.consumers,
+        f.consumers_file.as_ref(),
+        &f.identity_providers,
+        &mut problems,
+    );
+
     // Routes.
     let mut routes = Vec::new();
     let mut matchers: Vec<Option<Arc<Matcher>>> = Vec::new();
@@ -210,7 +218,9 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             max_body_bytes: r.max_body_bytes.map(|b| b.0),
             request_headers,
             response_headers,
-            policy: Default::default(),
+            policy: crate::policy::RoutePolicy {
+                auth: crate::auth::compile_route(r.auth.as_ref(), &auth, &mut problems),
+            },
         });
     }
 
@@ -297,6 +307,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
         upstreams,
         routes,
         xdp,
+        auth,
     })
 }
 

@@ -29,6 +29,14 @@ pub struct File {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub xdp: Option<Spanned<crate::xdp::config::Xdp>>,
+    /// `[[consumers]]`: clients and their credentials (see `crate::auth`).
+    #[serde(default)]
+    pub consumers: Vec<crate::auth::config::Consumer>,
+    /// A file of more `[[consumers]]`, watched and reloaded on change.
+    #[serde(default)]
+    pub consumers_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub identity_providers: Vec<crate::auth::config::IdentityProvider>,
 }
 
 /// `[server]`: process-wide settings.
@@ -193,6 +201,9 @@ pub struct Route {
     pub request_headers: HeaderOps,
     #[serde(default)]
     pub response_headers: HeaderOps,
+    /// `[routes.auth]`: authentication and authorization (see `crate::auth`).
+    #[serde(default)]
+    pub auth: Option<Spanned<crate::auth::config::RouteAuth>>,
 }
 
 /// `[routes.match]`: all given predicates must hold.

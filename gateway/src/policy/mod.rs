@@ -23,7 +23,10 @@ use crate::proxy::body::Body;
 
 /// One route's compiled phase-4 policy.
 #[derive(Debug, Default)]
-pub struct RoutePolicy {}
+pub struct RoutePolicy {
+    /// 4c: `[routes.auth]`.
+    pub auth: Option<Box<crate::auth::RouteAuth>>,
+}
 
 /// Per-request state shared by the phase-4 steps and phase 7.
 #[derive(Debug, Default)]
@@ -33,23 +36,31 @@ pub struct PolicyCtx {
     /// A request body a step had to read whole (validation); sent upstream
     /// instead of the client's stream.
     pub buffered_body: Option<Bytes>,
+    /// The authenticated caller (4c): method, consumer, claims.
+    pub identity: Option<crate::auth::Identity>,
 }
 
 impl RoutePolicy {
     /// True when the route has no phase-4 step at all.
     pub fn is_empty(&self) -> bool {
-        true
+        self.auth.is_none()
     }
 }
 
 /// Runs the phase-4 steps. `Ok(Some(resp))` answers the request directly
 /// (e.g. a CORS preflight); `Err` rejects it.
 pub async fn on_request(
-    _policy: &RoutePolicy,
-    _conn: &Conn,
-    _ctx: &mut PolicyCtx,
-    _req: &mut Request<Incoming>,
+    policy: &RoutePolicy,
+    conn: &Conn,
+    ctx: &mut PolicyCtx,
+    req: &mut Request<Incoming>,
 ) -> Result<Option<Response<Body>>, ProxyError> {
+    // 4c: authentication and authorization.
+    if let Some(auth) = &policy.auth {
+        let identity = auth.check(conn, req).await?;
+        ctx.consumer = Some(identity.name.clone());
+        ctx.identity = Some(identity);
+    }
     Ok(None)
 }
 

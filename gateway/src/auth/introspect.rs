@@ -1,0 +1,205 @@
+//! OAuth 2.0 token introspection (RFC 7662) for opaque tokens, with the
+//! answers cached by a SHA-256 of the token: active answers for `cache_ttl`
+//! (never past the token's `exp`), inactive ones for `negative_cache_ttl`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::{Request, Uri};
+use http_body_util::Full;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::client;
+use super::jwt::Claims;
+use super::oidc::Provider;
+
+/// Introspection settings and cache of one provider.
+pub struct Introspector {
+    /// Configured; else from discovery.
+    pub endpoint: Option<Uri>,
+    /// `Basic` credentials of the gateway at the provider.
+    pub authorization: HeaderValue,
+    pub cache_ttl: Duration,
+    pub negative_cache_ttl: Duration,
+    cache: quick_cache::sync::Cache<[u8; 32], (Instant, Option<Arc<Claims>>)>,
+}
+
+impl std::fmt::Debug for Introspector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Introspector")
+            .field("endpoint", &self.endpoint)
+            .field("cached", &self.cache.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug)]
+pub enum Refused {
+    /// The provider says the token is not active, or its claims do not fit.
+    Inactive(&'static str),
+    /// The provider could not be asked.
+    Unavailable(String),
+}
+
+impl Introspector {
+    pub fn new(
+        endpoint: Option<Uri>,
+        client_id: &str,
+        client_secret: &str,
+        cache_ttl: Duration,
+        negative_cache_ttl: Duration,
+        cache_size: usize,
+    ) -> Result<Introspector, String> {
+        // RFC 6749 §2.3.1: form-encode, then Basic.
+        let creds = format!("{}:{}", form_encode(client_id), form_encode(client_secret));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(creds);
+        let authorization = HeaderValue::from_str(&format!("Basic {b64}"))
+            .map_err(|_| "invalid introspection client credentials".to_string())?;
+        Ok(Introspector {
+            endpoint,
+            authorization,
+            cache_ttl,
+            negative_cache_ttl,
+            cache: quick_cache::sync::Cache::new(cache_size.max(1)),
+        })
+    }
+}
+
+/// Asks `provider` (through its cache) whether `token` is active.
+pub async fn introspect(
+    provider: &Provider,
+    intro: &Introspector,
+    audiences: &[String],
+    token: &str,
+) -> Result<Arc<Claims>, Refused> {
+    let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    if let Some((until, answer)) = intro.cache.get(&key)
+        && Instant::now() < until
+    {
+        return answer.ok_or(Refused::Inactive("token is not active"));
+    }
+    let Some(endpoint) = provider
+        .introspection_endpoint(intro.endpoint.as_ref())
+        .await
+    else {
+        return Err(Refused::Unavailable(format!(
+            "identity provider {:?} has no introspection endpoint",
+            provider.name
+        )));
+    };
+    let body = format!("token={}&token_type_hint=access_token", form_encode(token));
+    let req = Request::post(endpoint)
+        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(http::header::ACCEPT, "application/json")
+        .header(AUTHORIZATION, intro.authorization.clone())
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| Refused::Unavailable(e.to_string()))?;
+    let resp = client::call(req, provider.timeout)
+        .await
+        .map_err(Refused::Unavailable)?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(Refused::Unavailable(format!(
+            "introspection answered {}",
+            resp.status()
+        )));
+    }
+    let claims: Claims = serde_json::from_slice(resp.body())
+        .map_err(|e| Refused::Unavailable(format!("invalid introspection answer: {e}")))?;
+    let now = jsonwebtoken::get_current_timestamp();
+    match check(provider, audiences, &claims, now) {
+        Ok(()) => {
+            let mut ttl = intro.cache_ttl;
+            if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
+                ttl = ttl.min(Duration::from_secs(exp.saturating_sub(now)));
+            }
+            let claims = Arc::new(claims);
+            intro
+                .cache
+                .insert(key, (Instant::now() + ttl, Some(claims.clone())));
+            Ok(claims)
+        }
+        Err(why) => {
+            intro
+                .cache
+                .insert(key, (Instant::now() + intro.negative_cache_ttl, None));
+            Err(Refused::Inactive(why))
+        }
+    }
+}
+
+/// Checks an introspection answer: active, in time, our issuer and audience.
+fn check(
+    provider: &Provider,
+    audiences: &[String],
+    claims: &Claims,
+    now: u64,
+) -> Result<(), &'static str> {
+    if claims.get("active") != Some(&Value::Bool(true)) {
+        return Err("token is not active");
+    }
+    let leeway = provider.leeway.as_secs();
+    if let Some(exp) = claims.get("exp").and_then(Value::as_u64)
+        && exp.saturating_add(leeway) < now
+    {
+        return Err("token expired");
+    }
+    if let Some(nbf) = claims.get("nbf").and_then(Value::as_u64)
+        && nbf > now.saturating_add(leeway)
+    {
+        return Err("token not valid yet");
+    }
+    if let Some(iss) = claims.get("iss")
+        && iss.as_str() != Some(&*provider.issuer)
+    {
+        return Err("wrong issuer");
+    }
+    if !audiences.is_empty() {
+        let ok = match claims.get("aud") {
+            Some(Value::String(a)) => audiences.iter().any(|x| x == a),
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|a| audiences.iter().any(|x| x == a)),
+            _ => false,
+        };
+        if !ok {
+            return Err("wrong audience");
+        }
+    }
+    Ok(())
+}
+
+/// `application/x-www-form-urlencoded` encoding of one value.
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                out.push('%');
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 15)] as char);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_encoding() {
+        assert_eq!(form_encode("a b+c/=é"), "a%20b%2Bc%2F%3D%C3%A9");
+        assert_eq!(form_encode("AZaz09-._~"), "AZaz09-._~");
+    }
+}

@@ -1,0 +1,964 @@
+//! Step 4c of the pipeline (see `policy`): authentication and authorization.
+//!
+//! A route with `[routes.auth]` accepts any one of the credential kinds it
+//! lists — API key (`apikey`), HTTP Basic (`basic`), JWT bearer tokens
+//! verified on an identity provider's keys (`jwt`, `oidc`), opaque bearer
+//! tokens checked by introspection (`introspect`), or the verdict of an
+//! external service (`forward`) — and denies everything else (401 with
+//! `WWW-Authenticate`). The caller it finds (an `Identity`: consumer name,
+//! the consumer's groups and scopes, the token's claims) must then pass the
+//! route's rules: methods, groups, consumers, scopes (any-of, all-of) and
+//! claims (403 otherwise). On success the identity goes upstream in headers
+//! (set by the gateway only: values the client sent under those names are
+//! removed), into `PolicyCtx` for the later steps and the access log, and
+//! the credentials are removed from the request unless configured otherwise.
+//!
+//! Consumers (`consumers`) come from the config file and a watched consumers
+//! file. Everything is compiled at config load; nothing is parsed per
+//! request but the credentials themselves.
+
+pub mod basic;
+mod client;
+pub mod config;
+pub mod consumers;
+pub mod forward;
+pub mod introspect;
+pub mod jwt;
+pub mod oidc;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use http::header::{AUTHORIZATION, HeaderName, HeaderValue, WWW_AUTHENTICATE};
+use http::{Method, Request, Uri};
+use hyper::body::Incoming;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use crate::config::Problem;
+use crate::error::{ErrorKind, ProxyError};
+use crate::proxy::Conn;
+use consumers::{Consumer, ConsumerStore};
+use jwt::Claims;
+use oidc::Provider;
+
+/// How a caller authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ApiKey,
+    Basic,
+    Jwt,
+    Introspection,
+    Forward,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::ApiKey => "api_key",
+            AuthMethod::Basic => "basic",
+            AuthMethod::Jwt => "jwt",
+            AuthMethod::Introspection => "introspection",
+            AuthMethod::Forward => "forward",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The consumer name (for tokens: the provider's `consumer_claim`).
+    pub name: Arc<str>,
+    pub method: AuthMethod,
+    /// The configured consumer of that name, if any: its groups and scopes.
+    pub consumer: Option<Arc<Consumer>>,
+    /// The token's claims (JWT, introspection).
+    pub claims: Option<Arc<Claims>>,
+}
+
+impl Identity {
+    /// Whether the consumer was granted `scope`, or the token carries it
+    /// (`scope` as a space-separated string, or `scp` as a list).
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.consumer
+            .as_ref()
+            .is_some_and(|c| c.scopes.iter().any(|s| &**s == scope))
+            || self.claim_holds("scope", scope)
+            || self.claim_holds("scp", scope)
+    }
+
+    pub fn in_group(&self, group: &str) -> bool {
+        self.consumer
+            .as_ref()
+            .is_some_and(|c| c.groups.iter().any(|g| &**g == group))
+    }
+
+    /// Whether claim `name` is `value`, or a list or space-separated string
+    /// containing it.
+    pub fn claim_holds(&self, name: &str, value: &str) -> bool {
+        match self.claims.as_ref().and_then(|c| c.get(name)) {
+            Some(Value::String(s)) => s == value || s.split(' ').any(|p| p == value),
+            Some(Value::Array(list)) => list.iter().any(|v| v.as_str() == Some(value)),
+            Some(Value::Bool(b)) => value == if *b { "true" } else { "false" },
+            Some(Value::Number(n)) => n.to_string() == value,
+            _ => false,
+        }
+    }
+
+    /// A claim as a header value: strings, numbers and booleans as they
+    /// are, lists of strings joined with commas.
+    fn claim_value(&self, name: &str) -> Option<HeaderValue> {
+        let v = self.claims.as_ref()?.get(name)?;
+        match v {
+            Value::String(s) => HeaderValue::from_str(s).ok(),
+            Value::Number(_) | Value::Bool(_) => HeaderValue::from_str(&v.to_string()).ok(),
+            Value::Array(list) => {
+                let items: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
+                HeaderValue::from_str(&items.join(",")).ok()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Authentication state shared by a configuration's routes.
+#[derive(Debug)]
+pub struct AuthConfig {
+    pub consumers: Arc<ConsumerStore>,
+    pub providers: Vec<Arc<Provider>>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            consumers: Arc::new(ConsumerStore::empty()),
+            providers: Vec::new(),
+        }
+    }
+}
+
+/// Starts what a configuration's auth needs while it is in force (the
+/// consumers file watcher). Called once per generation.
+pub fn activate(auth: &AuthConfig) {
+    auth.consumers.watch();
+}
+
+/// Where an API key is looked for.
+#[derive(Debug)]
+struct ApiKeyIn {
+    header: HeaderName,
+    query: Option<Box<str>>,
+}
+
+/// A `[[routes.auth.claims]]` rule.
+#[derive(Debug)]
+struct ClaimRule {
+    name: Box<str>,
+    any_of: Vec<Box<str>>,
+    all_of: Vec<Box<str>>,
+}
+
+/// One route's compiled `[routes.auth]`.
+#[derive(Debug)]
+pub struct RouteAuth {
+    consumers: Arc<ConsumerStore>,
+    api_key: Option<ApiKeyIn>,
+    basic: bool,
+    jwt: Option<(Arc<Provider>, oidc::Validations)>,
+    introspection: Option<(Arc<Provider>, Vec<String>)>,
+    forward: Option<forward::ForwardAuth>,
+    realm: Box<str>,
+    /// `WWW-Authenticate` challenges for a request without credentials.
+    challenges: Vec<HeaderValue>,
+    methods: Vec<Method>,
+    groups: Vec<Box<str>>,
+    allowed_consumers: Vec<Box<str>>,
+    scopes_any: Vec<Box<str>>,
+    scopes_all: Vec<Box<str>>,
+    claims: Vec<ClaimRule>,
+    consumer_header: Option<HeaderName>,
+    claim_headers: Vec<(HeaderName, Box<str>)>,
+    strip_credentials: bool,
+}
+
+/// What authentication found, before authorization.
+struct Found {
+    identity: Identity,
+    /// API key came from the query string.
+    key_in_query: bool,
+    /// Headers a forward-auth service asked to pass on.
+    extra: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl RouteAuth {
+    /// Authenticates and authorizes `req`; on success rewrites its headers
+    /// (identity in, credentials out) and returns the identity.
+    pub async fn check(
+        &self,
+        conn: &Conn,
+        req: &mut Request<Incoming>,
+    ) -> Result<Identity, ProxyError> {
+        let found = self.authenticate(conn, req).await;
+        let label = match &found {
+            Ok(f) => f.identity.method.as_str(),
+            Err(_) => "none",
+        };
+        let found = found.inspect_err(|_| {
+            metrics::counter!("gateway_auth_failures_total", "reason" => "unauthenticated")
+                .increment(1);
+        })?;
+        self.authorize(&found.identity, req.method())
+            .inspect_err(|_| {
+                metrics::counter!("gateway_auth_failures_total", "reason" => "forbidden")
+                    .increment(1);
+            })?;
+        metrics::counter!("gateway_auth_success_total", "method" => label).increment(1);
+        self.rewrite(&found, req);
+        Ok(found.identity)
+    }
+
+    async fn authenticate(
+        &self,
+        conn: &Conn,
+        req: &Request<Incoming>,
+    ) -> Result<Found, ProxyError> {
+        let found = |identity| Found {
+            identity,
+            key_in_query: false,
+            extra: Vec::new(),
+        };
+        if let Some(v) = req.headers().get(AUTHORIZATION) {
+            let v = v.as_bytes();
+            if self.basic
+                && let Some(creds) = strip_scheme(v, b"basic")
+            {
+                return self.basic(creds).await.map(found);
+            }
+            if (self.jwt.is_some() || self.introspection.is_some())
+                && let Some(token) = strip_scheme(v, b"bearer")
+            {
+                return self.bearer(token).await.map(found);
+            }
+        }
+        if let Some(k) = &self.api_key {
+            if let Some(v) = req.headers().get(&k.header) {
+                return self.api_key(v.as_bytes()).map(found);
+            }
+            if let Some(name) = &k.query
+                && let Some(v) = query_param(req.uri(), name)
+            {
+                return self.api_key(&v).map(|identity| Found {
+                    identity,
+                    key_in_query: true,
+                    extra: Vec::new(),
+                });
+            }
+        }
+        if let Some(f) = &self.forward {
+            let admitted = f.check(conn, req).await?;
+            return Ok(Found {
+                identity: Identity {
+                    name: admitted
+                        .consumer
+                        .unwrap_or_else(|| Arc::from("forward-auth")),
+                    method: AuthMethod::Forward,
+                    consumer: None,
+                    claims: None,
+                },
+                key_in_query: false,
+                extra: admitted.headers,
+            });
+        }
+        Err(self.unauthorized("this route needs credentials", None))
+    }
+
+    fn api_key(&self, key: &[u8]) -> Result<Identity, ProxyError> {
+        let digest: [u8; 32] = Sha256::digest(key).into();
+        let set = self.consumers.load();
+        match set.by_api_key(&digest) {
+            Some(c) => Ok(Identity {
+                name: c.name.clone(),
+                method: AuthMethod::ApiKey,
+                consumer: Some(c.clone()),
+                claims: None,
+            }),
+            None => Err(self.unauthorized("invalid API key", None)),
+        }
+    }
+
+    async fn basic(&self, creds: &[u8]) -> Result<Identity, ProxyError> {
+        let Some((user, password)) = basic::decode(creds) else {
+            return Err(self.unauthorized("malformed Basic credentials", None));
+        };
+        let set = self.consumers.load_full();
+        match basic::verify(&set, &user, password).await {
+            Ok(c) => Ok(Identity {
+                name: c.name.clone(),
+                method: AuthMethod::Basic,
+                consumer: Some(c),
+                claims: None,
+            }),
+            Err(_) => Err(self.unauthorized("invalid user name or password", None)),
+        }
+    }
+
+    async fn bearer(&self, token: &[u8]) -> Result<Identity, ProxyError> {
+        let Ok(token) = std::str::from_utf8(token) else {
+            return Err(self.unauthorized("malformed bearer token", Some("malformed token")));
+        };
+        let token = token.trim();
+        let looks_like_jwt = token.bytes().filter(|&b| b == b'.').count() == 2;
+        let (provider, claims, method) = match (&self.jwt, &self.introspection) {
+            (Some((p, validation)), intro) if looks_like_jwt || intro.is_none() => {
+                let claims = p.verify(token, validation).await.map_err(|e| {
+                    self.unauthorized(format!("invalid bearer token: {e}"), Some(&e.to_string()))
+                })?;
+                (p, Arc::new(claims), AuthMethod::Jwt)
+            }
+            (_, Some((p, audiences))) => {
+                let Some(intro) = &p.introspection else {
+                    return Err(ProxyError::new(
+                        ErrorKind::Internal,
+                        "introspection is not configured",
+                    ));
+                };
+                let claims = introspect::introspect(p, intro, audiences, token)
+                    .await
+                    .map_err(|e| match e {
+                        introspect::Refused::Inactive(why) => {
+                            self.unauthorized(format!("invalid bearer token: {why}"), Some(why))
+                        }
+                        introspect::Refused::Unavailable(msg) => ProxyError::new(
+                            ErrorKind::UpstreamConnect,
+                            "cannot reach the identity provider to check the token",
+                        )
+                        .with_source(msg),
+                    })?;
+                (p, claims, AuthMethod::Introspection)
+            }
+            _ => return Err(self.unauthorized("this route needs credentials", None)),
+        };
+        for c in &provider.required_claims {
+            if !claims.contains_key(c) {
+                return Err(self.unauthorized(
+                    format!("invalid bearer token: it lacks the {c:?} claim"),
+                    Some("required claim missing"),
+                ));
+            }
+        }
+        let name = [provider.consumer_claim.as_str(), "client_id"]
+            .iter()
+            .find_map(|c| claims.get(*c).and_then(Value::as_str))
+            .filter(|n| !n.is_empty())
+            .map(Arc::<str>::from);
+        let Some(name) = name else {
+            return Err(self.unauthorized(
+                format!(
+                    "invalid bearer token: no {:?} claim names the caller",
+                    provider.consumer_claim
+                ),
+                Some("no subject"),
+            ));
+        };
+        let consumer = self.consumers.load().by_name(&name).cloned();
+        Ok(Identity {
+            name,
+            method,
+            consumer,
+            claims: Some(claims),
+        })
+    }
+
+    /// 401 with the route's challenges; a bad bearer token gets an
+    /// RFC 6750 `invalid_token` challenge instead of the plain one.
+    fn unauthorized(
+        &self,
+        detail: impl Into<std::borrow::Cow<'static, str>>,
+        invalid_token: Option<&str>,
+    ) -> ProxyError {
+        let mut e = ProxyError::new(ErrorKind::Unauthorized, detail);
+        match invalid_token {
+            Some(why) => {
+                let why: String = why.chars().filter(|c| *c != '"' && *c != '\\').collect();
+                let v = format!(
+                    "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{why}\"",
+                    self.realm
+                );
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    e = e.with_header(WWW_AUTHENTICATE, v);
+                }
+            }
+            None => {
+                for c in &self.challenges {
+                    e = e.with_header(WWW_AUTHENTICATE, c.clone());
+                }
+            }
+        }
+        e
+    }
+
+    fn authorize(&self, id: &Identity, method: &Method) -> Result<(), ProxyError> {
+        let deny = |why: String| ProxyError::new(ErrorKind::Forbidden, why);
+        if !self.methods.is_empty() && !self.methods.contains(method) {
+            return Err(deny(format!("{} may not use {method} here", id.name)));
+        }
+        if !self.allowed_consumers.is_empty()
+            && !self.allowed_consumers.iter().any(|c| **c == *id.name)
+        {
+            return Err(deny(format!("{} may not use this route", id.name)));
+        }
+        if !self.groups.is_empty() && !self.groups.iter().any(|g| id.in_group(g)) {
+            return Err(deny(format!(
+                "{} is in none of the groups this route allows",
+                id.name
+            )));
+        }
+        let missing = self.scopes_all.iter().find(|s| !id.has_scope(s));
+        let none_of_any =
+            !self.scopes_any.is_empty() && !self.scopes_any.iter().any(|s| id.has_scope(s));
+        if missing.is_some() || none_of_any {
+            let wanted: Vec<&str> = match missing {
+                Some(s) => vec![&**s],
+                None => self.scopes_any.iter().map(|s| &**s).collect(),
+            };
+            let mut e = deny(format!(
+                "{} lacks the scope this route needs ({})",
+                id.name,
+                wanted.join(" or ")
+            ));
+            if matches!(id.method, AuthMethod::Jwt | AuthMethod::Introspection)
+                && let Ok(v) = HeaderValue::from_str(&format!(
+                    "Bearer realm=\"{}\", error=\"insufficient_scope\", scope=\"{}\"",
+                    self.realm,
+                    wanted.join(" ")
+                ))
+            {
+                e = e.with_header(WWW_AUTHENTICATE, v);
+            }
+            return Err(e);
+        }
+        for rule in &self.claims {
+            let ok = rule.all_of.iter().all(|v| id.claim_holds(&rule.name, v))
+                && (rule.any_of.is_empty()
+                    || rule.any_of.iter().any(|v| id.claim_holds(&rule.name, v)));
+            if !ok {
+                return Err(deny(format!(
+                    "{}: claim {:?} does not allow this route",
+                    id.name, rule.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Identity headers in (client-sent ones out first), credentials out.
+    fn rewrite(&self, found: &Found, req: &mut Request<Incoming>) {
+        let id = &found.identity;
+        let h = req.headers_mut();
+        if let Some(name) = &self.consumer_header {
+            h.remove(name);
+            if let Ok(v) = HeaderValue::from_str(&id.name) {
+                h.insert(name.clone(), v);
+            }
+        }
+        for (name, claim) in &self.claim_headers {
+            h.remove(name);
+            if let Some(v) = id.claim_value(claim) {
+                h.insert(name.clone(), v);
+            }
+        }
+        for (name, _) in &found.extra {
+            h.remove(name);
+        }
+        for (name, v) in &found.extra {
+            h.append(name.clone(), v.clone());
+        }
+        if !self.strip_credentials {
+            return;
+        }
+        match id.method {
+            AuthMethod::ApiKey => {
+                if let Some(k) = &self.api_key {
+                    h.remove(&k.header);
+                    if found.key_in_query
+                        && let Some(q) = &k.query
+                        && let Some(uri) = without_query_param(req.uri(), q)
+                    {
+                        *req.uri_mut() = uri;
+                    }
+                }
+            }
+            AuthMethod::Basic
+            | AuthMethod::Jwt
+            | AuthMethod::Introspection
+            | AuthMethod::Forward => {
+                h.remove(AUTHORIZATION);
+            }
+        }
+    }
+}
+
+/// The credentials after `scheme ` in an `Authorization` value (scheme
+/// matched without regard to case).
+fn strip_scheme<'a>(v: &'a [u8], scheme: &[u8]) -> Option<&'a [u8]> {
+    let (s, rest) = v.split_at_checked(scheme.len())?;
+    if !s.eq_ignore_ascii_case(scheme) || rest.first() != Some(&b' ') {
+        return None;
+    }
+    Some(rest.trim_ascii())
+}
+
+/// The first value of query parameter `name`, percent-decoded.
+fn query_param(uri: &Uri, name: &str) -> Option<Vec<u8>> {
+    let q = uri.query()?;
+    q.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'%'
+            && let Some(h) = b.get(i + 1..i + 3)
+            && h.iter().all(u8::is_ascii_hexdigit)
+            && let Some(v) = std::str::from_utf8(h)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(if c == b'+' { b' ' } else { c });
+        i += 1;
+    }
+    out
+}
+
+/// `uri` without query parameter `name`.
+fn without_query_param(uri: &Uri, name: &str) -> Option<Uri> {
+    let q = uri.query()?;
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+        .collect();
+    let pq = if kept.is_empty() {
+        uri.path().to_string()
+    } else {
+        format!("{}?{}", uri.path(), kept.join("&"))
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+// ---------------------------------------------------------------------------
+// Compilation.
+
+/// Compiles the top-level consumers, consumers file and identity providers.
+pub fn compile(
+    base: &Path,
+    consumers: &[config::Consumer],
+    consumers_file: Option<&Spanned<String>>,
+    providers: &[config::IdentityProvider],
+    problems: &mut Vec<Problem>,
+) -> AuthConfig {
+    let file = consumers_file.map(|f| (f, crate::config::compile_resolve(base, f.get_ref())));
+    let consumers = match ConsumerStore::compile(consumers, file) {
+        Ok(s) => Arc::new(s),
+        Err(ps) => {
+            problems.extend(ps);
+            Arc::new(ConsumerStore::empty())
+        }
+    };
+    let mut compiled: Vec<Arc<Provider>> = Vec::new();
+    for p in providers {
+        if compiled.iter().any(|c| *c.name == **p.name.get_ref()) {
+            problems.push(Problem::at(
+                p.name.span(),
+                format!("duplicate identity provider name {:?}", p.name.get_ref()),
+            ));
+            continue;
+        }
+        if let Some(p) = compile_provider(p, problems) {
+            compiled.push(Arc::new(p));
+        }
+    }
+    AuthConfig {
+        consumers,
+        providers: compiled,
+    }
+}
+
+fn compile_provider(p: &config::IdentityProvider, problems: &mut Vec<Problem>) -> Option<Provider> {
+    let before = problems.len();
+    let issuer = p.issuer.get_ref().clone();
+    let mut algorithms = Vec::new();
+    for a in &p.algorithms {
+        match jwt::parse_algorithm(a.get_ref()) {
+            Some(alg) => algorithms.push(alg),
+            None => problems.push(Problem::at(
+                a.span(),
+                format!(
+                    "unsupported algorithm {:?}: use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA or HS256",
+                    a.get_ref()
+                ),
+            )),
+        }
+    }
+    let mut hmac = jwt::KeySet::default();
+    for s in &p.hs256_secrets {
+        if s.get_ref().len() < 32 {
+            problems.push(Problem::at(
+                s.span(),
+                "an HS256 secret must be at least 32 bytes",
+            ));
+        }
+        hmac.add_hs256(s.get_ref().as_bytes());
+    }
+    let has_hs = algorithms.contains(&jsonwebtoken::Algorithm::HS256);
+    if has_hs == p.hs256_secrets.is_empty() {
+        problems.push(Problem::at(
+            p.name.span(),
+            "HS256 in `algorithms` and `hs256_secrets` go together: give both or neither",
+        ));
+    }
+    let source = match &p.jwks_uri {
+        Some(u) => match client::parse_url(u.get_ref()) {
+            Ok(u) => Some(oidc::Source::Jwks(u)),
+            Err(m) => {
+                problems.push(Problem::at(u.span(), m));
+                None
+            }
+        },
+        None => {
+            let url = format!(
+                "{}/.well-known/openid-configuration",
+                issuer.trim_end_matches('/')
+            );
+            match client::parse_url(&url) {
+                Ok(u) => Some(oidc::Source::Discovery(u)),
+                Err(m) => {
+                    problems.push(Problem::at(
+                        p.issuer.span(),
+                        format!("issuer: {m} (or give `jwks_uri`)"),
+                    ));
+                    None
+                }
+            }
+        }
+    };
+    let introspection = match &p.introspection {
+        Some(i) => {
+            let cfg = i.get_ref();
+            let endpoint = match &cfg.endpoint {
+                Some(e) => match client::parse_url(e.get_ref()) {
+                    Ok(u) => Some(u),
+                    Err(m) => {
+                        problems.push(Problem::at(e.span(), m));
+                        None
+                    }
+                },
+                None => {
+                    if p.jwks_uri.is_some() {
+                        problems.push(Problem::at(
+                            i.span(),
+                            "without discovery (`jwks_uri` is given) introspection needs an `endpoint`",
+                        ));
+                    }
+                    None
+                }
+            };
+            match introspect::Introspector::new(
+                endpoint,
+                &cfg.client_id,
+                &cfg.client_secret,
+                cfg.cache_ttl.0,
+                cfg.negative_cache_ttl.0,
+                cfg.cache_size,
+            ) {
+                Ok(i) => Some(i),
+                Err(m) => {
+                    problems.push(Problem::at(i.span(), m));
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    if p.timeout.0.is_zero() {
+        problems.push(Problem::at(p.name.span(), "`timeout` must be positive"));
+    }
+    let source = source?;
+    if problems.len() != before {
+        return None;
+    }
+    let keys = oidc::KeyCache::shared(oidc::Fetch {
+        source,
+        issuer: issuer.clone(),
+        algorithms: algorithms
+            .iter()
+            .copied()
+            .filter(|a| *a != jsonwebtoken::Algorithm::HS256)
+            .collect(),
+        timeout: p.timeout.0,
+    });
+    Some(Provider {
+        name: p.name.get_ref().as_str().into(),
+        issuer: issuer.into(),
+        algorithms,
+        audiences: p.audiences.clone(),
+        leeway: p.leeway.0,
+        required_claims: p.required_claims.clone(),
+        consumer_claim: p.consumer_claim.clone(),
+        refresh_interval: p.refresh_interval.0,
+        min_refresh_interval: p.min_refresh_interval.0,
+        timeout: p.timeout.0,
+        hmac,
+        keys,
+        introspection,
+    })
+}
+
+/// Compiles a route's `[routes.auth]`.
+pub fn compile_route(
+    auth: Option<&Spanned<config::RouteAuth>>,
+    global: &AuthConfig,
+    problems: &mut Vec<Problem>,
+) -> Option<Box<RouteAuth>> {
+    let spanned = auth?;
+    let a = spanned.get_ref();
+    let span = spanned.span();
+    let before = problems.len();
+    let header_name = |s: &Spanned<String>, problems: &mut Vec<Problem>| {
+        HeaderName::from_bytes(s.get_ref().as_bytes())
+            .map_err(|_| {
+                problems.push(Problem::at(
+                    s.span(),
+                    format!("invalid header name {:?}", s.get_ref()),
+                ))
+            })
+            .ok()
+    };
+    let provider = |name: &Spanned<String>, problems: &mut Vec<Problem>| {
+        let p = global
+            .providers
+            .iter()
+            .find(|p| *p.name == **name.get_ref())
+            .cloned();
+        if p.is_none() {
+            problems.push(Problem::at(
+                name.span(),
+                format!("unknown identity provider {:?}", name.get_ref()),
+            ));
+        }
+        p
+    };
+    let api_key = a.api_key.as_ref().and_then(|k| {
+        Some(ApiKeyIn {
+            header: header_name(&k.header, problems)?,
+            query: k.query.as_ref().map(|q| q.get_ref().as_str().into()),
+        })
+    });
+    let jwt = a.jwt.as_ref().and_then(|j| {
+        let p = provider(&j.provider, problems)?;
+        let audiences = if j.audiences.is_empty() {
+            p.audiences.clone()
+        } else {
+            j.audiences.clone()
+        };
+        if audiences.is_empty() {
+            problems.push(Problem::at(
+                j.provider.span(),
+                "JWT needs the audiences to accept: set `audiences` on the identity provider or here",
+            ));
+            return None;
+        }
+        let v = p.validations(&audiences);
+        Some((p, v))
+    });
+    let introspection = a.introspection.as_ref().and_then(|i| {
+        let p = provider(&i.provider, problems)?;
+        if p.introspection.is_none() {
+            problems.push(Problem::at(
+                i.provider.span(),
+                format!(
+                    "identity provider {:?} has no [identity_providers.introspection] section",
+                    i.provider.get_ref()
+                ),
+            ));
+            return None;
+        }
+        let audiences = p.audiences.clone();
+        Some((p, audiences))
+    });
+    let forward = a.forward.as_ref().and_then(|f| {
+        let uri = client::parse_url(f.url.get_ref())
+            .map_err(|m| problems.push(Problem::at(f.url.span(), m)))
+            .ok()?;
+        let request_headers = f
+            .request_headers
+            .iter()
+            .filter_map(|h| header_name(h, problems))
+            .collect();
+        let response_headers = f
+            .response_headers
+            .iter()
+            .filter_map(|h| header_name(h, problems))
+            .collect();
+        let consumer_from = f
+            .consumer_from
+            .as_ref()
+            .and_then(|h| header_name(h, problems));
+        Some(forward::ForwardAuth {
+            uri,
+            timeout: f.timeout.0,
+            request_headers,
+            response_headers,
+            consumer_from,
+        })
+    });
+    if a.api_key.is_none()
+        && a.basic.is_none()
+        && a.jwt.is_none()
+        && a.introspection.is_none()
+        && a.forward.is_none()
+    {
+        problems.push(Problem::at(
+            span.clone(),
+            "[routes.auth] accepts no credentials: add api_key, basic, jwt, introspection or forward",
+        ));
+    }
+    let realm = a.realm.get_ref();
+    if realm.contains(['"', '\\']) || HeaderValue::from_str(realm).is_err() {
+        problems.push(Problem::at(
+            a.realm.span(),
+            "realm must be printable and contain no quotes",
+        ));
+    }
+    let mut challenges = Vec::new();
+    if let Some(k) = &api_key {
+        challenges.push(format!("ApiKey realm=\"{realm}\", header=\"{}\"", k.header));
+    }
+    if a.basic.is_some() {
+        challenges.push(format!("Basic realm=\"{realm}\", charset=\"UTF-8\""));
+    }
+    if a.jwt.is_some() || a.introspection.is_some() {
+        challenges.push(format!("Bearer realm=\"{realm}\""));
+    }
+    let challenges = challenges
+        .into_iter()
+        .filter_map(|c| HeaderValue::from_str(&c).ok())
+        .collect();
+    let mut methods = Vec::new();
+    for m in &a.methods {
+        match Method::from_bytes(m.get_ref().to_ascii_uppercase().as_bytes()) {
+            Ok(m) => methods.push(m),
+            Err(_) => problems.push(Problem::at(
+                m.span(),
+                format!("invalid method {:?}", m.get_ref()),
+            )),
+        }
+    }
+    let claims = a
+        .claims
+        .iter()
+        .filter_map(|c| {
+            let r = c.get_ref();
+            if r.any_of.is_empty() && r.all_of.is_empty() {
+                problems.push(Problem::at(
+                    c.span(),
+                    "a claim rule needs `any_of` or `all_of`",
+                ));
+                return None;
+            }
+            Some(ClaimRule {
+                name: r.name.as_str().into(),
+                any_of: r.any_of.iter().map(|s| s.as_str().into()).collect(),
+                all_of: r.all_of.iter().map(|s| s.as_str().into()).collect(),
+            })
+        })
+        .collect();
+    let consumer_header = if a.consumer_header.get_ref().is_empty() {
+        None
+    } else {
+        header_name(&a.consumer_header, problems)
+    };
+    let claim_headers = a
+        .claim_headers
+        .iter()
+        .filter_map(|(h, claim)| match HeaderName::from_bytes(h.as_bytes()) {
+            Ok(n) => Some((n, claim.get_ref().as_str().into())),
+            Err(_) => {
+                problems.push(Problem::at(
+                    claim.span(),
+                    format!("invalid header name {h:?}"),
+                ));
+                None
+            }
+        })
+        .collect();
+    let boxed = |v: &[String]| {
+        v.iter()
+            .map(|s| s.as_str().into())
+            .collect::<Vec<Box<str>>>()
+    };
+    if problems.len() != before {
+        return None;
+    }
+    Some(Box::new(RouteAuth {
+        consumers: global.consumers.clone(),
+        api_key,
+        basic: a.basic.is_some(),
+        jwt,
+        introspection,
+        forward,
+        realm: realm.as_str().into(),
+        challenges,
+        methods,
+        groups: boxed(&a.groups),
+        allowed_consumers: boxed(&a.consumers),
+        scopes_any: boxed(&a.scopes_any),
+        scopes_all: boxed(&a.scopes_all),
+        claims,
+        consumer_header,
+        claim_headers,
+        strip_credentials: a.strip_credentials,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes() {
+        assert_eq!(strip_scheme(b"Bearer abc", b"bearer"), Some(&b"abc"[..]));
+        assert_eq!(strip_scheme(b"bAsIc  x ", b"basic"), Some(&b"x"[..]));
+        assert_eq!(strip_scheme(b"Bearerabc", b"bearer"), None);
+        assert_eq!(strip_scheme(b"Bear", b"bearer"), None);
+    }
+
+    #[test]
+    fn query_params() {
+        let u: Uri = "/p?a=1&api_key=k%2By+z&b=2".parse().unwrap();
+        assert_eq!(query_param(&u, "api_key").unwrap(), b"k+y z");
+        assert_eq!(
+            without_query_param(&u, "api_key").unwrap().to_string(),
+            "/p?a=1&b=2"
+        );
+        let u: Uri = "/p?api_key=k".parse().unwrap();
+        assert_eq!(
+            without_query_param(&u, "api_key").unwrap().to_string(),
+            "/p"
+        );
+        assert_eq!(percent_decode("%zz%4%+1"), b"%zz%4% 1");
+        assert_eq!(percent_decode("%41%4a"), b"AJ");
+    }
+}
