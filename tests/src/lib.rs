@@ -1,10 +1,12 @@
 //! Test harness for the end-to-end tests: real hyper backends on ephemeral
 //! ports (`backend`), the real gateway binary started on a generated config
-//! (`gateway`), and small clients (`client`).
+//! (`gateway`), small clients (`client`), and a real OpenID Connect
+//! provider (`idp`).
 
 pub mod backend;
 pub mod client;
 pub mod gateway;
+pub mod idp;
 
 /// A free TCP port on 127.0.0.1 (bound then released; the OS does not hand
 /// it out again at once).

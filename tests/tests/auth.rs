@@ -13,6 +13,7 @@ use gateway_tests::backend::Backend;
 use gateway_tests::client::{self, Reply};
 use gateway_tests::free_port;
 use gateway_tests::gateway::{Gateway, run_cli};
+use gateway_tests::idp::{GATEWAY_CLIENT, Idp};
 use http::Request;
 use http_body_util::Full;
 use sha2::{Digest, Sha256};
@@ -39,26 +40,7 @@ fn argon2_hash(pw: &str) -> String {
 }
 
 fn basic(user: &str, pw: &str) -> String {
-    // Base64 by hand keeps the test crate's dependencies small.
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let raw = format!("{user}:{pw}").into_bytes();
-    let mut out = String::from("Basic ");
-    for chunk in raw.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    gateway_tests::idp::basic_auth(user, pw)
 }
 
 async fn send(base: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
@@ -495,4 +477,470 @@ scopes_any = ["read"]
     ] {
         assert!(out.contains(&want), "missing {want:?} in:\n{out}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// A real OpenID Connect provider.
+
+const API: &str = "https://api.example";
+const ES: &str = "https://es.example";
+const ED: &str = "https://ed.example";
+const OPAQUE: &str = "https://opaque.example";
+
+struct Oidc {
+    gw: Gateway,
+    base: String,
+    idp: Idp,
+}
+
+fn start_oidc(backend: &Backend, min_refresh: &str) -> Oidc {
+    let idp = Idp::start();
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"{common}
+[[identity_providers]]
+name = "idp"
+issuer = "{issuer}"
+audiences = ["{API}", "{ES}", "{ED}", "{OPAQUE}"]
+min_refresh_interval = "{min_refresh}"
+leeway = "5s"
+[identity_providers.introspection]
+client_id = "{gw_id}"
+client_secret = "{gw_secret}"
+
+[[routes]]
+name = "jwt"
+upstream = "one"
+[routes.match]
+path_prefix = "/jwt/"
+[routes.auth]
+jwt = {{ provider = "idp" }}
+scopes_any = ["read", "write"]
+claim_headers = {{ "x-client" = "client_id", "x-scope" = "scope" }}
+
+[[routes]]
+name = "jwt-admin"
+upstream = "one"
+[routes.match]
+path_prefix = "/jwt-admin/"
+[routes.auth]
+jwt = {{ provider = "idp", audiences = ["{API}"] }}
+scopes_all = ["admin"]
+
+[[routes]]
+name = "opaque"
+upstream = "one"
+[routes.match]
+path_prefix = "/opaque/"
+[routes.auth]
+introspection = {{ provider = "idp" }}
+[[routes.auth.claims]]
+name = "scope"
+any_of = ["write"]
+"#,
+        common = common(&admin, port, backend),
+        issuer = idp.issuer,
+        gw_id = GATEWAY_CLIENT.0,
+        gw_secret = GATEWAY_CLIENT.1,
+    );
+    let gw = Gateway::start(&config, &admin);
+    Oidc {
+        gw,
+        base: format!("http://127.0.0.1:{port}"),
+        idp,
+    }
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// A counter's value on the admin `/metrics`, summed over its label sets.
+async fn metric(gw: &Gateway, name: &str, label: &str) -> u64 {
+    let r = client::get(&format!("http://{}/metrics", gw.admin)).await;
+    r.text()
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test]
+async fn oidc_tokens_verified_through_discovery_and_jwks() {
+    let b = Backend::start("b").await;
+    let env = start_oidc(&b, "10s");
+    for resource in [API, ES, ED] {
+        let token = env.idp.token(resource, "read").await;
+        let r = send(
+            &env.base,
+            "GET",
+            "/jwt/x",
+            &[("authorization", &bearer(&token))],
+        )
+        .await;
+        let h = seen(&r);
+        assert_eq!(h["x-consumer"], "svc", "{resource}");
+        assert_eq!(h["x-client"], "svc");
+        assert_eq!(h["x-scope"], "read");
+        assert!(h.get("authorization").is_none(), "token stripped: {h}");
+    }
+    // One discovery + JWKS load served all of them.
+    assert_eq!(
+        metric(
+            &env.gw,
+            "gateway_auth_jwks_refreshes_total",
+            "result=\"ok\""
+        )
+        .await,
+        1
+    );
+
+    // Scopes: "read" is not "admin"; the audience list of the route is
+    // narrower than the provider's.
+    let token = env.idp.token(API, "read").await;
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt-admin/x",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    problem(&r, 403);
+    assert!(
+        r.header("www-authenticate")
+            .is_some_and(|v| v.contains("error=\"insufficient_scope\"")),
+        "{:?}",
+        r.headers
+    );
+    let token = env.idp.token(API, "read admin").await;
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt-admin/x",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    seen(&r);
+    let token = env.idp.token(ES, "read admin").await;
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt-admin/x",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    let v = problem(&r, 401);
+    assert!(
+        v["detail"].as_str().unwrap().contains("wrong audience"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn oidc_hostile_tokens_rejected() {
+    let b = Backend::start("b").await;
+    let env = start_oidc(&b, "10s");
+    // Load the keys with a good token first, so each rejection below is
+    // about the token, not about keys not loaded yet.
+    let good = env.idp.token(API, "read").await;
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt/x",
+        &[("authorization", &bearer(&good))],
+    )
+    .await;
+    seen(&r);
+    let before = b.hits();
+
+    for (kind, why) in [
+        ("none", "malformed token"),
+        ("hs256-confusion", "token algorithm not accepted"),
+        ("expired", "token expired"),
+        ("not-yet-valid", "token not valid yet"),
+        ("wrong-aud", "wrong audience"),
+        ("wrong-iss", "wrong issuer"),
+        ("unknown-kid", "no key for this token"),
+    ] {
+        let token = env.idp.forge(kind).await;
+        let r = send(
+            &env.base,
+            "GET",
+            "/jwt/x",
+            &[("authorization", &bearer(&token))],
+        )
+        .await;
+        let v = problem(&r, 401);
+        assert!(v["detail"].as_str().unwrap().contains(why), "{kind}: {v}");
+        let challenge = r.header("www-authenticate").unwrap_or_default();
+        assert!(
+            challenge.starts_with("Bearer realm=\"gateway\", error=\"invalid_token\""),
+            "{kind}: {challenge}"
+        );
+    }
+    // A real token with its payload swapped.
+    let forged = env.idp.forge("expired").await;
+    let mut parts: Vec<&str> = good.split('.').collect();
+    let other: Vec<&str> = forged.split('.').collect();
+    parts[1] = other[1];
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt/x",
+        &[("authorization", &bearer(&parts.join(".")))],
+    )
+    .await;
+    problem(&r, 401);
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt/x",
+        &[("authorization", "Bearer not-a-jwt")],
+    )
+    .await;
+    problem(&r, 401);
+    assert_eq!(b.hits(), before, "no hostile token reached the upstream");
+}
+
+#[tokio::test]
+async fn oidc_key_rotation_and_rate_limited_refresh() {
+    let b = Backend::start("b").await;
+    let env = start_oidc(&b, "2s");
+    let old = env.idp.token(API, "read").await;
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt/x",
+        &[("authorization", &bearer(&old))],
+    )
+    .await;
+    seen(&r);
+
+    // Tokens naming unknown keys cause at most one refresh per
+    // min_refresh_interval, however many arrive.
+    let started = Instant::now();
+    for _ in 0..20 {
+        let t = env.idp.forge("unknown-kid").await;
+        let r = send(
+            &env.base,
+            "GET",
+            "/jwt/x",
+            &[("authorization", &bearer(&t))],
+        )
+        .await;
+        problem(&r, 401);
+    }
+    let attempts = metric(&env.gw, "gateway_auth_jwks_refreshes_total", "").await;
+    let allowed = 2 + started.elapsed().as_secs() / 2;
+    assert!(
+        attempts <= allowed,
+        "{attempts} refreshes, at most {allowed} expected"
+    );
+
+    // The provider rotates: tokens signed with the new key are accepted
+    // once the gateway refreshes (at once, or after the rate limit).
+    let kid = env.idp.rotate(false).await;
+    assert_eq!(kid, "rsa-2");
+    let new = env.idp.token(API, "read").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = send(
+            &env.base,
+            "GET",
+            "/jwt/x",
+            &[("authorization", &bearer(&new))],
+        )
+        .await;
+        if r.status == 200 {
+            break;
+        }
+        problem(&r, 401);
+        assert!(
+            Instant::now() < deadline,
+            "new key never picked up: {}",
+            env.gw.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The old key is still published, so its tokens still verify.
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt/x",
+        &[("authorization", &bearer(&old))],
+    )
+    .await;
+    seen(&r);
+}
+
+#[tokio::test]
+async fn introspection_of_opaque_tokens_with_cache() {
+    let b = Backend::start("b").await;
+    let mut env = start_oidc(&b, "10s");
+    let token = env.idp.token(OPAQUE, "read write").await;
+    assert_eq!(token.matches('.').count(), 0, "opaque: {token}");
+    let r = send(
+        &env.base,
+        "GET",
+        "/opaque/x",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    let h = seen(&r);
+    assert_eq!(h["x-consumer"], "svc");
+    assert!(h.get("authorization").is_none());
+
+    let read_only = env.idp.token(OPAQUE, "read").await;
+    let r = send(
+        &env.base,
+        "GET",
+        "/opaque/x",
+        &[("authorization", &bearer(&read_only))],
+    )
+    .await;
+    problem(&r, 403);
+    let r = send(
+        &env.base,
+        "GET",
+        "/opaque/x",
+        &[("authorization", "Bearer made-up-token")],
+    )
+    .await;
+    let v = problem(&r, 401);
+    assert!(v["detail"].as_str().unwrap().contains("not active"), "{v}");
+
+    // Answers are cached: with the provider gone the known token still
+    // passes, and an unknown one fails closed (502).
+    env.idp.stop();
+    let r = send(
+        &env.base,
+        "GET",
+        "/opaque/x",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    seen(&r);
+    let r = send(
+        &env.base,
+        "GET",
+        "/opaque/x",
+        &[("authorization", "Bearer another-one")],
+    )
+    .await;
+    problem(&r, 502);
+}
+
+// ---------------------------------------------------------------------------
+// Forward auth.
+
+/// A forward-auth service: `Bearer good` → 200 naming consumer "zed" with
+/// roles; `Bearer bad` → 401 with a challenge; `Bearer nope` → 403;
+/// anything else → 500. It answers with what it received in `x-seen-*`.
+async fn start_verdicts() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use http::Response;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let h = req.headers();
+                    let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+                    let mut resp = Response::builder();
+                    resp = match auth {
+                        Some("Bearer good") => resp
+                            .status(200)
+                            .header("x-auth-user", "zed")
+                            .header("x-auth-roles", "a,b")
+                            .header("x-not-copied", "1"),
+                        Some("Bearer bad") => resp
+                            .status(401)
+                            .header("www-authenticate", "Bearer realm=\"fwd\""),
+                        Some("Bearer nope") => resp.status(403),
+                        _ => resp.status(500),
+                    };
+                    for name in ["x-forwarded-method", "x-forwarded-uri", "x-forwarded-host"] {
+                        if let Some(v) = h.get(name) {
+                            resp = resp.header(format!("x-seen-{}", &name[12..]), v.clone());
+                        }
+                    }
+                    resp.body(Full::<Bytes>::default())
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn forward_auth_passes_on_the_verdict() {
+    let b = Backend::start("b").await;
+    let (verdicts, task) = start_verdicts().await;
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"{common}
+[[routes]]
+name = "fwd"
+upstream = "one"
+[routes.match]
+path_prefix = "/fwd/"
+[routes.auth]
+forward = {{ url = "http://{verdicts}/check", response_headers = ["x-auth-roles", "x-seen-uri", "x-seen-method"], consumer_from = "x-auth-user" }}
+
+[[routes]]
+name = "fwd-dead"
+upstream = "one"
+[routes.match]
+path_prefix = "/dead/"
+[routes.auth]
+forward = {{ url = "http://127.0.0.1:{dead}/check", timeout = "1s" }}
+"#,
+        common = common(&admin, port, &b),
+        dead = free_port(),
+    );
+    let _gw = Gateway::start(&config, &admin);
+    let base = format!("http://127.0.0.1:{port}");
+
+    let r = send(
+        &base,
+        "POST",
+        "/fwd/x?q=1",
+        &[
+            ("authorization", "Bearer good"),
+            ("x-auth-roles", "spoofed"),
+        ],
+    )
+    .await;
+    let h = seen(&r);
+    assert_eq!(h["x-consumer"], "zed");
+    assert_eq!(h["x-auth-roles"], "a,b");
+    assert_eq!(h["x-seen-uri"], "/fwd/x?q=1");
+    assert_eq!(h["x-seen-method"], "POST");
+    assert!(h.get("x-not-copied").is_none());
+    assert!(h.get("authorization").is_none());
+
+    let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer bad")]).await;
+    problem(&r, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"fwd\""));
+    let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer nope")]).await;
+    problem(&r, 403);
+    // Any other answer, or none, fails closed.
+    let r = send(&base, "GET", "/fwd/x", &[]).await;
+    problem(&r, 502);
+    let r = send(&base, "GET", "/dead/x", &[("authorization", "Bearer good")]).await;
+    problem(&r, 502);
+    assert_eq!(b.hits(), 1);
+    task.abort();
 }

@@ -1,0 +1,163 @@
+//! A real OpenID Connect provider for the auth tests: `tests/idp/idp.mjs`
+//! (the `oidc-provider` package, run with the machine's Node.js; `cargo
+//! xtask test` installs it with `npm ci`). It listens on an ephemeral
+//! 127.0.0.1 port, issues client_credentials tokens (JWT RS256/ES256/EdDSA
+//! or opaque, by resource), serves discovery, JWKS and introspection, and
+//! has two test-only endpoints: key rotation and hostile tokens.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+
+use crate::client;
+
+/// The client the tests get tokens for, and its secret.
+pub const CLIENT: (&str, &str) = ("svc", "svc-secret");
+/// The client the gateway introspects as, and its secret.
+pub const GATEWAY_CLIENT: (&str, &str) = ("gateway", "gateway-secret");
+
+/// A running provider; killed when dropped.
+pub struct Idp {
+    child: Child,
+    pub port: u16,
+    /// `http://127.0.0.1:PORT`.
+    pub issuer: String,
+}
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("idp")
+}
+
+impl Idp {
+    /// Starts the provider and waits (up to 30 s) until it listens.
+    pub fn start() -> Idp {
+        let dir = dir();
+        assert!(
+            dir.join("node_modules/oidc-provider").exists(),
+            "{} has no node_modules: run `cargo xtask test` (or `npm ci --prefix tests/idp`)",
+            dir.display()
+        );
+        let mut child = Command::new("node")
+            .arg("idp.mjs")
+            .current_dir(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start node (Node.js 20+ is needed for the auth tests)");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(port) = line.strip_prefix("READY ") {
+                    let _ = tx.send(port.trim().parse::<u16>().ok());
+                }
+            }
+        });
+        let port = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Some(p)) => p,
+            other => {
+                let _ = child.kill();
+                panic!("the identity provider did not start: {other:?}");
+            }
+        };
+        Idp {
+            child,
+            port,
+            issuer: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// A client_credentials access token for `resource` with `scope`.
+    pub async fn token(&self, resource: &str, scope: &str) -> String {
+        let body = format!(
+            "grant_type=client_credentials&scope={}&resource={}",
+            scope.replace(' ', "+"),
+            resource.replace(':', "%3A").replace('/', "%2F")
+        );
+        let req = Request::post(format!("{}/token", self.issuer))
+            .header("authorization", basic_auth(CLIENT.0, CLIENT.1))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(body)))
+            .expect("request");
+        let r = client::send(&client::http1(), req).await;
+        assert_eq!(r.status, 200, "token request failed: {}", r.text());
+        r.json()["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_string()
+    }
+
+    /// A hostile token: `none`, `hs256-confusion`, `expired`, `wrong-aud`,
+    /// `wrong-iss`, `not-yet-valid`, `unknown-kid`.
+    pub async fn forge(&self, kind: &str) -> String {
+        let r = client::get(&format!("{}/__forge?kind={kind}", self.issuer)).await;
+        assert_eq!(r.status, 200, "forge {kind}: {}", r.text());
+        r.json()["token"].as_str().expect("token").to_string()
+    }
+
+    /// Rotates the RSA signing key (the old one stays published unless
+    /// `drop`); returns the new `kid`.
+    pub async fn rotate(&self, drop: bool) -> String {
+        let q = if drop { "?drop=1" } else { "" };
+        let req = Request::post(format!("{}/__rotate{q}", self.issuer))
+            .body(Full::default())
+            .expect("request");
+        let r = client::send(&client::http1(), req).await;
+        assert_eq!(r.status, 200, "rotate: {}", r.text());
+        r.json()["kid"].as_str().expect("kid").to_string()
+    }
+
+    /// Stops the provider now.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An `Authorization: Basic` value.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let raw = format!("{user}:{password}").into_bytes();
+    let mut out = String::from("Basic ");
+    for chunk in raw.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn basic_auth() {
+        assert_eq!(
+            super::basic_auth("svc", "svc-secret"),
+            "Basic c3ZjOnN2Yy1zZWNyZXQ="
+        );
+        assert_eq!(super::basic_auth("a", "b"), "Basic YTpi");
+        assert_eq!(super::basic_auth("ab", "c"), "Basic YWI6Yw==");
+    }
+}
