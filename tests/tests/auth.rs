@@ -458,6 +458,9 @@ name = "s"
 respond = { status = 200 }
 [routes.auth]
 scopes_any = ["read"]
+
+[[consumers]]
+name = "alice"
 "#,
     )
     .expect("write");
@@ -474,6 +477,7 @@ scopes_any = ["read"]
         format!("{p}:19:20: unknown identity provider \"nope\""),
         format!("{p}:20:12: invalid method \"G E T\""),
         format!("{p}:25:1: [routes.auth] accepts no credentials"),
+        format!("{p}:29:8: duplicate consumer name \"alice\""),
     ] {
         assert!(out.contains(&want), "missing {want:?} in:\n{out}");
     }
@@ -499,6 +503,13 @@ fn start_oidc(backend: &Backend, min_refresh: &str) -> Oidc {
     let admin = format!("127.0.0.1:{}", free_port());
     let config = format!(
         r#"{common}
+# The client's consumer entry: its groups apply to its tokens, its scopes
+# do not (a token's scopes are what was delegated).
+[[consumers]]
+name = "svc"
+groups = ["services"]
+scopes = ["admin"]
+
 [[identity_providers]]
 name = "idp"
 issuer = "{issuer}"
@@ -527,6 +538,15 @@ path_prefix = "/jwt-admin/"
 [routes.auth]
 jwt = {{ provider = "idp", audiences = ["{API}"] }}
 scopes_all = ["admin"]
+
+[[routes]]
+name = "jwt-group"
+upstream = "one"
+[routes.match]
+path_prefix = "/jwt-group/"
+[routes.auth]
+jwt = {{ provider = "idp" }}
+groups = ["services"]
 
 [[routes]]
 name = "opaque"
@@ -618,6 +638,15 @@ async fn oidc_tokens_verified_through_discovery_and_jwks() {
         &env.base,
         "GET",
         "/jwt-admin/x",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    seen(&r);
+    // The consumer named by the token's subject lends it its groups.
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt-group/x",
         &[("authorization", &bearer(&token))],
     )
     .await;

@@ -86,13 +86,6 @@ impl std::fmt::Debug for VerifiedCache {
     }
 }
 
-/// Why Basic credentials were refused.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Refused {
-    Malformed,
-    Wrong,
-}
-
 /// The credentials of an `Authorization` value after `Basic `: user and
 /// password.
 pub fn decode(b64: &[u8]) -> Option<(String, Vec<u8>)> {
@@ -108,33 +101,29 @@ pub fn decode(b64: &[u8]) -> Option<(String, Vec<u8>)> {
     Some((user, password))
 }
 
-/// Checks `user`/`password` against `consumers`.
+/// The consumer whose Basic credentials these are, if they verify.
 pub async fn verify(
     consumers: &Arc<Consumers>,
     user: &str,
     password: Vec<u8>,
-) -> Result<Arc<Consumer>, Refused> {
+) -> Option<Arc<Consumer>> {
     let key = cache_key(user, &password);
     if let Some((at, consumer)) = consumers.verified.0.get(&key)
         && at.elapsed() < VERIFIED_TTL
     {
-        return Ok(consumer);
+        return Some(consumer);
     }
     let (consumer, hash) = match consumers.by_user(user) {
         Some((c, h)) => (Some(c.clone()), h.clone()),
         None => (None, dummy_hash()),
     };
     let ok = run_blocking(move || hash.verify(&password)).await;
-    match consumer {
-        Some(c) if ok => {
-            consumers
-                .verified
-                .0
-                .insert(key, (Instant::now(), c.clone()));
-            Ok(c)
-        }
-        _ => Err(Refused::Wrong),
-    }
+    let c = consumer.filter(|_| ok)?;
+    consumers
+        .verified
+        .0
+        .insert(key, (Instant::now(), c.clone()));
+    Some(c)
 }
 
 /// Runs a password verification on the blocking pool, one per core at most.

@@ -101,6 +101,17 @@ impl ConsumerStore {
         file: Option<(&Spanned<String>, PathBuf)>,
     ) -> Result<ConsumerStore, Vec<Problem>> {
         let mut problems = Vec::new();
+        // Duplicates among the config file's own consumers, with their spans
+        // (`index` finds the rest).
+        let mut names = std::collections::HashSet::new();
+        for c in inline {
+            if !names.insert(c.name.get_ref()) {
+                problems.push(Problem::at(
+                    c.name.span(),
+                    format!("duplicate consumer name {:?}", c.name.get_ref()),
+                ));
+            }
+        }
         let inline: Vec<Built> = inline
             .iter()
             .filter_map(|c| build(c, &mut problems))
@@ -118,6 +129,7 @@ impl ConsumerStore {
         }
         let set = match index(&inline, &from_file) {
             Ok(s) => Some(s),
+            Err(_) if !problems.is_empty() => None,
             Err(msgs) => {
                 let span = file.as_ref().map_or(0..0, |(s, _)| s.span());
                 problems.extend(msgs.into_iter().map(|m| Problem::at(span.clone(), m)));

@@ -74,6 +74,7 @@ impl KeySet {
         struct Doc {
             keys: Vec<Value>,
         }
+        super::crypto::install();
         let doc: Doc = serde_json::from_slice(body).map_err(|e| format!("invalid JWKS: {e}"))?;
         let mut set = KeySet::default();
         for v in doc.keys {
@@ -156,6 +157,7 @@ impl KeySet {
         header: &Header,
         validation: &Validation,
     ) -> Result<Claims, JwtError> {
+        super::crypto::install();
         let mut last = JwtError::UnknownKey;
         for k in self.candidates(header.kid.as_deref(), header.alg) {
             match jsonwebtoken::decode::<Claims>(token, &k.key, validation) {

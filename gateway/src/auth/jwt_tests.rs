@@ -73,6 +73,8 @@ fn validation() -> Validation {
 }
 
 fn sign(alg: Algorithm, kid: &str, claims: &serde_json::Value) -> String {
+    // Before the library's first use, which would fix its default provider.
+    super::super::crypto::install();
     let key = match alg {
         Algorithm::RS256 => EncodingKey::from_rsa_der(&b64(RSA_PKCS1_DER_B64)),
         Algorithm::ES256 => EncodingKey::from_ec_der(&b64(EC_PKCS8_DER_B64)),
@@ -85,6 +87,7 @@ fn sign(alg: Algorithm, kid: &str, claims: &serde_json::Value) -> String {
 }
 
 fn hs256(secret: &[u8], kid: Option<&str>, claims: &serde_json::Value) -> String {
+    super::super::crypto::install();
     let mut h = JwtHeader::new(Algorithm::HS256);
     h.kid = kid.map(str::to_string);
     encode(&h, claims, &EncodingKey::from_secret(secret)).unwrap()
@@ -251,4 +254,23 @@ fn rejects_garbage() {
         check(&set, &parts.join("."), ALLOWED),
         Err(JwtError::Invalid("bad signature".into()))
     );
+}
+
+#[test]
+fn a_public_key_is_never_an_hmac_secret() {
+    // Below the key set: even handed straight to the library with a
+    // validation that asks for HS256, an RSA key verifies nothing.
+    let mut v = validation();
+    v.algorithms = vec![Algorithm::HS256];
+    let pem = RSA_PUBLIC_PEM.as_bytes();
+    let token = hs256(pem, Some("rsa"), &claims());
+    let by_components = DecodingKey::from_rsa_components(RSA_N, "AQAB").unwrap();
+    let by_der = DecodingKey::from_rsa_der(pem);
+    for key in [by_components, by_der] {
+        let err = jsonwebtoken::decode::<Claims>(&token, &key, &v).unwrap_err();
+        assert_eq!(
+            *err.kind(),
+            jsonwebtoken::errors::ErrorKind::InvalidAlgorithm
+        );
+    }
 }

@@ -21,6 +21,7 @@ pub mod basic;
 mod client;
 pub mod config;
 pub mod consumers;
+mod crypto;
 pub mod forward;
 pub mod introspect;
 pub mod jwt;
@@ -78,14 +79,18 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Whether the consumer was granted `scope`, or the token carries it
-    /// (`scope` as a space-separated string, or `scp` as a list).
+    /// Whether the caller holds `scope`: for a token, the token carries it
+    /// (`scope` as a space-separated string, or `scp` as a list) — a token's
+    /// scopes are what was delegated, never widened by the consumer's; for
+    /// an API key or Basic credentials, the consumer was granted it.
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.consumer
-            .as_ref()
-            .is_some_and(|c| c.scopes.iter().any(|s| &**s == scope))
-            || self.claim_holds("scope", scope)
-            || self.claim_holds("scp", scope)
+        match &self.claims {
+            Some(_) => self.claim_holds("scope", scope) || self.claim_holds("scp", scope),
+            None => self
+                .consumer
+                .as_ref()
+                .is_some_and(|c| c.scopes.iter().any(|s| &**s == scope)),
+        }
     }
 
     pub fn in_group(&self, group: &str) -> bool {
@@ -293,13 +298,13 @@ impl RouteAuth {
         };
         let set = self.consumers.load_full();
         match basic::verify(&set, &user, password).await {
-            Ok(c) => Ok(Identity {
+            Some(c) => Ok(Identity {
                 name: c.name.clone(),
                 method: AuthMethod::Basic,
                 consumer: Some(c),
                 claims: None,
             }),
-            Err(_) => Err(self.unauthorized("invalid user name or password", None)),
+            None => Err(self.unauthorized("invalid user name or password", None)),
         }
     }
 
@@ -569,6 +574,7 @@ pub fn compile(
     providers: &[config::IdentityProvider],
     problems: &mut Vec<Problem>,
 ) -> AuthConfig {
+    crypto::install();
     let file = consumers_file.map(|f| (f, crate::config::compile_resolve(base, f.get_ref())));
     let consumers = match ConsumerStore::compile(consumers, file) {
         Ok(s) => Arc::new(s),
@@ -943,6 +949,36 @@ mod tests {
         assert_eq!(strip_scheme(b"bAsIc  x ", b"basic"), Some(&b"x"[..]));
         assert_eq!(strip_scheme(b"Bearerabc", b"bearer"), None);
         assert_eq!(strip_scheme(b"Bear", b"bearer"), None);
+    }
+
+    #[test]
+    fn token_scopes_are_not_widened_by_the_consumer() {
+        let consumer = Arc::new(Consumer {
+            name: "svc".into(),
+            groups: vec!["services".into()].into(),
+            scopes: vec!["admin".into()].into(),
+        });
+        let claims: Claims = serde_json::from_value(serde_json::json!({
+            "scope": "read write", "scp": ["x"], "admin": true, "level": 3
+        }))
+        .unwrap();
+        let token = Identity {
+            name: "svc".into(),
+            method: AuthMethod::Jwt,
+            consumer: Some(consumer.clone()),
+            claims: Some(Arc::new(claims)),
+        };
+        assert!(token.has_scope("read") && token.has_scope("write") && token.has_scope("x"));
+        assert!(!token.has_scope("admin"));
+        assert!(token.in_group("services"));
+        assert!(token.claim_holds("admin", "true") && token.claim_holds("level", "3"));
+        assert!(!token.claim_holds("scope", "rea"));
+        let key = Identity {
+            method: AuthMethod::ApiKey,
+            claims: None,
+            ..token
+        };
+        assert!(key.has_scope("admin") && !key.has_scope("read"));
     }
 
     #[test]
