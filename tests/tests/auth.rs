@@ -801,6 +801,35 @@ async fn oidc_key_rotation_and_rate_limited_refresh() {
     )
     .await;
     seen(&r);
+
+    // The provider withdraws the old keys: once the gateway has the new
+    // set, tokens signed with them fail, even those it verified before.
+    env.idp.rotate(true).await;
+    let newest = env.idp.token(API, "read").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = send(
+            &env.base,
+            "GET",
+            "/jwt/x",
+            &[("authorization", &bearer(&newest))],
+        )
+        .await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "newest key never picked up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt/x",
+        &[("authorization", &bearer(&old))],
+    )
+    .await;
+    let v = problem(&r, 401);
+    assert!(v["detail"].as_str().unwrap().contains("no key"), "{v}");
 }
 
 #[tokio::test]

@@ -319,7 +319,7 @@ impl RouteAuth {
                 let claims = p.verify(token, validation).await.map_err(|e| {
                     self.unauthorized(format!("invalid bearer token: {e}"), Some(&e.to_string()))
                 })?;
-                (p, Arc::new(claims), AuthMethod::Jwt)
+                (p, claims, AuthMethod::Jwt)
             }
             (_, Some((p, audiences))) => {
                 let Some(intro) = &p.introspection else {
