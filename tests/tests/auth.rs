@@ -497,7 +497,7 @@ struct Oidc {
     idp: Idp,
 }
 
-fn start_oidc(backend: &Backend, min_refresh: &str) -> Oidc {
+fn start_oidc(backend: &Backend, refresh: &str, min_refresh: &str) -> Oidc {
     let idp = Idp::start();
     let port = free_port();
     let admin = format!("127.0.0.1:{}", free_port());
@@ -514,6 +514,7 @@ scopes = ["admin"]
 name = "idp"
 issuer = "{issuer}"
 audiences = ["{API}", "{ES}", "{ED}", "{OPAQUE}"]
+refresh_interval = "{refresh}"
 min_refresh_interval = "{min_refresh}"
 leeway = "5s"
 [identity_providers.introspection]
@@ -589,7 +590,7 @@ async fn metric(gw: &Gateway, name: &str, label: &str) -> u64 {
 #[tokio::test]
 async fn oidc_tokens_verified_through_discovery_and_jwks() {
     let b = Backend::start("b").await;
-    let env = start_oidc(&b, "10s");
+    let env = start_oidc(&b, "10m", "10s");
     for resource in [API, ES, ED] {
         let token = env.idp.token(resource, "read").await;
         let r = send(
@@ -669,7 +670,7 @@ async fn oidc_tokens_verified_through_discovery_and_jwks() {
 #[tokio::test]
 async fn oidc_hostile_tokens_rejected() {
     let b = Backend::start("b").await;
-    let env = start_oidc(&b, "10s");
+    let env = start_oidc(&b, "10m", "10s");
     // Load the keys with a good token first, so each rejection below is
     // about the token, not about keys not loaded yet.
     let good = env.idp.token(API, "read").await;
@@ -735,7 +736,7 @@ async fn oidc_hostile_tokens_rejected() {
 #[tokio::test]
 async fn oidc_key_rotation_and_rate_limited_refresh() {
     let b = Backend::start("b").await;
-    let env = start_oidc(&b, "2s");
+    let env = start_oidc(&b, "10m", "2s");
     let old = env.idp.token(API, "read").await;
     let r = send(
         &env.base,
@@ -833,9 +834,44 @@ async fn oidc_key_rotation_and_rate_limited_refresh() {
 }
 
 #[tokio::test]
+async fn oidc_keys_refreshed_on_interval_while_tokens_are_cached() {
+    let b = Backend::start("b").await;
+    let env = start_oidc(&b, "1s", "1s");
+    let token = env.idp.token(API, "read").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The same token over and over (answered from the verified-token
+    // cache) still gets the keys refreshed in the background.
+    loop {
+        let r = send(
+            &env.base,
+            "GET",
+            "/jwt/x",
+            &[("authorization", &bearer(&token))],
+        )
+        .await;
+        seen(&r);
+        if metric(
+            &env.gw,
+            "gateway_auth_jwks_refreshes_total",
+            "result=\"ok\"",
+        )
+        .await
+            >= 3
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keys not refreshed on the interval"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
 async fn introspection_of_opaque_tokens_with_cache() {
     let b = Backend::start("b").await;
-    let mut env = start_oidc(&b, "10s");
+    let mut env = start_oidc(&b, "10m", "10s");
     let token = env.idp.token(OPAQUE, "read write").await;
     assert_eq!(token.matches('.').count(), 0, "opaque: {token}");
     let r = send(

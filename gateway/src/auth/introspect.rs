@@ -118,18 +118,22 @@ pub async fn introspect(
                 ttl = ttl.min(Duration::from_secs(exp.saturating_sub(now)));
             }
             let claims = Arc::new(claims);
-            intro
-                .cache
-                .insert(key, (Instant::now() + ttl, Some(claims.clone())));
+            intro.cache.insert(key, (until(ttl), Some(claims.clone())));
             Ok(claims)
         }
         Err(why) => {
             intro
                 .cache
-                .insert(key, (Instant::now() + intro.negative_cache_ttl, None));
+                .insert(key, (until(intro.negative_cache_ttl), None));
             Err(Refused::Inactive(why))
         }
     }
+}
+
+/// `ttl` from now; TTLs are capped at a day (so no config makes the
+/// addition overflow).
+fn until(ttl: Duration) -> Instant {
+    Instant::now() + ttl.min(Duration::from_secs(86_400))
 }
 
 /// Checks an introspection answer: active, in time, our issuer and audience.

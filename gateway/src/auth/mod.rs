@@ -701,6 +701,9 @@ fn compile_provider(p: &config::IdentityProvider, problems: &mut Vec<Problem>) -
     if p.timeout.0.is_zero() {
         problems.push(Problem::at(p.name.span(), "`timeout` must be positive"));
     }
+    if p.leeway.0 > std::time::Duration::from_secs(3600) {
+        problems.push(Problem::at(p.name.span(), "`leeway` must be at most 1h"));
+    }
     let source = source?;
     if problems.len() != before {
         return None;

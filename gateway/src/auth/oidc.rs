@@ -199,7 +199,11 @@ impl KeyCache {
             return false;
         }
         // Discovery and JWKS are two calls, each with the timeout.
-        let deadline = self.fetch.timeout * 2 + Duration::from_millis(100);
+        let deadline = self
+            .fetch
+            .timeout
+            .saturating_mul(2)
+            .saturating_add(Duration::from_millis(100));
         tokio::time::timeout(deadline, rx.changed()).await.is_ok()
     }
 
@@ -268,6 +272,13 @@ impl Provider {
         token: &str,
         validations: &Validations,
     ) -> Result<Arc<Claims>, JwtError> {
+        // Keys older than refresh_interval are refreshed in the background,
+        // also while every token is answered from the cache.
+        if !self.keys.fetch.algorithms.is_empty()
+            && self.keys.age().is_some_and(|a| a > self.refresh_interval)
+        {
+            self.keys.trigger(self.min_refresh_interval);
+        }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let version = self.keys.fetched.load(Ordering::Relaxed);
         if let Some((until, v, claims)) = validations.verified.get(&digest)
@@ -309,8 +320,6 @@ impl Provider {
             if cache.refresh_and_wait(self.min_refresh_interval).await {
                 keys = cache.keys.load_full();
             }
-        } else if cache.age().is_none_or(|a| a > self.refresh_interval) {
-            cache.trigger(self.min_refresh_interval);
         }
         keys.verify(token, &header, validation)
     }
