@@ -13,7 +13,7 @@ use gateway_tests::backend::Backend;
 use gateway_tests::client::{self, Reply};
 use gateway_tests::free_port;
 use gateway_tests::gateway::{Gateway, run_cli};
-use gateway_tests::idp::{GATEWAY_CLIENT, Idp};
+use gateway_tests::idp::{GATEWAY_CLIENT, Idp, basic_auth as basic};
 use http::Request;
 use http_body_util::Full;
 use sha2::{Digest, Sha256};
@@ -37,10 +37,6 @@ fn argon2_hash(pw: &str) -> String {
         .hash_password_with_salt(pw.as_bytes(), b"test-salt-16byte")
         .expect("argon2")
         .to_string()
-}
-
-fn basic(user: &str, pw: &str) -> String {
-    gateway_tests::idp::basic_auth(user, pw)
 }
 
 async fn send(base: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
