@@ -21,6 +21,8 @@ use crate::config::error::line_col;
 #[derive(Debug)]
 pub struct Consumer {
     pub name: Arc<str>,
+    /// `name` as a header value, made once.
+    pub name_header: http::HeaderValue,
     pub groups: Box<[Box<str>]>,
     pub scopes: Box<[Box<str>]>,
 }
@@ -330,9 +332,14 @@ fn build(c: &config::Consumer, problems: &mut Vec<Problem>) -> Option<Built> {
             None
         }
     };
-    (problems.len() == before).then(|| Built {
+    let name_header = http::HeaderValue::from_str(name).ok();
+    if problems.len() != before {
+        return None;
+    }
+    Some(Built {
         consumer: Arc::new(Consumer {
             name: name.as_str().into(),
+            name_header: name_header?,
             groups: c.groups.iter().map(|g| g.as_str().into()).collect(),
             scopes: c.scopes.iter().map(|s| s.as_str().into()).collect(),
         }),

@@ -463,7 +463,11 @@ impl RouteAuth {
         let h = req.headers_mut();
         if let Some(name) = &self.consumer_header {
             h.remove(name);
-            if let Ok(v) = HeaderValue::from_str(&id.name) {
+            let value = match &id.consumer {
+                Some(c) if c.name == id.name => Ok(c.name_header.clone()),
+                _ => HeaderValue::from_str(&id.name),
+            };
+            if let Ok(v) = value {
                 h.insert(name.clone(), v);
             }
         }
@@ -938,6 +942,7 @@ mod tests {
     fn token_scopes_are_not_widened_by_the_consumer() {
         let consumer = Arc::new(Consumer {
             name: "svc".into(),
+            name_header: HeaderValue::from_static("svc"),
             groups: vec!["services".into()].into(),
             scopes: vec!["admin".into()].into(),
         });
