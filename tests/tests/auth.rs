@@ -613,6 +613,26 @@ async fn oidc_tokens_verified_through_discovery_and_jwks() {
         1
     );
 
+    // A config reload keeps the keys: a token new to the new generation
+    // verifies without another fetch.
+    let req = Request::post(format!("http://{}/admin/reload", env.gw.admin))
+        .body(Full::<Bytes>::default())
+        .expect("request");
+    assert_eq!(client::send(&client::http1(), req).await.status, 200);
+    let token = env.idp.token(API, "write").await;
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt/x",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    assert_eq!(seen(&r)["x-scope"], "write");
+    assert_eq!(
+        metric(&env.gw, "gateway_auth_jwks_refreshes_total", "").await,
+        1
+    );
+
     // Scopes: "read" is not "admin"; the audience list of the route is
     // narrower than the provider's.
     let token = env.idp.token(API, "read").await;
