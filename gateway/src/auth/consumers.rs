@@ -44,8 +44,10 @@ impl Consumers {
         self.by_name.get(name)
     }
 
-    /// The consumer whose API key hashes to `digest`. The map lookup sees only
-    /// the digest, never the key; the final comparison is constant-time.
+    /// The consumer whose API key hashes to `digest`. Only digests are ever
+    /// compared, never keys: the map's lookup could at most leak, through
+    /// timing, how a guess's digest starts, which does not help to find a
+    /// key; the final comparison is constant-time all the same.
     pub fn by_api_key(&self, digest: &[u8; 32]) -> Option<&Arc<Consumer>> {
         use subtle::ConstantTimeEq;
         self.by_api_key
