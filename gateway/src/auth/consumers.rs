@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify::{RecursiveMode, Watcher};
 use toml::Spanned;
 
 use super::basic::{self, PasswordHash};
@@ -191,34 +190,16 @@ impl ConsumerStore {
         let Some(path) = self.file.clone() else {
             return;
         };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path.file_name().map(|n| n.to_os_string());
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(ev) = ev
-                && !ev.kind.is_access()
-                && ev
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
-            {
-                let _ = tx.send(());
-            }
-        });
-        let mut watcher = match watcher {
+        let watcher = match crate::reload::watch_file(&path, move || {
+            let _ = tx.send(());
+        }) {
             Ok(w) => w,
             Err(e) => {
-                tracing::warn!(file = %path.display(), "cannot watch the consumers file: {e}");
+                tracing::warn!("consumers file: {e}; it will not be reloaded until the config is");
                 return;
             }
         };
-        if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %dir.display(), "cannot watch the consumers file: {e}");
-            return;
-        }
         // The reloading thread holds only a weak reference: it ends when the
         // store (and with it the watcher and the channel) is dropped.
         let weak = Arc::downgrade(self);
