@@ -1054,3 +1054,51 @@ forward = {{ url = "http://127.0.0.1:{dead}/check", timeout = "1s" }}
     assert_eq!(b.hits(), 1);
     task.abort();
 }
+
+#[tokio::test]
+async fn provider_down_fails_closed_with_502() {
+    use base64::Engine as _;
+    let b = Backend::start("b").await;
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"{common}
+[[identity_providers]]
+name = "gone"
+issuer = "http://127.0.0.1:{dead}"
+audiences = ["{API}"]
+timeout = "1s"
+
+[[routes]]
+name = "jwt"
+upstream = "one"
+[routes.match]
+path_prefix = "/jwt/"
+[routes.auth]
+jwt = {{ provider = "gone" }}
+"#,
+        common = common(&admin, port, &b),
+        dead = free_port(),
+    );
+    let _gw = Gateway::start(&config, &admin);
+    let base = format!("http://127.0.0.1:{port}");
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let token = format!(
+        "{}.{}.AAAA",
+        b64(serde_json::json!({"alg": "RS256", "kid": "k"})),
+        b64(serde_json::json!({"sub": "x"}))
+    );
+    // The keys cannot be loaded: the gateway's side fails, not the token.
+    let r = send(
+        &base,
+        "GET",
+        "/jwt/x",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    let v = problem(&r, 502);
+    assert!(v["detail"].as_str().unwrap().contains("keys"), "{v}");
+    assert_eq!(b.hits(), 0);
+}

@@ -188,6 +188,66 @@ mod tests {
     use super::*;
 
     #[test]
+    fn checks_answers() {
+        let text = r#"
+[[identity_providers]]
+name = "p"
+issuer = "http://idp.test"
+audiences = ["api"]
+leeway = "10s"
+[identity_providers.introspection]
+client_id = "gw"
+client_secret = "s"
+"#;
+        let config =
+            crate::config::Config::from_text(std::path::Path::new("t.toml"), text.to_string())
+                .unwrap();
+        let p = &config.auth.providers[0];
+        let aud = vec!["api".to_string()];
+        let now = 1_000_000;
+        let ok = |v: serde_json::Value| {
+            let claims: Claims = serde_json::from_value(v).unwrap();
+            check(p, &aud, &claims, now)
+        };
+        use serde_json::json;
+        assert_eq!(ok(json!({"active": true})), Err("wrong audience"));
+        assert_eq!(ok(json!({"active": true, "aud": ["x", "api"]})), Ok(()));
+        assert_eq!(
+            ok(json!({"active": false, "aud": "api"})),
+            Err("token is not active")
+        );
+        assert_eq!(
+            ok(json!({"active": "true", "aud": "api"})),
+            Err("token is not active")
+        );
+        assert_eq!(
+            ok(json!({"active": true, "aud": "api", "exp": now - 5})),
+            Ok(())
+        );
+        assert_eq!(
+            ok(json!({"active": true, "aud": "api", "exp": now - 11})),
+            Err("token expired")
+        );
+        assert_eq!(
+            ok(json!({"active": true, "aud": "api", "nbf": now + 11})),
+            Err("token not valid yet")
+        );
+        assert_eq!(
+            ok(json!({"active": true, "aud": "api", "iss": "http://evil.test"})),
+            Err("wrong issuer")
+        );
+        assert_eq!(
+            check(
+                p,
+                &[],
+                &serde_json::from_value(json!({"active": true})).unwrap(),
+                now
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn form_encoding() {
         assert_eq!(form_encode("a b+c/=é"), "a+b%2Bc%2F%3D%C3%A9");
         assert_eq!(form_encode("AZaz09-._*"), "AZaz09-._*");

@@ -53,6 +53,8 @@ pub enum JwtError {
     UnknownKey,
     /// Signature or claims rejected.
     Invalid(String),
+    /// The provider's keys could not be loaded yet: not the token's fault.
+    KeysUnavailable,
 }
 
 impl std::fmt::Display for JwtError {
@@ -62,6 +64,9 @@ impl std::fmt::Display for JwtError {
             JwtError::Algorithm => f.write_str("token algorithm not accepted"),
             JwtError::UnknownKey => f.write_str("no key for this token"),
             JwtError::Invalid(why) => f.write_str(why),
+            JwtError::KeysUnavailable => {
+                f.write_str("the identity provider's keys are unavailable")
+            }
         }
     }
 }

@@ -316,8 +316,13 @@ impl RouteAuth {
         let looks_like_jwt = token.bytes().filter(|&b| b == b'.').count() == 2;
         let (provider, claims, method) = match (&self.jwt, &self.introspection) {
             (Some((p, validation)), intro) if looks_like_jwt || intro.is_none() => {
-                let claims = p.verify(token, validation).await.map_err(|e| {
-                    self.unauthorized(format!("invalid bearer token: {e}"), Some(&e.to_string()))
+                let claims = p.verify(token, validation).await.map_err(|e| match e {
+                    jwt::JwtError::KeysUnavailable => ProxyError::new(
+                        ErrorKind::UpstreamConnect,
+                        "cannot load the identity provider's keys to check the token",
+                    ),
+                    e => self
+                        .unauthorized(format!("invalid bearer token: {e}"), Some(&e.to_string())),
                 })?;
                 (p, claims, AuthMethod::Jwt)
             }

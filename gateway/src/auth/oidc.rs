@@ -320,6 +320,10 @@ impl Provider {
             if cache.refresh_and_wait(self.min_refresh_interval).await {
                 keys = cache.keys.load_full();
             }
+            if cache.age().is_none() {
+                // Never loaded: the provider is down or misconfigured.
+                return Err(JwtError::KeysUnavailable);
+            }
         }
         keys.verify(token, &header, validation)
     }
