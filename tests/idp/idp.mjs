@@ -1,6 +1,9 @@
 // A real OpenID Connect provider (oidc-provider) for the end-to-end auth
 // tests, on an ephemeral 127.0.0.1 port. It prints `READY <port>` once it
-// listens; the issuer is `http://127.0.0.1:<port>`.
+// listens; the issuer is `http://127.0.0.1:<port>`. With IDP_TLS_CERT and
+// IDP_TLS_KEY (PEM files) set, it also listens with TLS, prints
+// `READY <port> <tls port>`, and the issuer is `https://127.0.0.1:<tls port>`
+// (the plain port still serves everything, for the tests' own calls).
 //
 // Clients: `svc` / `svc-secret` (client_credentials, scopes read write
 // admin) and `gateway` / `gateway-secret` (introspection).
@@ -19,7 +22,9 @@
 //                           Answers {"token": ...}.
 
 import { KeyObject, createHmac } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
 
 import { SignJWT, exportJWK, generateKeyPair } from 'jose';
 import Provider from 'oidc-provider';
@@ -50,10 +55,17 @@ const ec = await otherKey('ES256', 'ec-1');
 const ed = await otherKey('EdDSA', 'ed-1');
 let rsa = [await rsaKey()];
 
-const server = http.createServer((req, res) => handle(req, res));
-await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
-const port = server.address().port;
-const issuer = `http://127.0.0.1:${port}`;
+async function listen(server) {
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return server.address().port;
+}
+const port = await listen(http.createServer((req, res) => handle(req, res)));
+let tlsPort = null;
+if (process.env.IDP_TLS_CERT) {
+  const options = { cert: readFileSync(process.env.IDP_TLS_CERT), key: readFileSync(process.env.IDP_TLS_KEY) };
+  tlsPort = await listen(https.createServer(options, (req, res) => handle(req, res)));
+}
+const issuer = tlsPort ? `https://127.0.0.1:${tlsPort}` : `http://127.0.0.1:${port}`;
 
 function makeProvider() {
   const provider = new Provider(issuer, {
@@ -157,4 +169,4 @@ async function handle(req, res) {
   return callback(req, res);
 }
 
-process.stdout.write(`READY ${port}\n`);
+process.stdout.write(tlsPort ? `READY ${port} ${tlsPort}\n` : `READY ${port}\n`);

@@ -25,8 +25,9 @@ pub const GATEWAY_CLIENT: (&str, &str) = ("gateway", "gateway-secret");
 /// A running provider; killed when dropped.
 pub struct Idp {
     child: Child,
-    pub port: u16,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`: where the tests ask for tokens.
+    pub base: String,
+    /// `http://127.0.0.1:PORT`, or with TLS `https://127.0.0.1:TLS_PORT`.
     pub issuer: String,
 }
 
@@ -37,13 +38,27 @@ fn dir() -> PathBuf {
 impl Idp {
     /// Starts the provider and waits (up to 30 s) until it listens.
     pub fn start() -> Idp {
+        Self::spawn(None)
+    }
+
+    /// Starts the provider with TLS too (`cert` and `key` are PEM files);
+    /// the issuer is then its `https` address.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Idp {
+        Self::spawn(Some((cert, key)))
+    }
+
+    fn spawn(tls: Option<(&std::path::Path, &std::path::Path)>) -> Idp {
         let dir = dir();
         assert!(
             dir.join("node_modules/oidc-provider").exists(),
             "{} has no node_modules: run `cargo xtask test` (or `npm ci --prefix tests/idp`)",
             dir.display()
         );
-        let mut child = Command::new("node")
+        let mut cmd = Command::new("node");
+        if let Some((cert, key)) = tls {
+            cmd.env("IDP_TLS_CERT", cert).env("IDP_TLS_KEY", key);
+        }
+        let mut child = cmd
             .arg("idp.mjs")
             .current_dir(&dir)
             .stdout(Stdio::piped())
@@ -54,22 +69,30 @@ impl Idp {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(port) = line.strip_prefix("READY ") {
-                    let _ = tx.send(port.trim().parse::<u16>().ok());
+                if let Some(ports) = line.strip_prefix("READY ") {
+                    let ports: Vec<Option<u16>> =
+                        ports.split_whitespace().map(|p| p.parse().ok()).collect();
+                    let _ = tx.send(ports);
                 }
             }
         });
-        let port = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Some(p)) => p,
+        let (port, tls_port) = match rx.recv_timeout(Duration::from_secs(30)).as_deref() {
+            Ok([Some(p)]) => (*p, None),
+            Ok([Some(p), Some(t)]) => (*p, Some(*t)),
             other => {
                 let _ = child.kill();
                 panic!("the identity provider did not start: {other:?}");
             }
         };
+        let base = format!("http://127.0.0.1:{port}");
+        let issuer = match tls_port {
+            Some(t) => format!("https://127.0.0.1:{t}"),
+            None => base.clone(),
+        };
         Idp {
             child,
-            port,
-            issuer: format!("http://127.0.0.1:{port}"),
+            base,
+            issuer,
         }
     }
 
@@ -80,7 +103,7 @@ impl Idp {
             scope.replace(' ', "+"),
             resource.replace(':', "%3A").replace('/', "%2F")
         );
-        let req = Request::post(format!("{}/token", self.issuer))
+        let req = Request::post(format!("{}/token", self.base))
             .header("authorization", basic_auth(CLIENT.0, CLIENT.1))
             .header("content-type", "application/x-www-form-urlencoded")
             .body(Full::new(Bytes::from(body)))
@@ -96,7 +119,7 @@ impl Idp {
     /// A hostile token: `none`, `hs256-confusion`, `expired`, `wrong-aud`,
     /// `wrong-iss`, `not-yet-valid`, `unknown-kid`.
     pub async fn forge(&self, kind: &str) -> String {
-        let r = client::get(&format!("{}/__forge?kind={kind}", self.issuer)).await;
+        let r = client::get(&format!("{}/__forge?kind={kind}", self.base)).await;
         assert_eq!(r.status, 200, "forge {kind}: {}", r.text());
         r.json()["token"].as_str().expect("token").to_string()
     }
@@ -105,7 +128,7 @@ impl Idp {
     /// `drop`); returns the new `kid`.
     pub async fn rotate(&self, drop: bool) -> String {
         let q = if drop { "?drop=1" } else { "" };
-        let req = Request::post(format!("{}/__rotate{q}", self.issuer))
+        let req = Request::post(format!("{}/__rotate{q}", self.base))
             .body(Full::default())
             .expect("request");
         let r = client::send(&client::http1(), req).await;

@@ -439,7 +439,7 @@ password_hash = "hunter2"
 
 [[identity_providers]]
 name = "idp"
-issuer = "https://idp.example"
+issuer = "ftp://idp.example"
 algorithms = ["RS256", "none"]
 
 [[routes]]
@@ -467,7 +467,7 @@ name = "alice"
         format!("{p}:7:13: an API key is stored as \"sha256:\""),
         format!("{p}:8:17: password_hash must be a bcrypt"),
         format!(
-            "{p}:12:10: issuer: \"https://idp.example/.well-known/openid-configuration\": https is not supported"
+            "{p}:12:10: issuer: invalid URL \"ftp://idp.example/.well-known/openid-configuration\": expected http:// or https://"
         ),
         format!("{p}:13:24: unsupported algorithm \"none\""),
         format!("{p}:19:20: unknown identity provider \"nope\""),
@@ -1101,4 +1101,79 @@ jwt = {{ provider = "gone" }}
     let v = problem(&r, 502);
     assert!(v["detail"].as_str().unwrap().contains("keys"), "{v}");
     assert_eq!(b.hits(), 0);
+}
+
+#[tokio::test]
+async fn oidc_over_https_trusting_a_ca_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+    let cert = dir.path().join("idp.pem");
+    let key = dir.path().join("idp.key");
+    std::fs::write(&cert, ck.cert.pem()).expect("write");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write");
+    let idp = Idp::start_tls(&cert, &key);
+    assert!(idp.issuer.starts_with("https://"), "{}", idp.issuer);
+
+    let b = Backend::start("b").await;
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"{common}
+[[identity_providers]]
+name = "tls"
+issuer = "{issuer}"
+audiences = ["{API}"]
+ca_file = "{cert}"
+
+# The same provider without its CA: the system's roots do not know it.
+[[identity_providers]]
+name = "untrusted"
+issuer = "{issuer}"
+audiences = ["{API}"]
+timeout = "2s"
+
+[[routes]]
+name = "tls"
+upstream = "one"
+[routes.match]
+path_prefix = "/tls/"
+[routes.auth]
+jwt = {{ provider = "tls" }}
+
+[[routes]]
+name = "untrusted"
+upstream = "one"
+[routes.match]
+path_prefix = "/untrusted/"
+[routes.auth]
+jwt = {{ provider = "untrusted" }}
+"#,
+        common = common(&admin, port, &b),
+        issuer = idp.issuer,
+        cert = cert.display(),
+    );
+    let gw = Gateway::start(&config, &admin);
+    let base = format!("http://127.0.0.1:{port}");
+    let token = idp.token(API, "read").await;
+    let r = send(
+        &base,
+        "GET",
+        "/tls/x",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    assert_eq!(seen(&r)["x-consumer"], "svc");
+    let r = send(
+        &base,
+        "GET",
+        "/untrusted/x",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    problem(&r, 502);
+    assert!(
+        gw.stderr().contains("cannot load identity provider keys"),
+        "{}",
+        gw.stderr()
+    );
 }

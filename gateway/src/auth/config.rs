@@ -51,6 +51,10 @@ pub struct IdentityProvider {
     /// JWKS URL; when absent it comes from discovery.
     #[serde(default)]
     pub jwks_uri: Option<Spanned<String>>,
+    /// PEM file of the CA certificates to trust for an `https` provider
+    /// (only these); the system's roots when absent.
+    #[serde(default)]
+    pub ca_file: Option<Spanned<String>>,
     /// Accepted `aud` values (any of); routes may override.
     #[serde(default)]
     pub audiences: Vec<String>,

@@ -13,7 +13,7 @@ use http::{Request, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use super::client;
+use super::client::HttpClient;
 use crate::error::{ErrorKind, ProxyError};
 use crate::proxy::Conn;
 
@@ -27,6 +27,7 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 #[derive(Debug)]
 pub struct ForwardAuth {
     pub uri: Uri,
+    pub client: HttpClient,
     pub timeout: Duration,
     pub request_headers: Vec<HeaderName>,
     pub response_headers: Vec<HeaderName>,
@@ -71,7 +72,7 @@ impl ForwardAuth {
             ProxyError::new(ErrorKind::Internal, "cannot build the forward-auth request")
                 .with_source(e)
         })?;
-        let resp = client::call(call, self.timeout).await.map_err(|e| {
+        let resp = self.client.call(call, self.timeout).await.map_err(|e| {
             ProxyError::new(
                 ErrorKind::UpstreamConnect,
                 "the forward-auth service did not answer",

@@ -13,7 +13,6 @@ use http_body_util::Full;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::client;
 use super::jwt::Claims;
 use super::oidc::Provider;
 
@@ -99,7 +98,9 @@ pub async fn introspect(
         .header(AUTHORIZATION, intro.authorization.clone())
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| Refused::Unavailable(e.to_string()))?;
-    let resp = client::call(req, provider.timeout)
+    let resp = provider
+        .client
+        .call(req, provider.timeout)
         .await
         .map_err(Refused::Unavailable)?;
     if resp.status() != http::StatusCode::OK {

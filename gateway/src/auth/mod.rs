@@ -581,7 +581,7 @@ pub fn compile(
             ));
             continue;
         }
-        if let Some(p) = compile_provider(p, problems) {
+        if let Some(p) = compile_provider(base, p, problems) {
             compiled.push(Arc::new(p));
         }
     }
@@ -591,7 +591,11 @@ pub fn compile(
     }
 }
 
-fn compile_provider(p: &config::IdentityProvider, problems: &mut Vec<Problem>) -> Option<Provider> {
+fn compile_provider(
+    base: &Path,
+    p: &config::IdentityProvider,
+    problems: &mut Vec<Problem>,
+) -> Option<Provider> {
     let before = problems.len();
     let issuer = p.issuer.get_ref().clone();
     let mut algorithms = Vec::new();
@@ -693,20 +697,36 @@ fn compile_provider(p: &config::IdentityProvider, problems: &mut Vec<Problem>) -
     if p.leeway.0 > std::time::Duration::from_secs(3600) {
         problems.push(Problem::at(p.name.span(), "`leeway` must be at most 1h"));
     }
+    let ca_file = p
+        .ca_file
+        .as_ref()
+        .map(|f| (f, crate::config::compile_resolve(base, f.get_ref())));
+    let client = match &ca_file {
+        Some((span, path)) => client::HttpClient::with_ca_file(path)
+            .map_err(|m| problems.push(Problem::at(span.span(), m))),
+        None => {
+            client::HttpClient::system().map_err(|m| problems.push(Problem::at(p.name.span(), m)))
+        }
+    };
     let source = source?;
+    let client = client.ok()?;
     if problems.len() != before {
         return None;
     }
-    let keys = oidc::KeyCache::shared(oidc::Fetch {
-        source,
-        issuer: issuer.clone(),
-        algorithms: algorithms
-            .iter()
-            .copied()
-            .filter(|a| *a != jsonwebtoken::Algorithm::HS256)
-            .collect(),
-        timeout: p.timeout.0,
-    });
+    let keys = oidc::KeyCache::shared(
+        oidc::Fetch {
+            source,
+            issuer: issuer.clone(),
+            algorithms: algorithms
+                .iter()
+                .copied()
+                .filter(|a| *a != jsonwebtoken::Algorithm::HS256)
+                .collect(),
+            timeout: p.timeout.0,
+            ca_file: ca_file.map(|(_, path)| path),
+        },
+        &client,
+    );
     Some(Provider {
         name: p.name.get_ref().as_str().into(),
         issuer: issuer.into(),
@@ -720,6 +740,7 @@ fn compile_provider(p: &config::IdentityProvider, problems: &mut Vec<Problem>) -
         timeout: p.timeout.0,
         hmac,
         keys,
+        client,
         introspection,
     })
 }
@@ -814,8 +835,12 @@ pub fn compile_route(
             .consumer_from
             .as_ref()
             .and_then(|h| header_name(h, problems));
+        let client = client::HttpClient::system()
+            .map_err(|m| problems.push(Problem::at(f.url.span(), m)))
+            .ok()?;
         Some(forward::ForwardAuth {
             uri,
+            client,
             timeout: f.timeout.0,
             request_headers,
             response_headers,

@@ -24,7 +24,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::client;
+use super::client::{self, HttpClient};
 use super::introspect::Introspector;
 use super::jwt::{self, Claims, JwtError, KeySet};
 
@@ -81,6 +81,8 @@ pub struct Provider {
     /// HS256 secrets.
     pub(super) hmac: KeySet,
     pub(super) keys: Arc<KeyCache>,
+    /// For introspection.
+    pub(super) client: HttpClient,
     pub introspection: Option<Introspector>,
 }
 
@@ -100,11 +102,14 @@ pub struct Fetch {
     pub issuer: String,
     pub algorithms: Vec<Algorithm>,
     pub timeout: Duration,
+    /// The CA file trusted for https (`None`: the system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Fetched keys and endpoints.
 pub struct KeyCache {
     fetch: Fetch,
+    client: HttpClient,
     keys: ArcSwap<KeySet>,
     /// From discovery.
     pub(super) introspection_endpoint: ArcSwapOption<Uri>,
@@ -135,7 +140,7 @@ fn now_ms() -> u64 {
 
 impl KeyCache {
     /// The cache for `fetch`: the one already in use if any, else a new one.
-    pub fn shared(fetch: Fetch) -> Arc<KeyCache> {
+    pub fn shared(fetch: Fetch, client: &HttpClient) -> Arc<KeyCache> {
         static REGISTRY: Mutex<Vec<Weak<KeyCache>>> = Mutex::new(Vec::new());
         let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         reg.retain(|w| w.strong_count() > 0);
@@ -148,6 +153,7 @@ impl KeyCache {
         }
         let c = Arc::new(KeyCache {
             fetch,
+            client: client.clone(),
             keys: ArcSwap::from_pointee(KeySet::default()),
             introspection_endpoint: ArcSwapOption::empty(),
             fetched: AtomicU64::new(0),
@@ -241,7 +247,7 @@ impl KeyCache {
         let (jwks_uri, introspection) = match &self.fetch.source {
             Source::Jwks(u) => (u.clone(), None),
             Source::Discovery(u) => {
-                let body = client::get(u, timeout).await?;
+                let body = self.client.get(u, timeout).await?;
                 let doc: Discovery = serde_json::from_slice(&body)
                     .map_err(|e| format!("{u}: invalid discovery document: {e}"))?;
                 // OpenID Connect Discovery 1.0 §4.3.
@@ -258,7 +264,7 @@ impl KeyCache {
                 (client::parse_url(&doc.jwks_uri)?, intro)
             }
         };
-        let body = client::get(&jwks_uri, timeout).await?;
+        let body = self.client.get(&jwks_uri, timeout).await?;
         let keys = KeySet::from_jwks(&body, &self.fetch.algorithms)
             .map_err(|e| format!("{jwks_uri}: {e}"))?;
         Ok((keys, introspection))
