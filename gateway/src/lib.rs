@@ -5,6 +5,7 @@
 //! config section. See `docs/architecture.md`.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod listener;

@@ -39,6 +39,7 @@ impl Generation {
                     .unwrap_or_else(|| Pool::new(u))
             })
             .collect();
+        crate::auth::activate(&config.auth);
         Generation { config, upstreams }
     }
 }
@@ -146,40 +147,16 @@ pub async fn on_sighup(live: Arc<Live>) {
 /// Watches the config file (through its directory, so that editors that
 /// replace the file are seen) and reloads when it changes, debounced.
 pub async fn on_file_change(live: Arc<Live>) {
-    let path = live.path().to_path_buf();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().map(|n| n.to_os_string());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev
-            && !ev.kind.is_access()
-            && ev
-                .paths
-                .iter()
-                .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
-        {
-            let _ = tx.send(());
-        }
-    });
-    let mut watcher = match watcher {
+    let _watcher = match watch_file(live.path(), move || {
+        let _ = tx.send(());
+    }) {
         Ok(w) => w,
         Err(e) => {
-            tracing::warn!(
-                "cannot watch the config file ({e}); reload with SIGHUP or the admin API"
-            );
+            tracing::warn!("{e}; reload with SIGHUP or the admin API");
             return;
         }
     };
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::warn!(
-            "cannot watch {} ({e}); reload with SIGHUP or the admin API",
-            dir.display()
-        );
-        return;
-    }
     while rx.recv().await.is_some() {
         // Let a burst of events (write, rename, chmod) settle.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -188,4 +165,35 @@ pub async fn on_file_change(live: Arc<Live>) {
         let l = live.clone();
         let _ = tokio::task::spawn_blocking(move || l.reload()).await;
     }
+}
+
+/// Calls `changed` (on the watcher's thread) whenever `path` changes. The
+/// file is watched through its directory, so that editors and config
+/// managers that replace it are seen. Watching stops when the returned
+/// watcher is dropped.
+pub fn watch_file(
+    path: &Path,
+    changed: impl Fn() + Send + 'static,
+) -> Result<notify::RecommendedWatcher, String> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_os_string());
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && !ev.kind.is_access()
+            && ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+        {
+            changed();
+        }
+    })
+    .map_err(|e| format!("cannot watch {} ({e})", path.display()))?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|e| format!("cannot watch {} ({e})", dir.display()))?;
+    Ok(watcher)
 }

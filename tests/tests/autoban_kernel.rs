@@ -56,7 +56,9 @@ pin_path = "{pins}"
 
     // Five failed authentications from client 0 (no key: 401 each).
     let statuses = bed.clients[0].run(move || {
-        (0..5).map(|_| get(None, target(1), "/", Duration::from_secs(2))).collect::<Vec<_>>()
+        (0..5)
+            .map(|_| get(None, target(1), "/", Duration::from_secs(2)))
+            .collect::<Vec<_>>()
     });
     assert!(statuses.iter().all(|s| *s == Ok(401)), "{statuses:?}");
 
@@ -68,7 +70,10 @@ pin_path = "{pins}"
         if o == Err(Outcome::TimedOut) {
             break;
         }
-        assert!(Instant::now() < deadline, "source still reaches the gateway: {o:?}");
+        assert!(
+            Instant::now() < deadline,
+            "source still reaches the gateway: {o:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let dir = pins.dir.display().to_string();

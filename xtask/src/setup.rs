@@ -26,6 +26,7 @@ pub fn all() -> anyhow::Result<()> {
     debian_packages()?;
     rust_src()?;
     bpf_linker()?;
+    idp_packages()?;
     Ok(())
 }
 
@@ -116,4 +117,18 @@ fn bpf_linker() -> anyhow::Result<()> {
         bail!("cargo install bpf-linker failed");
     }
     Ok(())
+}
+
+/// The Node.js packages of the test identity provider (`tests/idp`), from
+/// its committed lock file, when they are not installed yet.
+fn idp_packages() -> anyhow::Result<()> {
+    if std::path::Path::new("tests/idp/node_modules/oidc-provider").exists() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the test identity provider (npm ci in tests/idp)");
+    cmd(
+        "npm",
+        &["ci", "--prefix", "tests/idp", "--no-audit", "--no-fund"],
+    )
+    .context("npm ci failed (Node.js 20+ and npm are needed for the auth tests)")
 }

@@ -127,6 +127,13 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
     }
 
     let policy_globals = crate::policy::Globals::compile(f, &mut problems);
+    let auth = crate::auth::compile(
+        &base,
+        &f.consumers,
+        f.consumers_file.as_ref(),
+        &f.identity_providers,
+        &mut problems,
+    );
 
     // Routes.
     let mut routes = Vec::new();
@@ -223,7 +230,11 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
                 r.concurrency.as_ref(),
                 &mut problems,
             ),
-            policy: crate::policy::compile_route(r, &policy_globals, &base, &mut problems),
+            policy: {
+                let mut p = crate::policy::compile_route(r, &policy_globals, &base, &mut problems);
+                p.auth = crate::auth::compile_route(r.auth.as_ref(), &auth, &mut problems);
+                p
+            },
         });
     }
 
@@ -315,6 +326,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
         upstreams,
         routes,
         xdp,
+        auth,
     })
 }
 

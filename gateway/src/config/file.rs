@@ -36,6 +36,14 @@ pub struct File {
     /// Redis for rate limits with `backend = "redis"`.
     #[serde(default)]
     pub redis: Option<crate::policy::ratelimit::redis::RedisSection>,
+    /// `[[consumers]]`: clients and their credentials (see `crate::auth`).
+    #[serde(default)]
+    pub consumers: Vec<crate::auth::config::Consumer>,
+    /// A file of more `[[consumers]]`, watched and reloaded on change.
+    #[serde(default)]
+    pub consumers_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub identity_providers: Vec<crate::auth::config::IdentityProvider>,
 }
 
 /// `[server]`: process-wide settings.
@@ -249,6 +257,9 @@ pub struct Route {
     /// Phase 4e: request (and response) validation.
     #[serde(default)]
     pub validate: Option<crate::policy::validate::ValidateSection>,
+    /// `[routes.auth]`: authentication and authorization (see `crate::auth`).
+    #[serde(default)]
+    pub auth: Option<Spanned<crate::auth::config::RouteAuth>>,
 }
 
 /// `[routes.match]`: all given predicates must hold.

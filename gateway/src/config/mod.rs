@@ -40,6 +40,8 @@ pub struct Config {
     /// Every route, indexed by the route ids the routers return.
     pub routes: Vec<RouteConfig>,
     pub xdp: crate::xdp::config::XdpSettings,
+    /// Consumers and identity providers (routes hold what they use).
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// Where access log lines go.

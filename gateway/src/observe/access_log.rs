@@ -51,6 +51,9 @@ pub struct Entry<'a> {
     pub upstream: Option<&'a str>,
     #[serde(rename = "error.type", skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
+    /// The authenticated consumer.
+    #[serde(rename = "user.name", skip_serializing_if = "Option::is_none")]
+    pub user_name: Option<&'a str>,
 }
 
 /// A handle to the writer thread.

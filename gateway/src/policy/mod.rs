@@ -41,6 +41,8 @@ pub struct RoutePolicy {
     pub cors: Option<Arc<cors::Cors>>,
     pub rate_limit: Option<ratelimit::RateLimit>,
     pub validate: Option<validate::Validate>,
+    /// 4c: `[routes.auth]`.
+    pub auth: Option<Box<crate::auth::RouteAuth>>,
 }
 
 /// Per-request state shared by the phase-4 steps and phase 7.
@@ -57,12 +59,15 @@ pub struct PolicyCtx {
     pub rate: Option<ratelimit::Decision>,
     /// A concurrency slot, given back when this context is dropped.
     pub permit: Option<ratelimit::concurrency::Permit>,
+    /// The authenticated caller (4c): method, consumer, claims.
+    pub identity: Option<crate::auth::Identity>,
 }
 
 impl RoutePolicy {
     /// True when the route has no phase-4 step at all.
     pub fn is_empty(&self) -> bool {
         self.access.is_none()
+            && self.auth.is_none()
             && self.cors.is_none()
             && self.rate_limit.is_none()
             && self.validate.is_none()
@@ -123,6 +128,7 @@ pub fn compile_route(
             .validate
             .as_ref()
             .map(|v| validate::Validate::compile(name, v, base, problems)),
+        auth: None,
     }
 }
 
@@ -145,8 +151,12 @@ pub async fn on_request(
         }
         ctx.cors_origin = c.allowed_origin(req);
     }
-    // 4c. Authentication sets `ctx.consumer` here, before the limits that
-    // may be keyed by it.
+    // 4c: authentication and authorization.
+    if let Some(auth) = &policy.auth {
+        let identity = auth.check(conn, req).await?;
+        ctx.consumer = Some(identity.name.clone());
+        ctx.identity = Some(identity);
+    }
     // 4d.
     if let Some(rl) = &policy.rate_limit {
         let key = rl

@@ -142,6 +142,7 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
             route: ctx.route.as_deref(),
             upstream: ctx.upstream.as_deref(),
             error: ctx.error.map(ErrorKind::as_str),
+            user_name: ctx.policy.consumer.as_deref(),
         });
     }
     resp
