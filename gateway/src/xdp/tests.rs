@@ -370,9 +370,13 @@ fn kernel_lookup_matches_reference_semantics() {
                     from_config: false,
                     cli_until: now + 3_600_000_000_000,
                 },
+                // Expired a second ago: the kernel's clock is coarse and
+                // cached per jiffy, so it may lag `now` by a tick
+                // (docs/xdp.md); an entry that expired 1 ns ago can still
+                // match for that long.
                 _ => Entry {
                     from_config: false,
-                    cli_until: now.saturating_sub(1),
+                    cli_until: now.saturating_sub(1_000_000_000),
                 },
             };
             next.set(list, &n, e);
