@@ -117,11 +117,12 @@ impl Enforcer {
         }
     }
 
-    /// Bans `ip` for `ttl` (auto-ban), unless an allow entry covers it.
-    /// Enforced at accept, and also written into the kernel deny map with
-    /// the same expiry when the XDP program enforces (so `gateway deny list`
-    /// shows it and the kernel drops the source's packets). Rare by nature,
-    /// so the map write may run on the caller's thread.
+    /// Bans `ip` for `ttl` (auto-ban), unless an allow entry covers it:
+    /// into the deny list with that expiry when `[xdp]` is configured (the
+    /// kernel map when the XDP program enforces, so the kernel drops the
+    /// source's packets), else into a userspace ban table checked at
+    /// accept. Rare by nature, so the map write may run on the caller's
+    /// thread.
     pub fn ban(&self, ip: IpAddr, ttl: Duration) {
         let ip = crate::policy::access::canonical(ip);
         let allowed = self
@@ -132,15 +133,27 @@ impl Enforcer {
             tracing::info!(%ip, "auto-ban skipped: the source is allow-listed");
             return;
         }
-        self.bans.insert(ip, ttl);
-        if self.in_kernel()
-            && let Err(e) = self.edit(List::Deny, &ipnet::IpNet::from(ip), false, Some(ttl))
-        {
-            tracing::warn!(%ip, "auto-ban not written to the kernel deny map: {e}");
+        // With an `[xdp]` section the ban joins the deny list (the kernel
+        // map, or the userspace lists), so `gateway deny list` shows it and
+        // `gateway deny del` lifts it early; otherwise (or if that fails) a
+        // table of its own enforces it at accept (`GET /admin/bans`).
+        let enabled = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .settings
+            .enabled;
+        if enabled {
+            match self.edit(List::Deny, &ipnet::IpNet::from(ip), false, Some(ttl)) {
+                Ok(_) => return,
+                Err(e) => tracing::warn!(%ip, "auto-ban not added to the deny list: {e}"),
+            }
         }
+        self.bans.insert(ip, ttl);
     }
 
-    /// Auto-ban bans in force and the time each has left.
+    /// Auto-ban bans held in the userspace ban table (no `[xdp]` section)
+    /// and the time each has left; with `[xdp]`, bans are deny-list entries.
     pub fn bans(&self) -> Vec<(IpAddr, Duration)> {
         self.bans.list()
     }

@@ -9,13 +9,10 @@
 //!   modules beyond the proxy;
 //! - `gateway`: one worker, no policy (to show what the policy costs);
 //! - `gateway+policy`: one worker, metrics recorded (admin listener on), a
-//!   local GCRA limit keyed by the `x-api-key` header that never refuses;
+//!   API-key authentication (`[routes.auth]`, one consumer) and a local
+//!   GCRA limit keyed by the consumer that never refuses;
 //! - `gateway+redis`: the same limit with `backend = "redis"` (a
 //!   redis-server on the server CPU).
-//!
-//! API-key authentication belongs in `gateway+policy` too; it lands with
-//! the auth branch, after which its `[routes.auth]` table goes into
-//! `gateway_config` below.
 //!
 //! Last lines: `gateway+policy/gateway: rps X.XX p99 Y.YY`,
 //! `gateway+policy/nginx: rps X.XX p99 Y.YY` and
@@ -156,11 +153,20 @@ fn gateway_config(port: u16, admin: u16, backend: u16, limit: Limit) -> String {
         ),
         _ => ("local", String::new()),
     };
+    // The consumer's key is "bench-key", stored as its SHA-256.
+    let consumers = match limit {
+        Limit::None => "",
+        _ => {
+            "[[consumers]]\nname = \"bench\"\napi_keys = [\"sha256:b0962662e937d44c699c8305d90cbf190b3150c59b13863d1380b5cc3c711bb7\"]\n"
+        }
+    };
     let policy = match limit {
         Limit::None => String::new(),
         _ => format!(
-            r#"[routes.rate_limit]
-key = "header:x-api-key"
+            r#"[routes.auth]
+api_key = {{ header = "x-api-key" }}
+[routes.rate_limit]
+key = "consumer"
 backend = "{backend_kind}"
 limits = [{{ requests = 1000000000, per = "1s" }}, {{ requests = 1000000000, per = "1h" }}]
 "#
@@ -175,6 +181,7 @@ listen = "127.0.0.1:{admin}"
 [access_log]
 enabled = false
 {redis_section}
+{consumers}
 [[listeners]]
 name = "bench"
 listen = "127.0.0.1:{port}"
