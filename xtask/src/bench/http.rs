@@ -16,9 +16,10 @@
 
 mod instructions;
 mod peers;
-mod proc;
+pub(super) mod proc;
 mod syscalls;
-mod wrk;
+
+use super::wrk;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

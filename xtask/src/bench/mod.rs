@@ -4,6 +4,7 @@
 mod http;
 mod policy;
 mod upstreams;
+mod wrk;
 mod xdp;
 
 use anyhow::bail;
@@ -16,4 +17,21 @@ pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
         "policy" => policy::run(args),
         other => bail!("unknown benchmark {other:?}: expected http, upstreams, policy or xdp"),
     }
+}
+
+/// Builds the release gateway and the test binaries (demo backend) the
+/// benches run.
+fn build_release() -> anyhow::Result<()> {
+    crate::cmd(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "gateway",
+            "-p",
+            "gateway-tests",
+            "--bins",
+        ],
+    )
 }

@@ -234,17 +234,6 @@ struct Report {
     errors: u64,
 }
 
-fn parse_ms(s: &str) -> Option<f64> {
-    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
-    let v: f64 = num.parse().ok()?;
-    Some(match unit {
-        "us" => v / 1000.0,
-        "ms" => v,
-        "s" => v * 1000.0,
-        _ => return None,
-    })
-}
-
 fn wrk(o: &Opts, url: &str, secs: u64, watched: u32) -> anyhow::Result<Report> {
     let before = cpu_ticks(watched);
     let out = Command::new("taskset")
@@ -258,19 +247,14 @@ fn wrk(o: &Opts, url: &str, secs: u64, watched: u32) -> anyhow::Result<Report> {
     if !out.status.success() {
         bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     }
-    let mut r = Report::default();
-    let mut requests = 0u64;
-    for line in text.lines() {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        match w.as_slice() {
-            ["Requests/sec:", v] => r.rps = v.parse().unwrap_or(0.0),
-            ["99%", v] => r.p99_ms = parse_ms(v).unwrap_or(0.0),
-            [n, "requests", "in", ..] => requests = n.parse().unwrap_or(0),
-            ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse().unwrap_or(0),
-            ["Socket", "errors:", ..] => r.errors += 1,
-            _ => {}
-        }
-    }
+    let w = super::wrk::parse(&text)?;
+    let mut r = Report {
+        rps: w.rps,
+        p99_ms: w.p99_ms,
+        errors: w.non_2xx + w.socket_errors,
+        ..Report::default()
+    };
+    let requests = w.requests;
     // /proc/PID/stat counts in USER_HZ, 100 on Linux.
     let hz = 100.0;
     r.cpu_us_per_req = (after.saturating_sub(before)) as f64 / hz * 1e6 / requests.max(1) as f64;
@@ -285,18 +269,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let o = opts(args)?;
     if o.build {
-        crate::cmd(
-            "cargo",
-            &[
-                "build",
-                "--release",
-                "-p",
-                "gateway",
-                "-p",
-                "gateway-tests",
-                "--bins",
-            ],
-        )?;
+        super::build_release()?;
     }
     let gateway = PathBuf::from("target/release/gateway");
     if !gateway.exists() {

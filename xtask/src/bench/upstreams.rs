@@ -151,18 +151,6 @@ struct Run {
     errors: f64,
 }
 
-fn duration_ms(s: &str) -> Option<f64> {
-    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
-    let n: f64 = num.parse().ok()?;
-    Some(match unit {
-        "us" => n / 1000.0,
-        "ms" => n,
-        "s" => n * 1000.0,
-        "m" => n * 60_000.0,
-        _ => return None,
-    })
-}
-
 fn wrk(
     o: &Opts,
     cpu: Option<&str>,
@@ -185,31 +173,14 @@ fn wrk(
     if !out.status.success() {
         bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     }
+    let w = super::wrk::parse(&text)?;
     let mut run = Run {
-        rps: 0.0,
-        p99_ms: f64::NAN,
-        requests: 0.0,
+        rps: w.rps,
+        p99_ms: w.p99_ms,
+        requests: w.requests as f64,
         cpu_us: f64::NAN,
-        errors: 0.0,
+        errors: (w.non_2xx + w.socket_errors) as f64,
     };
-    for line in text.lines() {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        match w.as_slice() {
-            ["Requests/sec:", n, ..] => run.rps = n.parse().unwrap_or(0.0),
-            ["99%", d, ..] => run.p99_ms = duration_ms(d).unwrap_or(f64::NAN),
-            [n, "requests", "in", ..] => run.requests = n.parse().unwrap_or(0.0),
-            ["Non-2xx", "or", "3xx", "responses:", n, ..] => {
-                run.errors += n.parse::<f64>().unwrap_or(0.0)
-            }
-            ["Socket", "errors:", rest @ ..] => {
-                run.errors += rest
-                    .iter()
-                    .filter_map(|x| x.trim_end_matches(',').parse::<f64>().ok())
-                    .sum::<f64>()
-            }
-            _ => {}
-        }
-    }
     if run.requests > 0.0 {
         run.cpu_us = (after - before) / run.requests * 1e6;
     }
@@ -304,18 +275,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if !has("wrk") {
         bail!("wrk is not installed (cargo xtask setup installs it)");
     }
-    crate::cmd(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "-p",
-            "gateway",
-            "-p",
-            "gateway-tests",
-            "--bins",
-        ],
-    )?;
+    super::build_release()?;
     let (server_cpu, client_cpu) = if has("taskset") {
         (Some("1"), Some("0"))
     } else {

@@ -82,18 +82,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         bail!("the XDP benchmark needs root (network namespaces, XDP, BPF_PROG_TEST_RUN)");
     }
     if !a.no_build {
-        crate::cmd(
-            "cargo",
-            &[
-                "build",
-                "--release",
-                "-p",
-                "gateway",
-                "-p",
-                "gateway-tests",
-                "--bins",
-            ],
-        )?;
+        super::build_release()?;
     }
     let gateway = PathBuf::from("target/release/gateway");
     let repeat = if a.quick {

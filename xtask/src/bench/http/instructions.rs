@@ -19,7 +19,7 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 use super::proc::Proc;
-use super::wrk;
+use crate::bench::wrk;
 
 /// Whether valgrind's callgrind and callgrind_control are installed.
 pub fn available() -> bool {

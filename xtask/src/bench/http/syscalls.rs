@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use super::wrk;
+use crate::bench::wrk;
 
 /// Whether `perf` can count syscall tracepoints here.
 pub fn available() -> bool {

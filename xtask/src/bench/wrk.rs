@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use super::proc;
+use super::http::proc;
 
 /// How a load run is shaped.
 #[derive(Debug, Clone, Copy)]
