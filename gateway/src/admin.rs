@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -30,15 +30,25 @@ use crate::reload::Live;
 pub struct State {
     pub live: Arc<Live>,
     pub metrics: PrometheusHandle,
-    /// Set once every listener is bound and serving.
-    pub ready: AtomicBool,
+    /// `STARTING`, then `READY` once every listener is bound and serving,
+    /// then `DRAINING` from SIGTERM/SIGINT until the process exits.
+    pub phase: AtomicU8,
 }
 
-/// Serves the admin API on `listener` until shutdown.
+/// `State::phase` before the listeners serve.
+pub const STARTING: u8 = 0;
+/// `State::phase` while serving.
+pub const READY: u8 = 1;
+/// `State::phase` while in-flight requests drain on shutdown.
+pub const DRAINING: u8 = 2;
+
+/// Serves the admin API on `listener` until `stop` fires. The gateway stops
+/// it only after the drain, so that `/readyz` answers 503 while in-flight
+/// requests finish and load balancers see the instance leave.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<State>,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     loop {
         let stream = tokio::select! {
@@ -50,7 +60,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = stop.changed() => return,
         };
         let state = state.clone();
         tokio::spawn(async move {
@@ -75,17 +85,19 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             state.metrics.render(),
         ),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        (&Method::GET, "/readyz") => {
-            if state.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "starting\n".into(),
-                )
-            }
-        }
+        (&Method::GET, "/readyz") => match state.phase.load(Ordering::Acquire) {
+            READY => text(StatusCode::OK, "text/plain", "ready\n".into()),
+            DRAINING => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "draining\n".into(),
+            ),
+            _ => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "starting\n".into(),
+            ),
+        },
         (&Method::POST, "/admin/reload") => {
             let live = state.live.clone();
             match tokio::task::spawn_blocking(move || live.reload()).await {

@@ -107,6 +107,12 @@ impl Live {
                 })?,
                 None => Default::default(),
             };
+            for key in start_only_changes(&old.config, &config) {
+                tracing::warn!(
+                    "config reload: {key} changed, but it is read at start only; \
+                     the running value stays until a restart"
+                );
+            }
             self.enforcer.update(&config.xdp);
             let next = Generation::new(config, Some(&old));
             self.current.store(Arc::new(next));
@@ -129,6 +135,27 @@ impl Live {
             }
         }
     }
+}
+
+/// The settings that only a restart applies, where `new` differs from `old`.
+pub fn start_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.workers != new.workers {
+        changed.push("[server] workers");
+    }
+    if old.shutdown_timeout != new.shutdown_timeout {
+        changed.push("[server] shutdown_timeout");
+    }
+    if old.watch_config != new.watch_config {
+        changed.push("[server] watch_config");
+    }
+    if old.admin != new.admin {
+        changed.push("[admin] listen");
+    }
+    if old.access_log != new.access_log {
+        changed.push("[access_log]");
+    }
+    changed
 }
 
 /// Reloads on SIGHUP until the task is dropped.

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, anyhow};
@@ -97,32 +97,40 @@ pub fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         let state = Arc::new(admin::State {
             live: live.clone(),
             metrics,
-            ready: AtomicBool::new(false),
+            phase: AtomicU8::new(admin::STARTING),
         });
+        // The admin listener outlives the drain (see `admin::serve`).
+        let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         if let Some(s) = admin_socket {
             s.set_nonblocking(true)?;
             let l = tokio::net::TcpListener::from_std(s)?;
             tracing::info!(addr = %l.local_addr()?, "admin listening");
-            tokio::spawn(admin::serve(l, state.clone(), shutdown_rx.clone()));
+            tokio::spawn(admin::serve(l, state.clone(), admin_stop_rx));
         }
         tokio::spawn(reload::on_sighup(live.clone()));
         if live.load().config.watch_config {
             tokio::spawn(reload::on_file_change(live.clone()));
         }
-        state.ready.store(true, Ordering::Release);
+        state.phase.store(admin::READY, Ordering::Release);
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: draining"),
             _ = int.recv() => tracing::info!("SIGINT: draining"),
         }
-        state.ready.store(false, Ordering::Release);
+        state.phase.store(admin::DRAINING, Ordering::Release);
         let _ = shutdown_tx.send(true);
+        // Workers drain on their own threads; the admin listener keeps
+        // answering (`/readyz` 503) until they are done.
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        let _ = admin_stop_tx.send(true);
         anyhow::Ok(())
     })?;
-    for t in threads {
-        let _ = t.join();
-    }
     enforcer.stop();
     tracing::info!("stopped");
     Ok(())

@@ -196,6 +196,16 @@ async fn sigterm_drains_in_flight_requests() {
     let slow = tokio::spawn(async move { client::get(&url).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     gw.signal(libc::SIGTERM);
+    // While the request drains: the admin listener still answers, and says
+    // the instance is not ready; the proxy listener takes no new connection.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let ready = client::get(&format!("http://{admin}/readyz")).await;
+    assert_eq!(ready.status, 503, "readyz during the drain");
+    assert_eq!(ready.text(), "draining\n");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "not accepting during the drain"
+    );
     let r = slow.await.unwrap();
     assert_eq!(r.status, 200, "the in-flight request finished");
     let status = gw
@@ -311,4 +321,28 @@ async fn reload_adds_and_removes_listeners() {
             .status,
         200
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_the_settings_that_need_a_restart() {
+    let backend = Backend::start("be").await;
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let gw = Gateway::start(&config(port, &admin, &backend, "one", false), &admin);
+    let changed = config(port, &admin, &backend, "two", false)
+        .replace("workers = 2", "workers = 1")
+        .replace("shutdown_timeout = \"5s\"", "shutdown_timeout = \"7s\"");
+    gw.write_config(&changed);
+    let (code, _, err) = run_cli(&["reload", "-c", gw.config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    // The rest of the file applies; the two start-only settings are named.
+    wait_for_body(&format!("http://127.0.0.1:{port}/version"), "two").await;
+    let log = gw.stderr();
+    for key in ["[server] workers", "[server] shutdown_timeout"] {
+        assert!(
+            log.contains(&format!("{key} changed, but it is read at start only")),
+            "{key} not named in:\n{log}"
+        );
+    }
+    assert!(!log.contains("[admin] listen changed"), "{log}");
 }
