@@ -1,10 +1,13 @@
 //! A read-side guard for HTTP/1 connections, sitting between the socket (or
 //! TLS stream) and hyper. It follows request heads as they arrive and:
 //!
-//! - flags heads carrying both `Content-Length` and `Transfer-Encoding`:
-//!   hyper would resolve them by chunked framing and silently drop
-//!   `Content-Length`; the proxy rejects them instead (400, connection
-//!   closed) as request smuggling attempts;
+//! - refuses heads whose framing is ambiguous, as request smuggling
+//!   attempts: both `Content-Length` and `Transfer-Encoding` (hyper would
+//!   resolve them by chunked framing and silently drop `Content-Length`),
+//!   conflicting or malformed `Content-Length` values, and any
+//!   `Transfer-Encoding` other than a single `chunked`. The head never
+//!   reaches hyper: the guard answers `400` problem+json and closes (hyper's
+//!   own refusal of some of these is a bare `400`);
 //! - enforces the header read timeout from the first byte of a head to the
 //!   blank line that ends it, answering `408` problem+json and closing
 //!   (hyper's own timer closes silently, and also runs while a keep-alive
@@ -24,12 +27,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// Shared between the guard (which sets `conflict`) and the proxy (which
-/// reads it and sets `rearm` when it has answered a request).
+/// Shared between the guard and the proxy, which sets `rearm` when it has
+/// answered a request.
 #[derive(Debug, Default)]
 pub struct HeadFlags {
-    /// The current request head had both framing headers.
-    pub conflict: AtomicBool,
     /// The next bytes start a new head.
     pub rearm: AtomicBool,
 }
@@ -46,8 +47,9 @@ enum State {
     Off,
 }
 
-/// Longest line prefix we need to recognize.
-const LINE: usize = 18;
+/// Longest line prefix kept: enough for a framing header's name and any
+/// valid value; a longer framing line is refused.
+const LINE: usize = 64;
 
 /// Wraps an I/O object and guards request heads as they are read.
 pub struct HeadGuard<T> {
@@ -59,12 +61,18 @@ pub struct HeadGuard<T> {
     /// Lines seen in this head (the first is the request line).
     lines: u32,
     prev_lf: bool,
-    cl: bool,
-    te: bool,
+    /// The current line was longer than `LINE`.
+    long: bool,
+    /// The head's `Content-Length`, once seen.
+    cl: Option<u64>,
+    /// `Transfer-Encoding` lines in the head.
+    te: u32,
+    /// Why the current head is refused.
+    reject: Option<&'static str>,
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
-    /// The 408 response still to be written, then the connection ends.
-    timed_out: Option<(Vec<u8>, usize)>,
+    /// The 408 or 400 response still to be written, then the connection ends.
+    closing: Option<(Vec<u8>, usize)>,
 }
 
 impl<T> HeadGuard<T> {
@@ -77,11 +85,13 @@ impl<T> HeadGuard<T> {
             line_len: 0,
             lines: 0,
             prev_lf: false,
-            cl: false,
-            te: false,
+            long: false,
+            cl: None,
+            te: 0,
+            reject: None,
             timeout,
             deadline: Box::pin(tokio::time::sleep_until(Instant::now() + timeout)),
-            timed_out: None,
+            closing: None,
         }
     }
 
@@ -90,8 +100,9 @@ impl<T> HeadGuard<T> {
         self.line_len = 0;
         self.lines = 0;
         self.prev_lf = false;
-        self.cl = false;
-        self.te = false;
+        self.long = false;
+        self.cl = None;
+        self.te = 0;
         self.deadline.as_mut().reset(Instant::now() + self.timeout);
     }
 
@@ -129,17 +140,19 @@ impl<T> HeadGuard<T> {
                     self.state = State::Off;
                     return;
                 }
-                if self.line_len > 0 {
-                    self.cl |= starts_with_ci(line, b"content-length:");
-                    self.te |= starts_with_ci(line, b"transfer-encoding:");
+                if self.lines > 0 && self.line_len > 0 {
+                    self.check_line();
                 }
                 self.lines += 1;
                 self.line_len = 0;
+                self.long = false;
                 if self.prev_lf {
-                    if self.cl && self.te {
-                        self.flags.conflict.store(true, Ordering::Release);
+                    if self.cl.is_some() && self.te > 0 {
+                        self.refuse("request has both Content-Length and Transfer-Encoding");
                     }
-                    self.state = State::Body;
+                    if self.state == State::Head {
+                        self.state = State::Body;
+                    }
                     return;
                 }
                 self.prev_lf = true;
@@ -149,9 +162,46 @@ impl<T> HeadGuard<T> {
                 if self.line_len < LINE {
                     self.line[self.line_len] = b;
                     self.line_len += 1;
+                } else {
+                    self.long = true;
                 }
             }
         }
+    }
+
+    /// Checks a complete header line for framing headers.
+    fn check_line(&mut self) {
+        const CL: &[u8] = b"content-length:";
+        const TE: &[u8] = b"transfer-encoding:";
+        let line = &self.line[..self.line_len];
+        if starts_with_ci(line, CL) {
+            let value = line[CL.len()..].trim_ascii();
+            let parsed = (!self.long && !value.is_empty() && value.len() <= 19)
+                .then(|| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+                .flatten()
+                .filter(|_| value.iter().all(u8::is_ascii_digit));
+            match (parsed, self.cl) {
+                (None, _) => self.refuse("invalid Content-Length"),
+                (Some(v), Some(prev)) if v != prev => {
+                    self.refuse("conflicting Content-Length values")
+                }
+                (Some(v), _) => self.cl = Some(v),
+            }
+        } else if starts_with_ci(line, TE) {
+            self.te += 1;
+            let value = line[TE.len()..].trim_ascii();
+            if self.long || self.te > 1 || !value.eq_ignore_ascii_case(b"chunked") {
+                self.refuse(
+                    "unsupported Transfer-Encoding (only a single \"chunked\" is accepted)",
+                );
+            }
+        }
+    }
+
+    /// Refuses the current head: scanning stops, and the reader answers 400.
+    fn refuse(&mut self, why: &'static str) {
+        self.reject.get_or_insert(why);
+        self.state = State::Off;
     }
 }
 
@@ -166,12 +216,24 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadGuard<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.timed_out.is_none() {
+        let mut error = (io::ErrorKind::TimedOut, "request head read timeout");
+        if this.closing.is_none() {
             let before = buf.filled().len();
             match Pin::new(&mut this.inner).poll_read(cx, buf) {
                 Poll::Ready(Ok(())) => {
                     this.feed(&buf.filled()[before..]);
-                    return Poll::Ready(Ok(()));
+                    let Some(why) = this.reject.take() else {
+                        return Poll::Ready(Ok(()));
+                    };
+                    // The refused head (and anything after it) never
+                    // reaches hyper.
+                    buf.set_filled(before);
+                    metrics::counter!("gateway_smuggling_rejected_total").increment(1);
+                    this.closing = Some((
+                        crate::respond::raw_error(crate::error::ErrorKind::BadRequest, why),
+                        0,
+                    ));
+                    error = (io::ErrorKind::InvalidData, "ambiguous request framing");
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
@@ -186,13 +248,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadGuard<T> {
                         ),
                     );
                     metrics::counter!("gateway_header_timeouts_total").increment(1);
-                    this.timed_out = Some((body, 0));
+                    this.closing = Some((body, 0));
                 }
             }
         }
-        // Write the 408 (best effort), then report the timeout to hyper,
-        // which closes the connection.
-        if let Some((resp, written)) = &mut this.timed_out {
+        // Write the 408 or 400 (best effort), then report the error to
+        // hyper, which closes the connection.
+        if let Some((resp, written)) = &mut this.closing {
             while *written < resp.len() {
                 match Pin::new(&mut this.inner).poll_write(cx, &resp[*written..]) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => break,
@@ -202,10 +264,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadGuard<T> {
             }
             let _ = Pin::new(&mut this.inner).poll_flush(cx);
         }
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "request head read timeout",
-        )))
+        Poll::Ready(Err(io::Error::new(error.0, error.1)))
     }
 }
 
@@ -239,48 +298,75 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadGuard<T> {
 mod tests {
     use super::*;
 
-    fn scan(chunks: &[&[u8]]) -> bool {
+    /// Feeds `chunks` to a guard and returns why it refused the head, if it did.
+    fn scan(chunks: &[&[u8]]) -> Option<&'static str> {
         let flags = Arc::new(HeadFlags::default());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .unwrap();
         let _g = rt.enter();
-        let mut s = HeadGuard::new((), flags.clone(), Duration::from_secs(1));
+        let mut s = HeadGuard::new((), flags, Duration::from_secs(1));
         for c in chunks {
             s.feed(c);
         }
-        flags.conflict.load(Ordering::Acquire)
+        s.reject
     }
 
     #[test]
-    fn finds_both_framing_headers() {
-        assert!(scan(&[
-            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
-        ]));
-        assert!(scan(&[
-            b"\r\nPOST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"
-        ]));
-        assert!(scan(&[
-            b"POST / HTTP/1.1\r\nContent-Le",
-            b"ngth: 3\r\nTransfer-Enc",
-            b"oding: chunked\r\n\r\n"
-        ]));
+    fn refuses_both_framing_headers() {
+        let both = Some("request has both Content-Length and Transfer-Encoding");
+        assert_eq!(
+            scan(&[b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"]),
+            both
+        );
+        assert_eq!(
+            scan(&[
+                b"\r\nPOST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"
+            ]),
+            both
+        );
+        assert_eq!(
+            scan(&[
+                b"POST / HTTP/1.1\r\nContent-Le",
+                b"ngth: 3\r\nTransfer-Enc",
+                b"oding: chunked\r\n\r\n"
+            ]),
+            both
+        );
     }
 
     #[test]
-    fn ignores_bodies_single_headers_and_h2c() {
-        assert!(!scan(&[
-            b"POST / HTTP/1.1\r\nContent-Length: 40\r\n\r\nx\r\nTransfer-Encoding: chunked\r\n\r\n"
-        ]));
-        assert!(!scan(&[
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-        ]));
-        assert!(!scan(&[
-            b"GET / HTTP/1.1\r\nX-Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
-        ]));
-        assert!(!scan(&[
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n"
-        ]));
+    fn refuses_bad_content_lengths_and_transfer_codings() {
+        let cases: [(&[u8], &str); 7] = [
+            (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\n", "conflicting"),
+            (b"POST / HTTP/1.1\r\nContent-Length: 3, 5\r\n\r\n", "invalid"),
+            (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", "invalid"),
+            (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", "invalid"),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "Transfer-Encoding"),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n", "Transfer-Encoding"),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n", "Transfer-Encoding"),
+        ];
+        for (head, want) in cases {
+            let got = scan(&[head]);
+            assert!(
+                got.is_some_and(|g| g.contains(want)),
+                "{:?}: {got:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn accepts_plain_framing_bodies_and_h2c() {
+        for head in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 40\r\n\r\nx\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked \r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 7\r\ncontent-length: 7\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n",
+        ] {
+            assert_eq!(scan(&[head]), None, "{:?}", String::from_utf8_lossy(head));
+        }
     }
 }

@@ -163,7 +163,7 @@ async fn process(
     };
 
     // Phase 2: validate.
-    validate(listener, conn, &req)?;
+    validate(listener, &req)?;
     let uri = req.uri().clone();
     let path = router::normalize::normalize(uri.path()).map_err(|e| {
         ProxyError::new(ErrorKind::BadRequest, format!("invalid request path: {e}"))
@@ -405,22 +405,12 @@ pub fn new_request_id() -> HeaderValue {
 /// Phase 2: rejects smuggling attempts and oversized headers.
 fn validate(
     listener: &ListenerConfig,
-    conn: &Conn,
     req: &Request<Incoming>,
 ) -> Result<(), ProxyError> {
     let h = req.headers();
     if req.version() <= Version::HTTP_11 {
-        if conn
-            .head
-            .conflict
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
-            return Err(ProxyError::new(
-                ErrorKind::BadRequest,
-                "request has both Content-Length and Transfer-Encoding",
-            )
-            .closing());
-        }
+        // The head guard (`listener/head.rs`) refuses ambiguous framing
+        // before hyper parses it; these checks stand behind it.
         let te = h.get_all(header::TRANSFER_ENCODING);
         let mut te_iter = te.iter();
         if let Some(first) = te_iter.next() {
