@@ -23,7 +23,7 @@ impl Redis {
             .status()
             .is_err()
         {
-            eprintln!("skipping: redis-server is not installed (cargo xtask setup installs it)");
+            crate::skip("redis-server is not installed (cargo xtask setup installs it)");
             return None;
         }
         let mut r = Redis {

@@ -13,7 +13,7 @@ use gateway_tests::netns::{Bed, NsGateway, Outcome, Pins, get, skip_reason};
 #[test]
 fn a_source_failing_auth_is_dropped_in_the_kernel() {
     if let Some(why) = skip_reason() {
-        eprintln!("skipped: {why}");
+        gateway_tests::skip(&why);
         return;
     }
     let bed = Bed::new(2);

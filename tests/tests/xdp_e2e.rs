@@ -72,7 +72,7 @@ pin_path = "{pins}"
 macro_rules! require_root {
     () => {
         if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
+            gateway_tests::skip(&why);
             return;
         }
     };

@@ -403,10 +403,7 @@ pub fn new_request_id() -> HeaderValue {
 }
 
 /// Phase 2: rejects smuggling attempts and oversized headers.
-fn validate(
-    listener: &ListenerConfig,
-    req: &Request<Incoming>,
-) -> Result<(), ProxyError> {
+fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<(), ProxyError> {
     let h = req.headers();
     if req.version() <= Version::HTTP_11 {
         // The head guard (`listener/head.rs`) refuses ambiguous framing
