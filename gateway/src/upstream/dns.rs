@@ -10,7 +10,7 @@ use std::sync::Weak;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use http::uri::Authority;
@@ -48,6 +48,8 @@ fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
     opts.cache_size = 0;
     opts.timeout = Duration::from_secs(2);
     opts.attempts = 2;
+    // Both A and AAAA, in parallel; one family failing or empty is fine.
+    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
     builder
         .build()
         .map_err(|e| format!("cannot build the DNS resolver: {e}"))
