@@ -904,6 +904,14 @@ async fn dns_discovery_adds_and_removes_targets() {
         ],
     );
     dns.set("three.test", vec![Record::A("127.0.0.1".parse().unwrap())]);
+    // A name with both an A and an AAAA record: both families are asked for.
+    dns.set(
+        "dual.test",
+        vec![
+            Record::A("127.0.0.1".parse().unwrap()),
+            Record::Aaaa("::1".parse().unwrap()),
+        ],
+    );
     let env = Env::start(&format!(
         r#"
 [[upstreams]]
@@ -918,6 +926,13 @@ name = "srv"
 [upstreams.dns]
 name = "_http._tcp.api.test."
 srv = true
+resolver = "{resolver}"
+interval = "200ms"
+[[upstreams]]
+name = "dual"
+[upstreams.dns]
+name = "dual.test."
+port = {port}
 resolver = "{resolver}"
 interval = "200ms"
 [[routes]]
@@ -956,6 +971,21 @@ path_prefix = "/"
     ];
     want.sort();
     assert_eq!(targets, want, "{srv}");
+
+    // A and AAAA: both addresses become targets.
+    let dual = env.upstream("dual").await;
+    let mut addrs: Vec<String> = dual["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["address"].as_str().unwrap().to_string())
+        .collect();
+    addrs.sort();
+    assert_eq!(
+        addrs,
+        vec![format!("127.0.0.1:{port}"), format!("[::1]:{port}")],
+        "{dual}"
+    );
 
     // A record added.
     dns.set(

@@ -10,7 +10,7 @@ use std::sync::Weak;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use http::uri::Authority;
@@ -48,6 +48,8 @@ fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
     opts.cache_size = 0;
     opts.timeout = Duration::from_secs(2);
     opts.attempts = 2;
+    // Both A and AAAA, in parallel; one family failing or empty is fine.
+    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
     builder
         .build()
         .map_err(|e| format!("cannot build the DNS resolver: {e}"))
@@ -101,19 +103,14 @@ fn push(out: &mut Vec<(Authority, u32)>, ip: IpAddr, port: u16, weight: u32) {
 }
 
 /// Resolves every `interval` until the pool is dropped. `first` is told
-/// when the first round is over (whatever its result).
+/// when the first round is over (whatever its result). If the resolver
+/// cannot be built (e.g. an unreadable system DNS configuration), building
+/// it is retried every `interval`; the failure is reported (logged and
+/// counted) once per outage, and the last good targets stay meanwhile.
 pub async fn run(pool: Weak<Pool>, src: Source, first: std::sync::mpsc::Sender<()>) {
-    let r = match resolver(src.resolver) {
-        Ok(r) => r,
-        Err(e) => {
-            if let Some(p) = alive(&pool) {
-                apply(&p, Err(e));
-            }
-            let _ = first.send(());
-            return;
-        }
-    };
     let mut first = Some(first);
+    let mut r: Option<TokioResolver> = None;
+    let mut build_failed = false;
     let mut tick = tokio::time::interval(src.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -121,7 +118,31 @@ pub async fn run(pool: Weak<Pool>, src: Source, first: std::sync::mpsc::Sender<(
         if pool.strong_count() == 0 {
             return;
         }
-        let found = resolve(&r, &src).await;
+        if r.is_none() {
+            match resolver(src.resolver) {
+                Ok(built) => {
+                    build_failed = false;
+                    r = Some(built);
+                }
+                Err(e) => {
+                    if !build_failed {
+                        build_failed = true;
+                        let Some(p) = alive(&pool) else {
+                            return;
+                        };
+                        apply(&p, Err(e));
+                    }
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(());
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(res) = r.as_ref() else {
+            continue;
+        };
+        let found = resolve(res, &src).await;
         let Some(p) = alive(&pool) else {
             return;
         };
