@@ -470,6 +470,13 @@ strip_prefix = "/capped"
 [routes.match]
 path_prefix = "/capped/"
 [[routes]]
+name = "capped-short"
+upstream = "capped"
+strip_prefix = "/short"
+timeout = "200ms"
+[routes.match]
+path_prefix = "/short/"
+[[routes]]
 name = "all"
 upstream = "pool"
 [routes.match]
@@ -508,6 +515,28 @@ path_prefix = "/"
         "{:?}",
         t.elapsed()
     );
+
+    // A request that cannot get the slot within its timeout: 503, with
+    // Retry-After like every overload answer.
+    let url = format!("{}/capped/delay/800", env.base);
+    let holder = tokio::spawn(async move { client::get(&url).await.status });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    let r = env.get("/short/x").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        r.text().contains("max_connections_per_target"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(holder.await.unwrap(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -309,12 +309,18 @@ impl Pool {
                         Ok(Ok(p)) => Some(p),
                         _ => {
                             return Err(Failed {
+                                // Like every overload answer, with a hint
+                                // of when to come back.
                                 error: ProxyError::new(
                                     ErrorKind::Overloaded,
                                     format!(
                                         "target {} of upstream {:?} is at max_connections_per_target",
                                         target.addr, self.config.name
                                     ),
+                                )
+                                .with_header(
+                                    http::header::RETRY_AFTER,
+                                    http::HeaderValue::from_static("1"),
                                 ),
                                 retry: Some(Reason::Connect),
                                 target: Some(index),
