@@ -138,7 +138,7 @@ impl Live {
 }
 
 /// The settings that only a restart applies, where `new` differs from `old`.
-pub fn start_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+fn start_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
     if old.workers != new.workers {
         changed.push("[server] workers");

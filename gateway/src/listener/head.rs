@@ -71,8 +71,16 @@ pub struct HeadGuard<T> {
     reject: Option<&'static str>,
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
-    /// The 408 or 400 response still to be written, then the connection ends.
-    closing: Option<(Vec<u8>, usize)>,
+    /// The 408 or 400 still to be written, then the connection ends.
+    closing: Option<Closing>,
+}
+
+/// A response the guard writes itself before ending the connection, and the
+/// error hyper then gets.
+struct Closing {
+    response: Vec<u8>,
+    written: usize,
+    error: (io::ErrorKind, &'static str),
 }
 
 impl<T> HeadGuard<T> {
@@ -176,10 +184,14 @@ impl<T> HeadGuard<T> {
         let line = &self.line[..self.line_len];
         if starts_with_ci(line, CL) {
             let value = line[CL.len()..].trim_ascii();
-            let parsed = (!self.long && !value.is_empty() && value.len() <= 19)
-                .then(|| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
-                .flatten()
-                .filter(|_| value.iter().all(u8::is_ascii_digit));
+            // Digits only (no sign, no list); `parse` refuses overflow.
+            let parsed = if !self.long && value.iter().all(u8::is_ascii_digit) {
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+            } else {
+                None
+            };
             match (parsed, self.cl) {
                 (None, _) => self.refuse("invalid Content-Length"),
                 (Some(v), Some(prev)) if v != prev => {
@@ -216,8 +228,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadGuard<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let mut error = (io::ErrorKind::TimedOut, "request head read timeout");
-        if this.closing.is_none() {
+        loop {
+            // A 408 or 400 to write (best effort), then the error for
+            // hyper, which closes the connection.
+            if let Some(c) = &mut this.closing {
+                while c.written < c.response.len() {
+                    match Pin::new(&mut this.inner).poll_write(cx, &c.response[c.written..]) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => break,
+                        Poll::Ready(Ok(n)) => c.written += n,
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                let _ = Pin::new(&mut this.inner).poll_flush(cx);
+                return Poll::Ready(Err(io::Error::new(c.error.0, c.error.1)));
+            }
             let before = buf.filled().len();
             match Pin::new(&mut this.inner).poll_read(cx, buf) {
                 Poll::Ready(Ok(())) => {
@@ -229,42 +253,35 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadGuard<T> {
                     // reaches hyper.
                     buf.set_filled(before);
                     metrics::counter!("gateway_smuggling_rejected_total").increment(1);
-                    this.closing = Some((
-                        crate::respond::raw_error(crate::error::ErrorKind::BadRequest, why),
-                        0,
-                    ));
-                    error = (io::ErrorKind::InvalidData, "ambiguous request framing");
+                    this.closing = Some(Closing {
+                        response: crate::respond::raw_error(
+                            crate::error::ErrorKind::BadRequest,
+                            why,
+                        ),
+                        written: 0,
+                        error: (io::ErrorKind::InvalidData, "ambiguous request framing"),
+                    });
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     if this.state != State::Head || this.deadline.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    let body = crate::respond::raw_error(
-                        crate::error::ErrorKind::RequestTimeout,
-                        &format!(
-                            "the request head was not received within {:?}",
-                            this.timeout
-                        ),
-                    );
                     metrics::counter!("gateway_header_timeouts_total").increment(1);
-                    this.closing = Some((body, 0));
+                    this.closing = Some(Closing {
+                        response: crate::respond::raw_error(
+                            crate::error::ErrorKind::RequestTimeout,
+                            &format!(
+                                "the request head was not received within {:?}",
+                                this.timeout
+                            ),
+                        ),
+                        written: 0,
+                        error: (io::ErrorKind::TimedOut, "request head read timeout"),
+                    });
                 }
             }
         }
-        // Write the 408 or 400 (best effort), then report the error to
-        // hyper, which closes the connection.
-        if let Some((resp, written)) = &mut this.closing {
-            while *written < resp.len() {
-                match Pin::new(&mut this.inner).poll_write(cx, &resp[*written..]) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => break,
-                    Poll::Ready(Ok(n)) => *written += n,
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            let _ = Pin::new(&mut this.inner).poll_flush(cx);
-        }
-        Poll::Ready(Err(io::Error::new(error.0, error.1)))
     }
 }
 

@@ -19,32 +19,15 @@ use super::rules::{Entry, FOREVER, List, Rules, now_ns};
 
 const PORT: u16 = 8080;
 
-/// Says why a test skips, as `gateway_tests::skip` does (stderr, and the
-/// `GATEWAY_TEST_SKIPS` file that `cargo xtask test` reports).
-fn skip(why: &str) {
-    use std::io::Write as _;
-    eprintln!("skipped: {why}");
-    if let Some(path) = std::env::var_os("GATEWAY_TEST_SKIPS")
-        && let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-    {
-        // One write, so lines of tests running at once do not interleave.
-        let line = format!("{}: {why}\n", std::thread::current().name().unwrap_or("?"));
-        let _ = f.write_all(line.as_bytes());
-    }
-}
-
 /// A freshly loaded program, or `None` (saying why) without privilege.
 fn load() -> Option<Loaded> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        skip("BPF_PROG_TEST_RUN tests need root");
+        gateway_tests::skip("BPF_PROG_TEST_RUN tests need root");
         return None;
     }
     if !super::kernel::object_available() {
-        skip("built with AYA_BUILD_SKIP=1 (no XDP object)");
+        gateway_tests::skip("built with AYA_BUILD_SKIP=1 (no XDP object)");
         return None;
     }
     Some(Loaded::load(None, 4096, 4096).expect("load the XDP program"))
