@@ -90,6 +90,18 @@ impl Redis {
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
         text.lines().next().map(str::to_string)
     }
+
+    /// Sends one inline command and returns the whole reply, as sent
+    /// (RESP), once the server has closed the connection.
+    pub fn command_reply(&self, cmd: &str) -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(format!("{cmd}\r\nQUIT\r\n").as_bytes()).ok()?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).ok()?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        Some(text.strip_suffix("+OK\r\n").unwrap_or(&text).to_string())
+    }
 }
 
 impl Drop for Redis {

@@ -4,9 +4,8 @@
 //! with a real redis-server: two gateways share one limit, an outage falls
 //! back as configured, and the gateways recover when Redis returns.
 //!
-//! Consumer-keyed limits depend on authentication (step 4c, not on this
-//! branch); a header-keyed limit stands in for them here — both go through
-//! the same `Key::Named` path.
+//! Limits that step 4c decides: keyed by consumer or by API key on routes
+//! that authenticate, and consumers' own limits (one budget across routes).
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,38 @@ use gateway_tests::gateway::Gateway;
 use gateway_tests::redis::Redis;
 use http::Request;
 use http_body_util::Full;
+use sha2::{Digest, Sha256};
+
+fn sha256_hex(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Consumer `cust-7` with two API keys (`k7-a`, `k7-b`), consumer `gold`
+/// with key `kg` and its own limit of 3 an hour, and consumer `cust-8`.
+fn consumers() -> String {
+    format!(
+        r#"
+[[consumers]]
+name = "cust-7"
+api_keys = ["sha256:{a}", "sha256:{b}"]
+[[consumers]]
+name = "cust-8"
+api_keys = ["sha256:{c}"]
+[[consumers]]
+name = "gold"
+api_keys = ["sha256:{g}"]
+[consumers.rate_limit]
+limits = [{{ requests = 3, per = "1h" }}]
+"#,
+        a = sha256_hex("k7-a"),
+        b = sha256_hex("k7-b"),
+        c = sha256_hex("k8"),
+        g = sha256_hex("kg"),
+    )
+}
 
 struct Env {
     gw: Gateway,
@@ -519,44 +550,189 @@ async fn a_quota_is_shared_and_metered_in_redis() {
     let Some(redis) = Redis::start() else { return };
     let b = Backend::start("one").await;
     let top = format!("[redis]\nurl = \"{}\"\nkey_prefix = \"m:\"\n", redis.url());
+    let top = format!("{top}{}", consumers());
     let route = r#"
 [[routes]]
 name = "metered"
 upstream = "one"
 [routes.match]
 path_prefix = "/metered/"
+[routes.auth.api_key]
 [routes.rate_limit]
-key = "header:x-api-key"
+key = "consumer"
 backend = "redis"
 quota = { requests = 3, per = "month" }
 "#;
     let g1 = start_with(&b, &top, route);
     let g2 = start_with(&b, &top, route);
+    // Both of cust-7's keys spend the one quota of the consumer.
     for (i, left) in [2, 1, 0].into_iter().enumerate() {
         let base = if i % 2 == 0 { &g1.base } else { &g2.base };
-        let r = get(&format!("{base}/metered/x"), &[("x-api-key", "cust-7")]).await;
+        let key = if i == 1 { "k7-b" } else { "k7-a" };
+        let r = get(&format!("{base}/metered/x"), &[("x-api-key", key)]).await;
         assert_eq!(r.status, 200);
         assert_eq!(num(&r, "ratelimit-remaining"), left);
     }
-    let r = get(
-        &format!("{}/metered/x", g2.base),
-        &[("x-api-key", "cust-7")],
-    )
-    .await;
+    let r = get(&format!("{}/metered/x", g2.base), &[("x-api-key", "k7-b")]).await;
     assert_eq!(r.status, 429);
     assert!(r.json()["detail"].as_str().unwrap().contains("quota"));
     assert_eq!(
-        get(
-            &format!("{}/metered/x", g1.base),
-            &[("x-api-key", "cust-8")]
-        )
-        .await
-        .status,
+        get(&format!("{}/metered/x", g1.base), &[("x-api-key", "k8")])
+            .await
+            .status,
         200
     );
-    // The count is readable in Redis (the metering record).
+    // The count is readable in Redis under the consumer's name (the
+    // metering record).
     let keys = redis
-        .command("KEYS m:metered:k:cust-7:quota:month:*")
+        .command("KEYS m:route:metered:k:cust-7:quota:month:*")
         .unwrap_or_default();
     assert_eq!(keys, "*1", "one quota key for the customer this month");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_limits_count_each_key_by_its_hash() {
+    let Some(redis) = Redis::start() else { return };
+    let b = Backend::start("one").await;
+    let top = format!(
+        "[redis]\nurl = \"{}\"\nkey_prefix = \"ak:\"\n{}",
+        redis.url(),
+        consumers()
+    );
+    let env = start_with(
+        &b,
+        &top,
+        r#"
+[[routes]]
+name = "per-key"
+upstream = "one"
+[routes.match]
+path_prefix = "/per-key/"
+[routes.auth.api_key]
+[routes.rate_limit]
+key = "api_key"
+backend = "redis"
+limits = [{ requests = 2, per = "1h" }]
+"#,
+    );
+    let url = format!("{}/per-key/x", env.base);
+    for _ in 0..2 {
+        assert_eq!(get(&url, &[("x-api-key", "k7-a")]).await.status, 200);
+    }
+    assert_eq!(get(&url, &[("x-api-key", "k7-a")]).await.status, 429);
+    // The same consumer's other key has its own budget.
+    assert_eq!(get(&url, &[("x-api-key", "k7-b")]).await.status, 200);
+    // A wrong key is refused by 4c before it is counted.
+    assert_eq!(get(&url, &[("x-api-key", "nope")]).await.status, 401);
+    // Redis holds the keys' hashes, never the keys.
+    let keys = redis.command_reply("KEYS ak:*").unwrap_or_default();
+    assert!(
+        keys.contains(&format!("ak:route:per-key:h:{}:w", sha256_hex("k7-a")))
+            && keys.contains(&sha256_hex("k7-b")),
+        "{keys}"
+    );
+    assert!(!keys.contains("k7-a:") && !keys.contains("k7-b:"), "{keys}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumers_own_limit_spans_every_route() {
+    let b = Backend::start("one").await;
+    let env = start_with(
+        &b,
+        &consumers(),
+        r#"
+[[routes]]
+name = "a"
+upstream = "one"
+[routes.match]
+path_prefix = "/a/"
+[routes.auth.api_key]
+[[routes]]
+name = "b"
+upstream = "one"
+[routes.match]
+path_prefix = "/b/"
+[routes.auth.api_key]
+[routes.rate_limit]
+key = "consumer"
+limits = [{ requests = 10, per = "1h" }]
+"#,
+    );
+    // gold may make 3 requests an hour, wherever they go; the headers
+    // report the tighter of the route's and the consumer's limit.
+    let r = get(&format!("{}/a/x", env.base), &[("x-api-key", "kg")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(num(&r, "ratelimit-limit"), 3);
+    assert_eq!(num(&r, "ratelimit-remaining"), 2);
+    let r = get(&format!("{}/b/x", env.base), &[("x-api-key", "kg")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(num(&r, "ratelimit-limit"), 3);
+    assert_eq!(num(&r, "ratelimit-remaining"), 1);
+    assert_eq!(
+        get(&format!("{}/a/x", env.base), &[("x-api-key", "kg")])
+            .await
+            .status,
+        200
+    );
+    for path in ["/a/x", "/b/x"] {
+        let r = get(&format!("{}{path}", env.base), &[("x-api-key", "kg")]).await;
+        assert_eq!(r.status, 429, "{path}");
+        assert!(num(&r, "retry-after") >= 1);
+    }
+    // Consumers without their own limit have only the routes'.
+    for _ in 0..5 {
+        let r = get(&format!("{}/a/x", env.base), &[("x-api-key", "k8")]).await;
+        assert_eq!(r.status, 200);
+        assert!(r.header("ratelimit-limit").is_none());
+    }
+    let r = get(&format!("{}/b/x", env.base), &[("x-api-key", "k8")]).await;
+    assert_eq!(num(&r, "ratelimit-limit"), 10);
+    assert_eq!(b.hits(), 3 + 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_decided_by_auth_are_checked_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.toml");
+    std::fs::write(
+        &path,
+        r#"[[upstreams]]
+name = "u"
+targets = ["127.0.0.1:1"]
+[[consumers]]
+name = "c"
+[consumers.rate_limit]
+key = "ip"
+limits = [{ requests = 0, per = "1s" }]
+[[routes]]
+name = "anonymous"
+upstream = "u"
+[routes.rate_limit]
+key = "api_key"
+limits = [{ requests = 1, per = "1s" }]
+[[routes]]
+name = "stripped"
+upstream = "u"
+[routes.auth.api_key]
+header = "X-Key"
+[routes.rate_limit]
+key = "header:x-key"
+limits = [{ requests = 1, per = "1s" }]
+"#,
+    )
+    .unwrap();
+    let (code, out, _) = gateway_tests::gateway::run_cli(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("g.toml:7:7: a consumer's rate_limit is always keyed by the consumer"),
+        "{out}"
+    );
+    assert!(
+        out.contains("g.toml:13:7: rate-limit key \"api_key\" needs [routes.auth.api_key]"),
+        "{out}"
+    );
+    assert!(
+        out.contains("g.toml:21:7: header \"x-key\" carries this route's API key"),
+        "{out}"
+    );
 }

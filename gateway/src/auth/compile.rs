@@ -22,11 +22,12 @@ pub fn compile(
     consumers: &[config::Consumer],
     consumers_file: Option<&Spanned<String>>,
     providers: &[config::IdentityProvider],
+    redis: Option<&Arc<crate::policy::ratelimit::redis::Redis>>,
     problems: &mut Vec<Problem>,
 ) -> AuthConfig {
     crypto::install();
     let file = consumers_file.map(|f| (f, crate::config::compile_resolve(base, f.get_ref())));
-    let consumers = match ConsumerStore::compile(consumers, file) {
+    let consumers = match ConsumerStore::compile(consumers, file, redis) {
         Ok(s) => Arc::new(s),
         Err(ps) => {
             problems.extend(ps);

@@ -30,6 +30,10 @@ pub struct Consumer {
     /// HTTP Basic password hash: bcrypt (`$2b$...`) or argon2 (`$argon2id$...`).
     #[serde(default)]
     pub password_hash: Option<Spanned<String>>,
+    /// The consumer's own limits: one budget across every route that
+    /// authenticates it, on top of each route's `[routes.rate_limit]`.
+    #[serde(default)]
+    pub rate_limit: Option<Spanned<crate::policy::ratelimit::RateLimitSection>>,
 }
 
 /// The consumers file: `[[consumers]]` tables only.

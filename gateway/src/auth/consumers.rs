@@ -1,4 +1,5 @@
-//! Consumers: named clients with credentials, groups and scopes, from the
+//! Consumers: named clients with credentials, groups, scopes and their own
+//! limits (`[consumers.rate_limit]`, compiled here), from the
 //! config file and from an optional consumers file. The set in force sits
 //! behind `arc-swap`; the consumers file is watched and swapped in on change
 //! (after validation: a broken file is logged and the previous set stays).
@@ -15,6 +16,8 @@ use super::basic::{self, PasswordHash};
 use super::config;
 use crate::config::Problem;
 use crate::config::error::line_col;
+use crate::policy::ratelimit::RateLimit;
+use crate::policy::ratelimit::redis::Redis;
 
 /// One consumer.
 #[derive(Debug)]
@@ -24,6 +27,8 @@ pub struct Consumer {
     pub name_header: http::HeaderValue,
     pub groups: Box<[Box<str>]>,
     pub scopes: Box<[Box<str>]>,
+    /// `[consumers.rate_limit]`, checked in step 4d after the route's.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Every consumer, indexed by each kind of credential.
@@ -75,6 +80,8 @@ pub struct ConsumerStore {
     /// of the consumers file.
     inline: Vec<Built>,
     file: Option<PathBuf>,
+    /// `[redis]`, for consumers' limits with `backend = "redis"`.
+    redis: Option<Arc<Redis>>,
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
 }
 
@@ -102,6 +109,7 @@ impl ConsumerStore {
     pub fn compile(
         inline: &[config::Consumer],
         file: Option<(&Spanned<String>, PathBuf)>,
+        redis: Option<&Arc<Redis>>,
     ) -> Result<ConsumerStore, Vec<Problem>> {
         let mut problems = Vec::new();
         // Duplicates among the config file's own consumers, with their spans
@@ -117,11 +125,11 @@ impl ConsumerStore {
         }
         let inline: Vec<Built> = inline
             .iter()
-            .filter_map(|c| build(c, &mut problems))
+            .filter_map(|c| build(c, redis, &mut problems))
             .collect();
         let mut from_file = Vec::new();
         if let Some((span, path)) = &file {
-            match load_file(path) {
+            match load_file(path, redis) {
                 Ok(b) => from_file = b,
                 Err(msgs) => {
                     for m in msgs {
@@ -144,6 +152,7 @@ impl ConsumerStore {
                 current: ArcSwap::from_pointee(set),
                 inline,
                 file: file.map(|(_, p)| p),
+                redis: redis.cloned(),
                 watcher: Mutex::new(None),
             }),
             _ => Err(problems),
@@ -156,6 +165,7 @@ impl ConsumerStore {
             current: ArcSwap::from_pointee(Consumers::default()),
             inline: Vec::new(),
             file: None,
+            redis: None,
             watcher: Mutex::new(None),
         }
     }
@@ -175,7 +185,7 @@ impl ConsumerStore {
         let Some(path) = &self.file else {
             return Ok(self.current.load().len());
         };
-        let set = load_file(path)
+        let set = load_file(path, self.redis.as_ref())
             .and_then(|b| index(&self.inline, &b))
             .map_err(|m| m.join("\n"))?;
         let n = set.len();
@@ -238,7 +248,7 @@ impl ConsumerStore {
 }
 
 /// Reads and compiles the consumers file; problems as `FILE:LINE:COL: msg`.
-fn load_file(path: &Path) -> Result<Vec<Built>, Vec<String>> {
+fn load_file(path: &Path, redis: Option<&Arc<Redis>>) -> Result<Vec<Built>, Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![format!(
             "cannot read consumers file {}: {e}",
@@ -258,7 +268,7 @@ fn load_file(path: &Path) -> Result<Vec<Built>, Vec<String>> {
     let built = parsed
         .consumers
         .iter()
-        .filter_map(|c| build(c, &mut problems))
+        .filter_map(|c| build(c, redis, &mut problems))
         .collect();
     if problems.is_empty() {
         Ok(built)
@@ -271,7 +281,11 @@ fn load_file(path: &Path) -> Result<Vec<Built>, Vec<String>> {
 }
 
 /// Compiles one consumer, checking its credentials.
-fn build(c: &config::Consumer, problems: &mut Vec<Problem>) -> Option<Built> {
+fn build(
+    c: &config::Consumer,
+    redis: Option<&Arc<Redis>>,
+    problems: &mut Vec<Problem>,
+) -> Option<Built> {
     let before = problems.len();
     let name = c.name.get_ref();
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
@@ -315,6 +329,16 @@ fn build(c: &config::Consumer, problems: &mut Vec<Problem>) -> Option<Built> {
             None
         }
     };
+    let rate_limit = c.rate_limit.as_ref().and_then(|s| {
+        if let Some(k) = &s.get_ref().key {
+            problems.push(Problem::at(
+                k.span(),
+                "a consumer's rate_limit is always keyed by the consumer; remove `key`",
+            ));
+            return None;
+        }
+        RateLimit::compile("consumer", s.get_ref(), redis, s.span(), problems)
+    });
     let name_header = http::HeaderValue::from_str(name).ok();
     if problems.len() != before {
         return None;
@@ -325,6 +349,7 @@ fn build(c: &config::Consumer, problems: &mut Vec<Problem>) -> Option<Built> {
             name_header: name_header?,
             groups: c.groups.iter().map(|g| g.as_str().into()).collect(),
             scopes: c.scopes.iter().map(|s| s.as_str().into()).collect(),
+            rate_limit,
         }),
         api_keys,
         basic,

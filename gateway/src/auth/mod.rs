@@ -76,6 +76,8 @@ pub struct Identity {
     pub consumer: Option<Arc<Consumer>>,
     /// The token's claims (JWT, introspection).
     pub claims: Option<Arc<Claims>>,
+    /// The SHA-256 of the API key presented, for `key = "api_key"` limits.
+    pub api_key: Option<[u8; 32]>,
 }
 
 impl Identity {
@@ -270,6 +272,7 @@ impl RouteAuth {
                     method: AuthMethod::Forward,
                     consumer: None,
                     claims: None,
+                    api_key: None,
                 },
                 key_in_query: false,
                 extra: admitted.headers,
@@ -287,6 +290,7 @@ impl RouteAuth {
                 method: AuthMethod::ApiKey,
                 consumer: Some(c.clone()),
                 claims: None,
+                api_key: Some(digest),
             }),
             None => Err(self.unauthorized("invalid API key", None)),
         }
@@ -303,6 +307,7 @@ impl RouteAuth {
                 method: AuthMethod::Basic,
                 consumer: Some(c),
                 claims: None,
+                api_key: None,
             }),
             None => Err(self.unauthorized("invalid user name or password", None)),
         }
@@ -377,6 +382,7 @@ impl RouteAuth {
             method,
             consumer,
             claims: Some(claims),
+            api_key: None,
         })
     }
 
@@ -571,6 +577,7 @@ mod tests {
             name_header: HeaderValue::from_static("svc"),
             groups: vec!["services".into()].into(),
             scopes: vec!["admin".into()].into(),
+            rate_limit: None,
         });
         let claims: Claims = serde_json::from_value(serde_json::json!({
             "scope": "read write", "scp": ["x"], "admin": true, "level": 3
@@ -581,6 +588,7 @@ mod tests {
             method: AuthMethod::Jwt,
             consumer: Some(consumer.clone()),
             claims: Some(Arc::new(claims)),
+            api_key: None,
         };
         assert!(token.has_scope("read") && token.has_scope("write") && token.has_scope("x"));
         assert!(!token.has_scope("admin"));
@@ -590,6 +598,7 @@ mod tests {
         let key = Identity {
             method: AuthMethod::ApiKey,
             claims: None,
+            api_key: None,
             ..token
         };
         assert!(key.has_scope("admin") && !key.has_scope("read"));

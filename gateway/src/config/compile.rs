@@ -132,6 +132,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
         &f.consumers,
         f.consumers_file.as_ref(),
         &f.identity_providers,
+        policy_globals.redis.as_ref(),
         &mut problems,
     );
 

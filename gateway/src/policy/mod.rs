@@ -59,6 +59,8 @@ pub struct PolicyCtx {
     pub rate: Option<ratelimit::Decision>,
     /// A concurrency slot, given back when this context is dropped.
     pub permit: Option<ratelimit::concurrency::Permit>,
+    /// The consumer's own concurrency slot.
+    pub consumer_permit: Option<ratelimit::concurrency::Permit>,
     /// The authenticated caller (4c): method, consumer, claims.
     pub identity: Option<crate::auth::Identity>,
 }
@@ -116,19 +118,66 @@ pub fn compile_route(
             None => globals.cors.clone(),
         },
         rate_limit: r.rate_limit.as_ref().and_then(|s| {
-            ratelimit::RateLimit::compile(
-                name,
+            let rl = ratelimit::RateLimit::compile(
+                &format!("route:{name}"),
                 s.get_ref(),
                 globals.redis.as_ref(),
                 s.span(),
                 problems,
-            )
+            )?;
+            key_needs_auth(
+                rl.source(),
+                s.get_ref(),
+                r.auth.as_ref().map(|a| a.get_ref()),
+                problems,
+            );
+            Some(rl)
         }),
         validate: r
             .validate
             .as_ref()
             .map(|v| validate::Validate::compile(name, v, base, problems)),
         auth: None,
+    }
+}
+
+/// A rate-limit key that step 4c decides: `api_key` needs the route to
+/// accept API keys, and a header that 4c strips before 4d is never seen.
+fn key_needs_auth(
+    source: &ratelimit::KeySource,
+    s: &ratelimit::RateLimitSection,
+    auth: Option<&crate::auth::config::RouteAuth>,
+    problems: &mut Vec<Problem>,
+) {
+    let Some(k) = &s.key else { return };
+    let api_key = auth.and_then(|a| a.api_key.as_ref());
+    match source {
+        ratelimit::KeySource::ApiKey if api_key.is_none() => problems.push(Problem::at(
+            k.span(),
+            "rate-limit key \"api_key\" needs [routes.auth.api_key] on this route",
+        )),
+        ratelimit::KeySource::Header(h)
+            if auth.is_some_and(|a| a.strip_credentials)
+                && api_key.is_some_and(|a| a.header.get_ref().eq_ignore_ascii_case(h.as_str())) =>
+        {
+            problems.push(Problem::at(
+                k.span(),
+                format!(
+                    "header {h:?} carries this route's API key and is stripped before rate limiting; \
+                     use key = \"api_key\" (counted by the key's hash)"
+                ),
+            ));
+        }
+        ratelimit::KeySource::Header(h)
+            if h == http::header::AUTHORIZATION && auth.is_some_and(|a| a.strip_credentials) =>
+        {
+            problems.push(Problem::at(
+                k.span(),
+                "the Authorization header is stripped before rate limiting; \
+                 use key = \"consumer\" or \"api_key\"",
+            ));
+        }
+        _ => {}
     }
 }
 
@@ -157,16 +206,25 @@ pub async fn on_request(
         ctx.consumer = Some(identity.name.clone());
         ctx.identity = Some(identity);
     }
-    // 4d.
+    // 4d: the route's limits, then the consumer's own.
     if let Some(rl) = &policy.rate_limit {
         let key = rl
             .source()
-            .key(conn.peer.ip(), req.headers(), ctx.consumer.as_deref());
+            .key(conn.peer.ip(), req.headers(), ctx.identity.as_ref());
         let (decision, permit) = rl.check(key).await?;
         if rl.headers {
             ctx.rate = Some(decision);
         }
         ctx.permit = permit;
+    }
+    if let Some(c) = ctx.identity.as_ref().and_then(|i| i.consumer.clone())
+        && let Some(rl) = &c.rate_limit
+    {
+        let (decision, permit) = rl.check(ratelimit::Key::Named(c.name.as_bytes())).await?;
+        if rl.headers {
+            ctx.rate = Some(ctx.rate.map_or(decision, |d| d.tighter(decision)));
+        }
+        ctx.consumer_permit = permit;
     }
     // 4e.
     if let Some(v) = &policy.validate
@@ -193,6 +251,7 @@ pub async fn on_response(
         *resp = crate::respond::error_response(&e, request_id.to_str().unwrap_or(""));
     }
     ctx.permit = None;
+    ctx.consumer_permit = None;
     if let (Some(c), Some(origin)) = (&policy.cors, ctx.cors_origin.take()) {
         c.apply(origin, resp.headers_mut());
     }

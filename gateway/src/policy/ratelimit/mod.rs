@@ -31,7 +31,8 @@ use crate::error::{ErrorKind, ProxyError};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSection {
-    /// `"ip"` (default), `"route"`, `"consumer"`, or `"header:NAME"`.
+    /// `"ip"` (default), `"route"`, `"consumer"`, `"api_key"` or
+    /// `"header:NAME"`.
     #[serde(default)]
     pub key: Option<Spanned<String>>,
     /// GCRA windows; all must admit a request.
@@ -121,6 +122,9 @@ pub enum KeySource {
     /// The authenticated consumer (set by step 4c); the client IP for
     /// anonymous requests.
     Consumer,
+    /// The API key the request authenticated with (step 4c), by its
+    /// SHA-256; the client IP when it authenticated otherwise.
+    ApiKey,
     /// A request header's value; the client IP when the header is absent.
     Header(HeaderName),
 }
@@ -130,7 +134,13 @@ pub enum KeySource {
 pub enum Key<'a> {
     Ip(IpAddr),
     Route,
+    /// A consumer name: written as it is in Redis key names.
     Named(&'a [u8]),
+    /// A client-chosen value (a header): hashed before it goes into a Redis
+    /// key name, so that its length and bytes are not the client's.
+    Value(&'a [u8]),
+    /// An API key's SHA-256.
+    Digest(&'a [u8; 32]),
 }
 
 impl KeySource {
@@ -139,27 +149,31 @@ impl KeySource {
             "ip" => KeySource::Ip,
             "route" => KeySource::Route,
             "consumer" => KeySource::Consumer,
+            "api_key" => KeySource::ApiKey,
             _ => KeySource::Header(
                 HeaderName::from_bytes(s.strip_prefix("header:")?.as_bytes()).ok()?,
             ),
         })
     }
 
-    /// The key of a request from `ip` with `headers`, sent by `consumer`.
+    /// The key of a request from `ip` with `headers`, sent by `identity`.
     pub fn key<'a>(
         &self,
         ip: IpAddr,
         headers: &'a HeaderMap,
-        consumer: Option<&'a str>,
+        identity: Option<&'a crate::auth::Identity>,
     ) -> Key<'a> {
         let ip = crate::policy::access::canonical(ip);
         match self {
             KeySource::Ip => Key::Ip(ip),
             KeySource::Route => Key::Route,
-            KeySource::Consumer => consumer.map_or(Key::Ip(ip), |c| Key::Named(c.as_bytes())),
+            KeySource::Consumer => identity.map_or(Key::Ip(ip), |i| Key::Named(i.name.as_bytes())),
+            KeySource::ApiKey => identity
+                .and_then(|i| i.api_key.as_ref())
+                .map_or(Key::Ip(ip), Key::Digest),
             KeySource::Header(h) => headers
                 .get(h)
-                .map_or(Key::Ip(ip), |v| Key::Named(v.as_bytes())),
+                .map_or(Key::Ip(ip), |v| Key::Value(v.as_bytes())),
         }
     }
 }
@@ -205,10 +219,13 @@ impl Decision {
     }
 }
 
-/// One route's compiled `[routes.rate_limit]`.
+/// One route's compiled `[routes.rate_limit]`, or a consumer's own
+/// `[consumers.rate_limit]`.
 #[derive(Debug)]
 pub struct RateLimit {
-    route: Arc<str>,
+    /// What the counters belong to: `route:NAME`, or `consumer` (one budget
+    /// per consumer across every route).
+    scope: Arc<str>,
     source: KeySource,
     windows: Vec<WindowSpec>,
     local: Option<Arc<local::Local>>,
@@ -221,8 +238,9 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
+    /// Compiles `s` for `scope` (see `RateLimit::scope`).
     pub fn compile(
-        route: &str,
+        scope: &str,
         s: &RateLimitSection,
         redis: Option<&Arc<redis::Redis>>,
         span: std::ops::Range<usize>,
@@ -235,7 +253,7 @@ impl RateLimit {
                 problems.push(Problem::at(
                     k.span(),
                     format!(
-                        "invalid rate-limit key {:?}: expected \"ip\", \"route\", \"consumer\" or \"header:NAME\"",
+                        "invalid rate-limit key {:?}: expected \"ip\", \"route\", \"consumer\", \"api_key\" or \"header:NAME\"",
                         k.get_ref()
                     ),
                 ));
@@ -292,7 +310,7 @@ impl RateLimit {
             return None;
         }
         // State is kept across reloads while the settings are the same.
-        let state_key = format!("ratelimit\0{route}\0{source:?}\0");
+        let state_key = format!("ratelimit\0{scope}\0{source:?}\0");
         let local = (!windows.is_empty()).then(|| {
             crate::policy::shared::get_or_make(format!("{state_key}{windows:?}"), || {
                 local::Local::new(&windows)
@@ -313,7 +331,7 @@ impl RateLimit {
             )
         });
         Some(RateLimit {
-            route: route.into(),
+            scope: scope.into(),
             source,
             windows,
             local,
@@ -342,7 +360,7 @@ impl RateLimit {
             decision = match &self.redis {
                 Some(r) => match r
                     .check(
-                        &self.route,
+                        &self.scope,
                         key,
                         &self.windows,
                         self.quota.as_ref().map(|(q, limit)| (q.period, *limit)),

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
+use sha2::Digest as _;
 use toml::Spanned;
 
 use super::quota;
@@ -103,6 +104,14 @@ end
 return {1, limit, remaining, math.ceil(reset), 0, 0}
 ";
 
+/// `h:` and the 64 hex digits of `d`.
+fn hex_digest(out: &mut Vec<u8>, d: &[u8; 32]) {
+    out.extend_from_slice(b"h:");
+    for b in d {
+        let _ = write!(out, "{b:02x}");
+    }
+}
+
 /// A Redis server shared by the routes that use it.
 pub struct Redis {
     url: String,
@@ -183,12 +192,13 @@ impl Redis {
         Some(conns[i].clone())
     }
 
-    /// Checks `key` against `windows` and `quota` in Redis. `Err` means
+    /// Checks `key` of `scope` (`route:NAME`, or `consumer`) against
+    /// `windows` and `quota` in Redis. `Err` means
     /// Redis could not answer (now, or it is known to be down): the caller
     /// falls back.
     pub async fn check(
         self: &Arc<Self>,
-        route: &str,
+        scope: &str,
         key: Key<'_>,
         windows: &[WindowSpec],
         quota: Option<(quota::Period, u64)>,
@@ -201,9 +211,9 @@ impl Redis {
             return Err(());
         };
         let mut inv = self.script.prepare_invoke();
-        let mut base = Vec::with_capacity(self.prefix.len() + route.len() + 48);
+        let mut base = Vec::with_capacity(self.prefix.len() + scope.len() + 72);
         base.extend_from_slice(self.prefix.as_bytes());
-        base.extend_from_slice(route.as_bytes());
+        base.extend_from_slice(scope.as_bytes());
         base.push(b':');
         match key {
             Key::Ip(ip) => {
@@ -214,6 +224,8 @@ impl Redis {
                 base.extend_from_slice(b"k:");
                 base.extend_from_slice(n);
             }
+            Key::Value(v) => hex_digest(&mut base, &sha2::Sha256::digest(v).into()),
+            Key::Digest(d) => hex_digest(&mut base, d),
         }
         inv.arg(windows.len());
         for w in windows {
