@@ -225,3 +225,50 @@ limits = [{ requests = 1, per = "1h" }]
         env.gw.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_ban_never_bans_an_xdp_allow_listed_source() {
+    let b = Backend::start("one").await;
+    let env = start(
+        &b,
+        r#"
+[listeners.auto_ban]
+limit_exceeded = 2
+auth_failures = 0
+ttl = "1m"
+[xdp]
+allow = ["127.0.0.4/32"]
+"#,
+        r#"
+[[routes]]
+name = "limited"
+upstream = "one"
+[routes.match]
+path_prefix = "/limited/"
+[routes.rate_limit]
+limits = [{ requests = 1, per = "1h" }]
+"#,
+    );
+    let addr = env.addr;
+    for src in ["127.0.0.4", "127.0.0.5"] {
+        assert_eq!(get_from(src, addr, "/limited/a").await, Some(200));
+        for _ in 0..2 {
+            assert_eq!(get_from(src, addr, "/limited/a").await, Some(429));
+        }
+    }
+    // The allow-listed source keeps being served; the other is banned,
+    // into the [xdp] deny list (userspace enforcement here: --no-xdp).
+    assert_eq!(get_from("127.0.0.4", addr, "/open").await, Some(200));
+    assert_eq!(get_from("127.0.0.5", addr, "/open").await, None);
+    let stderr = env.gw.stderr();
+    assert!(
+        stderr.contains("auto-ban skipped: the source is allow-listed"),
+        "{stderr}"
+    );
+    let metrics = admin_get(&env.gw, "/metrics");
+    assert!(
+        metrics
+            .contains("gateway_autoban_bans_total{listener=\"main\",reason=\"limit_exceeded\"} 1"),
+        "{metrics}"
+    );
+}

@@ -154,7 +154,9 @@ impl AutoBan {
             }
         };
         self.counts.remove(&ip);
-        enforcer.ban(ip, self.ttl);
+        if !enforcer.ban(ip, self.ttl) {
+            return;
+        }
         metrics::counter!(
             "gateway_autoban_bans_total",
             "listener" => metrics::SharedString::from(self.listener.clone()),

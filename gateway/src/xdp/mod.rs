@@ -122,8 +122,8 @@ impl Enforcer {
     /// kernel map when the XDP program enforces, so the kernel drops the
     /// source's packets), else into a userspace ban table checked at
     /// accept. Rare by nature, so the map write may run on the caller's
-    /// thread.
-    pub fn ban(&self, ip: IpAddr, ttl: Duration) {
+    /// thread. Returns whether the source was banned.
+    pub fn ban(&self, ip: IpAddr, ttl: Duration) -> bool {
         let ip = crate::policy::access::canonical(ip);
         let allowed = self
             .entries(List::Allow)
@@ -131,7 +131,7 @@ impl Enforcer {
             .unwrap_or(false);
         if allowed {
             tracing::info!(%ip, "auto-ban skipped: the source is allow-listed");
-            return;
+            return false;
         }
         // With an `[xdp]` section the ban joins the deny list (the kernel
         // map, or the userspace lists), so `gateway deny list` shows it and
@@ -145,11 +145,12 @@ impl Enforcer {
             .enabled;
         if enabled {
             match self.edit(List::Deny, &ipnet::IpNet::from(ip), false, Some(ttl)) {
-                Ok(_) => return,
+                Ok(_) => return true,
                 Err(e) => tracing::warn!(%ip, "auto-ban not added to the deny list: {e}"),
             }
         }
         self.bans.insert(ip, ttl);
+        true
     }
 
     /// Auto-ban bans held in the userspace ban table (no `[xdp]` section)
