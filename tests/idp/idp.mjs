@@ -18,7 +18,8 @@
 //   POST /__rotate          new RSA signing key (new kid); the old one stays
 //                           published unless `?drop=1`. Answers {"kid": ...}.
 //   GET  /__forge?kind=K    a hostile token: none, hs256-confusion, expired,
-//                           wrong-aud, wrong-iss, not-yet-valid, unknown-kid.
+//                           wrong-aud, wrong-iss, not-yet-valid, unknown-kid,
+//                           hs256-shared (a good HS256 token).
 //                           Answers {"token": ...}.
 
 import { KeyObject, createHmac } from 'node:crypto';
@@ -136,6 +137,12 @@ async function forge(kind) {
       return sign({ ...claims, aud: 'https://other.example' });
     case 'wrong-iss':
       return sign({ ...claims, iss: 'http://evil.example' });
+    case 'hs256-shared': {
+      // Signed with the shared secret of the gateway's HS256 provider (HS256_SECRET in tests/src/idp.rs).
+      const input = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ ...claims, jti: 'hs256-shared' })}`;
+      const sig = createHmac('sha256', 'hs256-shared-secret-for-the-tests-0123').update(input).digest('base64url');
+      return `${input}.${sig}`;
+    }
     case 'unknown-kid': {
       const stranger = await rsaKey();
       rsaCount -= 1;

@@ -117,7 +117,8 @@ impl Idp {
     }
 
     /// A hostile token: `none`, `hs256-confusion`, `expired`, `wrong-aud`,
-    /// `wrong-iss`, `not-yet-valid`, `unknown-kid`.
+    /// `wrong-iss`, `not-yet-valid`, `unknown-kid`; or `hs256-shared`, a
+    /// valid token signed with `HS256_SECRET`.
     pub async fn forge(&self, kind: &str) -> String {
         let r = client::get(&format!("{}/__forge?kind={kind}", self.base)).await;
         assert_eq!(r.status, 200, "forge {kind}: {}", r.text());
@@ -142,6 +143,9 @@ impl Idp {
         let _ = self.child.wait();
     }
 }
+
+/// The HS256 secret `forge("hs256-shared")` signs with.
+pub const HS256_SECRET: &str = "hs256-shared-secret-for-the-tests-0123";
 
 impl Drop for Idp {
     fn drop(&mut self) {

@@ -517,6 +517,21 @@ leeway = "5s"
 client_id = "{gw_id}"
 client_secret = "{gw_secret}"
 
+# The same issuer, seen through stricter eyes: tokens need an `email`.
+[[identity_providers]]
+name = "idp-strict"
+issuer = "{issuer}"
+audiences = ["{API}"]
+required_claims = ["email"]
+
+# HS256 tokens with a shared secret, and nothing else.
+[[identity_providers]]
+name = "idp-hs"
+issuer = "{issuer}"
+audiences = ["{API}"]
+algorithms = ["HS256"]
+hs256_secrets = ["{hs_secret}"]
+
 [[routes]]
 name = "jwt"
 upstream = "one"
@@ -546,6 +561,22 @@ jwt = {{ provider = "idp" }}
 groups = ["services"]
 
 [[routes]]
+name = "jwt-strict"
+upstream = "one"
+[routes.match]
+path_prefix = "/jwt-strict/"
+[routes.auth]
+jwt = {{ provider = "idp-strict" }}
+
+[[routes]]
+name = "jwt-hs"
+upstream = "one"
+[routes.match]
+path_prefix = "/jwt-hs/"
+[routes.auth]
+jwt = {{ provider = "idp-hs" }}
+
+[[routes]]
 name = "opaque"
 upstream = "one"
 [routes.match]
@@ -560,6 +591,7 @@ any_of = ["write"]
         issuer = idp.issuer,
         gw_id = GATEWAY_CLIENT.0,
         gw_secret = GATEWAY_CLIENT.1,
+        hs_secret = gateway_tests::idp::HS256_SECRET,
     );
     let gw = Gateway::start(&config, &admin);
     Oidc {
@@ -746,7 +778,45 @@ async fn oidc_hostile_tokens_rejected() {
     )
     .await;
     problem(&r, 401);
+    // A provider's required claims: the good token has no `email`.
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt-strict/x",
+        &[("authorization", &bearer(&good))],
+    )
+    .await;
+    let v = problem(&r, 401);
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("it lacks the \"email\" claim"),
+        "{v}"
+    );
+    // An HS256-only provider refuses RS256 tokens, and the confused token
+    // (HS256 keyed with the RSA public key) fails its signature check.
+    for token in [good.clone(), env.idp.forge("hs256-confusion").await] {
+        let r = send(
+            &env.base,
+            "GET",
+            "/jwt-hs/x",
+            &[("authorization", &bearer(&token))],
+        )
+        .await;
+        problem(&r, 401);
+    }
     assert_eq!(b.hits(), before, "no hostile token reached the upstream");
+    // A token signed with the shared secret passes.
+    let token = env.idp.forge("hs256-shared").await;
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt-hs/x",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    assert_eq!(seen(&r)["x-consumer"], "svc");
 }
 
 #[tokio::test]

@@ -112,6 +112,17 @@ path_prefix = "/resp-ok/"
 [routes.validate.response]
 schema = '{"type": "object", "required": ["backend", "path"]}'
 on_violation = "reject"
+[[routes]]
+name = "slow-body"
+upstream = "one"
+[routes.match]
+path_prefix = "/slow-body"
+[routes.validate]
+schema = '{"type": "object"}'
+body_timeout = "300ms"
+[[routes.validate.query]]
+name = "price"
+type = "number"
 "#;
 
 async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Reply {
@@ -331,4 +342,57 @@ pattern = "("
         "{out}"
     );
     assert!(out.contains("g.toml:12:11: invalid pattern"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn number_parameters_and_a_body_that_never_arrives() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start("one").await;
+    let env = start(&b);
+    for (price, ok) in [
+        ("12.5", true),
+        ("-3e2", true),
+        ("7", true),
+        ("NaN", false),
+        ("inf", false),
+        ("1.2.3", false),
+    ] {
+        let r = send(
+            Method::POST,
+            &format!("{}/slow-body?price={price}", env.base),
+            &[("content-type", "application/json")],
+            "{}",
+        )
+        .await;
+        if ok {
+            assert_eq!(r.status, 200, "{price}: {}", r.text());
+        } else {
+            assert_eq!(r.status, 400, "{price}: {}", r.text());
+            assert!(has(&errors(&r), "query", "/query/price"), "{price}");
+        }
+    }
+    // A body announced and not sent: 408 problem+json after body_timeout,
+    // and the upstream never sees the request.
+    let hits = b.hits();
+    let addr = env.base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"POST /slow-body HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n{\"a\":",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(read.is_ok(), "no answer within 5 s: {text}");
+    let took = started.elapsed();
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("application/problem+json"), "{text}");
+    assert!(
+        took >= std::time::Duration::from_millis(250) && took < std::time::Duration::from_secs(3),
+        "answered after {took:?}"
+    );
+    assert_eq!(b.hits(), hits);
 }
