@@ -375,10 +375,15 @@ async fn consumers_file_is_watched() {
     let r = send(&env.base, "GET", "/file/x", &[("x-api-key", "key-alice")]).await;
     problem(&r, 403);
 
-    // Replace carol by dave, as a config manager would (write, rename).
+    // Replace carol by dave, as a config manager would (write, rename);
+    // dave comes with his own limit of two requests an hour.
     let file = env.consumers_dir.path().join("consumers.toml");
     let tmp = env.consumers_dir.path().join("consumers.toml.tmp");
-    std::fs::write(&tmp, consumers_file("dave", DAVE_KEY)).expect("write");
+    let dave = format!(
+        "{}[consumers.rate_limit]\nlimits = [{{ requests = 2, per = \"1h\" }}]\n",
+        consumers_file("dave", DAVE_KEY)
+    );
+    std::fs::write(&tmp, dave).expect("write");
     std::fs::rename(&tmp, &file).expect("rename");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -396,6 +401,10 @@ async fn consumers_file_is_watched() {
     }
     let r = send(&env.base, "GET", "/file/x", &[("x-api-key", CAROL_KEY)]).await;
     problem(&r, 401);
+    let r = send(&env.base, "GET", "/file/x", &[("x-api-key", DAVE_KEY)]).await;
+    assert_eq!(r.header("ratelimit-remaining"), Some("0"));
+    let r = send(&env.base, "GET", "/file/x", &[("x-api-key", DAVE_KEY)]).await;
+    problem(&r, 429);
 
     // A broken file is rejected and the consumers in force stay.
     std::fs::write(
@@ -419,7 +428,8 @@ async fn consumers_file_is_watched() {
         env.gw.stderr()
     );
     let r = send(&env.base, "GET", "/file/x", &[("x-api-key", DAVE_KEY)]).await;
-    assert_eq!(seen(&r)["x-consumer"], "dave");
+    problem(&r, 429);
+    assert!(r.header("retry-after").is_some());
 }
 
 #[test]
