@@ -425,4 +425,31 @@ async fn smuggling_attempts_are_rejected_and_closed() {
         assert!(resp.contains("\"status\":400"), "{a:?} -> {resp}");
     }
     assert_eq!(b.hits(), 0, "nothing reached the backend");
+
+    // Pipelined behind good requests (in the same write): those are
+    // answered, the attempt gets its 400, and nothing after it is served.
+    for first in [
+        "GET /one HTTP/1.1\r\nHost: x\r\n\r\n",
+        "POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        "POST /one HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ] {
+        let resp = client::raw(
+            &env.listen,
+            &format!(
+                "{first}{}GET /second HTTP/1.1\r\nHost: x\r\n\r\n",
+                attempts[0]
+            ),
+        );
+        let statuses: Vec<&str> = resp.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
+        assert_eq!(statuses, ["200", "400"], "{first:?} -> {resp}");
+        assert!(
+            resp.contains("both Content-Length and Transfer-Encoding"),
+            "{resp}"
+        );
+    }
+    assert_eq!(b.hits(), 3, "only the good requests reached the backend");
+    let m = client::get(&format!("http://{}/metrics", env.gw.admin))
+        .await
+        .text();
+    assert!(m.contains("gateway_smuggling_rejected_total 8"), "{m}");
 }

@@ -13,26 +13,35 @@
 //!   (hyper's own timer closes silently, and also runs while a keep-alive
 //!   connection is idle, which is the idle timeout's job).
 //!
-//! Only heads are scanned: scanning pauses at the blank line and resumes when
-//! the proxy has answered the request, so body bytes are not taken for
-//! header lines. An h2c preface turns the guard off for the connection.
+//! The guard follows each request's body framing (`Content-Length`, or the
+//! chunked coding's chunk sizes and trailers) to find where the next head
+//! starts, so a pipelined head is scanned like any other, whether or not the
+//! proxy has answered the request before it. An h2c preface turns the guard
+//! off for the connection.
+//!
+//! The guard writes its `400` or `408` itself and closes. A pipelined head
+//! refused while requests before it are in flight is cut off (those requests
+//! reach hyper) and held: the `400` is written once hyper has flushed their
+//! responses. (A response body still streaming then may be cut short; only
+//! the client that sent the attempt is affected.) The header timeout of a
+//! pipelined head starts once the requests before it are answered.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// Shared between the guard and the proxy, which sets `rearm` when it has
-/// answered a request.
+/// Shared between the guard and the proxy, which counts the requests it
+/// has answered.
 #[derive(Debug, Default)]
 pub struct HeadFlags {
-    /// The next bytes start a new head.
-    pub rearm: AtomicBool,
+    /// Requests answered on this connection.
+    pub answered: AtomicU32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,10 +50,33 @@ enum State {
     Idle,
     /// Inside a head.
     Head,
-    /// Past the head; waiting for the proxy to answer.
-    Body,
-    /// Not HTTP/1 (h2c): nothing to do.
+    /// A `Content-Length` body: bytes still to come.
+    Fixed(u64),
+    /// A chunked body.
+    Chunked(Chunk),
+    /// Not HTTP/1 (h2c), or refused: nothing more to do.
     Off,
+}
+
+/// Where a chunked body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// A chunk-size line: the size so far, its hex digits, and whether
+    /// whitespace or an extension has begun.
+    Size {
+        size: u64,
+        digits: u8,
+        after: bool,
+    },
+    /// Chunk data: bytes still to come.
+    Data(u64),
+    /// The CRLF after chunk data.
+    DataCr,
+    DataLf,
+    /// Trailer lines; whether the current line is still empty.
+    Trailer {
+        empty: bool,
+    },
 }
 
 /// Longest line prefix kept: enough for a framing header's name and any
@@ -67,8 +99,23 @@ pub struct HeadGuard<T> {
     cl: Option<u64>,
     /// `Transfer-Encoding` lines in the head.
     te: u32,
-    /// Why the current head is refused.
+    /// Why the current head (or body framing) is refused.
     reject: Option<&'static str>,
+    /// Complete heads seen (requests hyper will hand to the proxy).
+    heads: u32,
+    /// Where in the bytes being scanned the current head began (0 when it
+    /// began in an earlier read).
+    head_at: usize,
+    /// The refusal is of a body's framing.
+    body_error: bool,
+    /// A refused head, cut off, waiting for the requests before it to be
+    /// answered before the guard answers it.
+    held: Option<&'static str>,
+    /// The reader to wake when hyper has flushed a response while a head is
+    /// held.
+    waiting: Option<std::task::Waker>,
+    /// The header timeout was paused while requests were in flight.
+    paused: bool,
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
     /// The 408 or 400 still to be written, then the connection ends.
@@ -97,6 +144,12 @@ impl<T> HeadGuard<T> {
             cl: None,
             te: 0,
             reject: None,
+            heads: 0,
+            head_at: 0,
+            body_error: false,
+            held: None,
+            waiting: None,
+            paused: false,
             timeout,
             deadline: Box::pin(tokio::time::sleep_until(Instant::now() + timeout)),
             closing: None,
@@ -114,20 +167,41 @@ impl<T> HeadGuard<T> {
         self.deadline.as_mut().reset(Instant::now() + self.timeout);
     }
 
-    fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+    /// Whether a request seen by the guard is not answered yet.
+    fn in_flight(&self) -> bool {
+        self.flags.answered.load(Ordering::Acquire) != self.heads
+    }
+
+    /// Scans `bytes`; body bytes are skipped in bulk.
+    fn feed(&mut self, mut bytes: &[u8]) {
+        let total = bytes.len();
+        self.head_at = 0;
+        while let Some((&b, rest)) = bytes.split_first() {
             match self.state {
                 State::Off => return,
-                State::Body => {
-                    if !self.flags.rearm.swap(false, Ordering::AcqRel) {
-                        return;
-                    }
-                    self.state = State::Idle;
+                State::Idle => {
                     self.feed_idle(b);
+                    if self.state == State::Head {
+                        self.head_at = total - bytes.len();
+                    }
                 }
-                State::Idle => self.feed_idle(b),
                 State::Head => self.feed_head(b),
+                State::Fixed(n) | State::Chunked(Chunk::Data(n)) => {
+                    let take = n.min(bytes.len() as u64);
+                    let left = n - take;
+                    self.state = match self.state {
+                        State::Fixed(_) if left == 0 => State::Idle,
+                        State::Fixed(_) => State::Fixed(left),
+                        _ if left == 0 => State::Chunked(Chunk::DataCr),
+                        _ => State::Chunked(Chunk::Data(left)),
+                    };
+                    // `take` ≤ `bytes.len()`, so it fits a usize.
+                    bytes = &bytes[usize::try_from(take).unwrap_or(bytes.len())..];
+                    continue;
+                }
+                State::Chunked(c) => self.feed_chunked(c, b),
             }
+            bytes = rest;
         }
     }
 
@@ -159,7 +233,19 @@ impl<T> HeadGuard<T> {
                         self.refuse("request has both Content-Length and Transfer-Encoding");
                     }
                     if self.state == State::Head {
-                        self.state = State::Body;
+                        self.heads = self.heads.wrapping_add(1);
+                        self.state = if self.te > 0 {
+                            State::Chunked(Chunk::Size {
+                                size: 0,
+                                digits: 0,
+                                after: false,
+                            })
+                        } else {
+                            match self.cl {
+                                Some(n) if n > 0 => State::Fixed(n),
+                                _ => State::Idle,
+                            }
+                        };
                     }
                     return;
                 }
@@ -175,6 +261,63 @@ impl<T> HeadGuard<T> {
                 }
             }
         }
+    }
+
+    /// Follows the chunked coding (RFC 9112 §7.1) to the body's end.
+    fn feed_chunked(&mut self, c: Chunk, b: u8) {
+        let next = match c {
+            Chunk::Size {
+                size,
+                digits,
+                after,
+            } => match b {
+                b'\n' if digits == 0 => return self.refuse_body("invalid chunk size"),
+                b'\n' if size == 0 => Chunk::Trailer { empty: true },
+                b'\n' => Chunk::Data(size),
+                b'\r' => c,
+                _ if after => {
+                    // Whitespace, then only an extension (`;name=value`).
+                    if b.is_ascii_control() && b != b'\t' {
+                        return self.refuse_body("invalid chunk extension");
+                    }
+                    c
+                }
+                b' ' | b'\t' | b';' if digits > 0 => Chunk::Size {
+                    size,
+                    digits,
+                    after: true,
+                },
+                _ => match (b as char).to_digit(16) {
+                    Some(d) if digits < 16 => Chunk::Size {
+                        size: size << 4 | u64::from(d),
+                        digits: digits + 1,
+                        after: false,
+                    },
+                    _ => return self.refuse_body("invalid chunk size"),
+                },
+            },
+            Chunk::DataCr if b == b'\r' => Chunk::DataLf,
+            Chunk::DataCr | Chunk::DataLf if b == b'\n' => Chunk::Size {
+                size: 0,
+                digits: 0,
+                after: false,
+            },
+            Chunk::DataCr | Chunk::DataLf => {
+                return self.refuse_body("chunk data is not followed by CRLF");
+            }
+            Chunk::Trailer { empty } => match b {
+                b'\r' => c,
+                b'\n' if empty => {
+                    self.state = State::Idle;
+                    return;
+                }
+                b'\n' => Chunk::Trailer { empty: true },
+                _ => Chunk::Trailer { empty: false },
+            },
+            // Data is skipped in bulk by `feed`.
+            Chunk::Data(_) => c,
+        };
+        self.state = State::Chunked(next);
     }
 
     /// Checks a complete header line for framing headers.
@@ -215,6 +358,13 @@ impl<T> HeadGuard<T> {
         self.reject.get_or_insert(why);
         self.state = State::Off;
     }
+
+    /// Refuses a chunked body hyper has begun to read: the connection ends
+    /// (hyper would fail on it too), without an answer of the guard's.
+    fn refuse_body(&mut self, why: &'static str) {
+        self.body_error = true;
+        self.refuse(why);
+    }
 }
 
 fn starts_with_ci(line: &[u8], prefix: &[u8]) -> bool {
@@ -242,6 +392,21 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadGuard<T> {
                 let _ = Pin::new(&mut this.inner).poll_flush(cx);
                 return Poll::Ready(Err(io::Error::new(c.error.0, c.error.1)));
             }
+            // A refused pipelined head: answered once the requests before
+            // it are (hyper polls again when it has a response to write).
+            if let Some(why) = this.held {
+                if this.in_flight() {
+                    this.waiting = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                this.held = None;
+                this.closing = Some(Closing {
+                    response: crate::respond::raw_error(crate::error::ErrorKind::BadRequest, why),
+                    written: 0,
+                    error: (io::ErrorKind::InvalidData, "ambiguous request framing"),
+                });
+                continue;
+            }
             let before = buf.filled().len();
             match Pin::new(&mut this.inner).poll_read(cx, buf) {
                 Poll::Ready(Ok(())) => {
@@ -249,22 +414,35 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadGuard<T> {
                     let Some(why) = this.reject.take() else {
                         return Poll::Ready(Ok(()));
                     };
-                    // The refused head (and anything after it) never
-                    // reaches hyper.
-                    buf.set_filled(before);
                     metrics::counter!("gateway_smuggling_rejected_total").increment(1);
-                    this.closing = Some(Closing {
-                        response: crate::respond::raw_error(
-                            crate::error::ErrorKind::BadRequest,
-                            why,
-                        ),
-                        written: 0,
-                        error: (io::ErrorKind::InvalidData, "ambiguous request framing"),
-                    });
+                    if this.body_error {
+                        tracing::debug!("malformed chunked body, connection closed: {why}");
+                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, why)));
+                    }
+                    // The refused head (and anything after it) never
+                    // reaches hyper; the requests before it do.
+                    buf.set_filled(before + this.head_at);
+                    this.held = Some(why);
+                    if this.head_at > 0 {
+                        return Poll::Ready(Ok(()));
+                    }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    if this.state != State::Head || this.deadline.as_mut().poll(cx).is_pending() {
+                    if this.state != State::Head {
+                        return Poll::Pending;
+                    }
+                    // A pipelined head's time starts when the requests
+                    // before it are answered (hyper polls again then).
+                    if this.in_flight() {
+                        this.paused = true;
+                        return Poll::Pending;
+                    }
+                    if std::mem::take(&mut this.paused) {
+                        let at = Instant::now() + this.timeout;
+                        this.deadline.as_mut().reset(at);
+                    }
+                    if this.deadline.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
                     metrics::counter!("gateway_header_timeouts_total").increment(1);
@@ -304,7 +482,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadGuard<T> {
         self.inner.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        let flushed = Pin::new(&mut this.inner).poll_flush(cx);
+        // A response is out: a held head may be answered now.
+        if flushed.is_ready()
+            && this.held.is_some()
+            && !this.in_flight()
+            && let Some(w) = this.waiting.take()
+        {
+            w.wake();
+        }
+        flushed
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
@@ -384,6 +572,79 @@ mod tests {
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n",
         ] {
             assert_eq!(scan(&[head]), None, "{:?}", String::from_utf8_lossy(head));
+        }
+    }
+
+    const SMUGGLED: &[u8] =
+        b"POST /x HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+
+    #[test]
+    fn pipelined_heads_are_scanned_after_every_kind_of_body() {
+        let bodies: [&[u8]; 4] = [
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\nA \r\n0123456789\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nX-Trailer: y\r\n\r\n",
+        ];
+        for first in bodies {
+            let both = [first, SMUGGLED].concat();
+            assert!(
+                scan(&[&both]).is_some(),
+                "{:?}",
+                String::from_utf8_lossy(first)
+            );
+            // Split at every byte: the state carries across reads.
+            for at in 1..both.len() {
+                let (a, b) = both.split_at(at);
+                assert!(scan(&[a, b]).is_some(), "split at {at}");
+            }
+            // And a well-formed second request passes.
+            let two = [first, first].concat();
+            assert_eq!(scan(&[&two]), None, "{:?}", String::from_utf8_lossy(first));
+        }
+    }
+
+    #[test]
+    fn body_bytes_are_never_taken_for_a_head() {
+        // A smuggling-looking head inside a chunk and inside a fixed body.
+        let chunked = [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            format!("{:x}\r\n", SMUGGLED.len()).as_bytes(),
+            SMUGGLED,
+            b"\r\n0\r\n\r\n",
+        ]
+        .concat();
+        assert_eq!(scan(&[&chunked]), None);
+        let fixed = [
+            format!(
+                "POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+                SMUGGLED.len()
+            )
+            .as_bytes(),
+            SMUGGLED,
+        ]
+        .concat();
+        assert_eq!(scan(&[&fixed]), None);
+    }
+
+    #[test]
+    fn refuses_malformed_chunked_framing() {
+        for body in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"12345678901234567\r\n",
+            b"1\r\nxy",
+        ] {
+            let req = [
+                &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+                body,
+            ]
+            .concat();
+            assert!(
+                scan(&[&req]).is_some(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 }

@@ -207,7 +207,7 @@ async fn serve(
             activity.in_flight.fetch_add(1, Ordering::Relaxed);
             async move {
                 let resp = proxy::handle(&shared, &conn, req).await;
-                conn.head.rearm.store(true, Ordering::Release);
+                conn.head.answered.fetch_add(1, Ordering::Release);
                 activity.touch();
                 activity.in_flight.fetch_sub(1, Ordering::Relaxed);
                 Ok::<_, Infallible>(resp)
