@@ -2,7 +2,9 @@
 //! It speaks HTTP/1.1 and HTTP/2 (h2c) and answers every request with a JSON
 //! echo of what it received. Paths with special meaning:
 //! `/status/{code}` answers that status, `/delay/{ms}` waits first,
-//! `/bytes/{n}` answers n bytes.
+//! `/bytes/{n}` answers n bytes. Echo answers carry `x-backend` (the
+//! backend's name) and `x-backend-secret: hunter2`, a header for routes to
+//! remove.
 //!
 //! For upstream tests a backend can also misbehave (`set_mode`: answer a
 //! fixed status, hang, answer late, or close connections without
@@ -261,6 +263,10 @@ async fn echo(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<By
     resp.headers_mut().insert(
         "content-type",
         http::HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        "x-backend-secret",
+        http::HeaderValue::from_static("hunter2"),
     );
     Ok(resp)
 }

@@ -19,7 +19,8 @@ struct Env {
 }
 
 /// A gateway with routes to backend `b` (h1), `b2` (h2c), an unreachable
-/// upstream, a slow route with a short timeout, and a direct response.
+/// upstream, a slow route with a short timeout, a route that edits response
+/// headers, and a direct response.
 fn start(b: &Backend, b2: &Backend, extra: &str) -> Env {
     let port = free_port();
     let admin = format!("127.0.0.1:{}", free_port());
@@ -90,6 +91,16 @@ upstream = "one"
 hosts = ["127.0.0.1", "x"]
 path_prefix = "/getonly/"
 methods = ["GET"]
+[[routes]]
+name = "edits"
+upstream = "one"
+[routes.match]
+hosts = ["127.0.0.1", "x"]
+path_prefix = "/edits/"
+[routes.response_headers]
+remove = ["x-backend-secret"]
+set = {{ "content-type" = "application/vnd.edited+json" }}
+add = {{ "x-backend" = "gateway", "x-added" = "a" }}
 [[routes]]
 name = "all"
 upstream = "one"
@@ -169,6 +180,48 @@ async fn forwards_with_standard_headers() {
         "the upstream sees the same request id"
     );
     assert_eq!(r.header("x-resp"), Some("1"));
+    assert_eq!(
+        r.header("x-backend-secret"),
+        None,
+        "removed by the route's response_headers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_header_edits_remove_set_and_add() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    // What the backend sends, unedited.
+    let direct = client::get(&format!("http://{}/edits/x", b.addr)).await;
+    assert_eq!(direct.header("x-backend-secret"), Some("hunter2"));
+    assert_eq!(direct.header("content-type"), Some("application/json"));
+    assert_eq!(direct.header("x-backend"), Some("one"));
+
+    for c in [client::http1(), client::h2c()] {
+        let r = client::send(
+            &c,
+            Request::get(format!("{}/edits/x", env.base))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["path"], "/edits/x");
+        // remove: gone.
+        assert!(
+            r.headers.get("x-backend-secret").is_none(),
+            "{:?}",
+            r.headers
+        );
+        // set: the backend's value replaced, not joined.
+        let ct: Vec<_> = r.headers.get_all("content-type").iter().collect();
+        assert_eq!(ct, ["application/vnd.edited+json"], "{:?}", r.headers);
+        // add: appended after the backend's value; a new header too.
+        let tags: Vec<_> = r.headers.get_all("x-backend").iter().collect();
+        assert_eq!(tags, ["one", "gateway"], "{:?}", r.headers);
+        assert_eq!(r.header("x-added"), Some("a"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
