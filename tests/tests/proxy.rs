@@ -479,3 +479,121 @@ async fn smuggling_attempts_are_rejected_and_closed() {
     }
     assert_eq!(b.hits(), 0, "nothing reached the backend");
 }
+
+/// The value of the metric line that starts with `series` (name and
+/// labels), if /metrics has one.
+async fn metric(env: &Env, series: &str) -> Option<f64> {
+    let text = client::get(&format!("http://{}/metrics", env.gw.admin))
+        .await
+        .text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_counts_upstream_errors() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    let series = r#"gateway_upstream_errors_total{upstream="dead",kind="upstream_connect"}"#;
+    assert_eq!(metric(&env, series).await, None, "nothing failed yet");
+    for _ in 0..3 {
+        // Connection refused (nothing listens), retried once, then 502.
+        let r = client::get(&format!("{}/dead/x", env.base)).await;
+        assert_problem(&r, 502);
+    }
+    // Counted once per request (not per try), before the answer is sent.
+    assert_eq!(metric(&env, series).await, Some(3.0));
+    // Answers from a reachable upstream count nothing, even a 404.
+    assert_eq!(
+        client::get(&format!("{}/status/404", env.base))
+            .await
+            .status,
+        404
+    );
+    let m = client::get(&format!("http://{}/metrics", env.gw.admin))
+        .await
+        .text();
+    let errors: Vec<_> = m
+        .lines()
+        .filter(|l| l.starts_with("gateway_upstream_errors_total{"))
+        .collect();
+    assert_eq!(errors, [format!("{series} 3")], "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_is_502_and_the_upstream_timeout_504() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    // Connects to it never complete.
+    let hole = gateway_tests::backend::Blackhole::start();
+    let env = start(
+        &b,
+        &b2,
+        &format!(
+            r#"
+[[upstreams]]
+name = "hole"
+targets = ["{hole}"]
+connect_timeout = "400ms"
+timeout = "5s"
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "hole"
+upstream = "hole"
+[routes.match]
+hosts = ["127.0.0.1", "x"]
+path_prefix = "/hole/"
+[[routes]]
+name = "hole-short"
+upstream = "hole"
+timeout = "150ms"
+[routes.match]
+hosts = ["127.0.0.1", "x"]
+path_prefix = "/hole-short/"
+"#,
+            hole = hole.addr
+        ),
+    );
+
+    // The connect hangs: 502 once connect_timeout expires, not before (a
+    // refused connect would answer at once) and long before `timeout`.
+    let t = std::time::Instant::now();
+    let r = client::get(&format!("{}/hole/x", env.base)).await;
+    let took = t.elapsed();
+    let p = assert_problem(&r, 502);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect to upstream \"hole\""),
+        "{p}"
+    );
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_millis(1500),
+        "502 after {took:?}, connect_timeout is 400ms"
+    );
+
+    // A route timeout shorter than the connect timeout ends it first: 504.
+    let t = std::time::Instant::now();
+    let r = client::get(&format!("{}/hole-short/x", env.base)).await;
+    let took = t.elapsed();
+    let p = assert_problem(&r, 504);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer within"),
+        "{p}"
+    );
+    assert!(
+        took >= Duration::from_millis(120) && took < Duration::from_millis(1000),
+        "504 after {took:?}, the route's timeout is 150ms"
+    );
+
+    for (kind, n) in [("upstream_connect", 1.0), ("upstream_timeout", 1.0)] {
+        let series = format!(r#"gateway_upstream_errors_total{{upstream="hole",kind="{kind}"}}"#);
+        assert_eq!(metric(&env, &series).await, Some(n), "{series}");
+    }
+}
