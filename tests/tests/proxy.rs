@@ -597,3 +597,176 @@ path_prefix = "/hole-short/"
         assert_eq!(metric(&env, &series).await, Some(n), "{series}");
     }
 }
+
+/// Waits (up to 5 s) until `path` holds at least `n` lines; returns them.
+async fn log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= n {
+            return text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+                .collect();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} has {} lines, want {n}:\n{text}",
+            path.display(),
+            text.lines().count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_to_a_file_has_one_line_per_request() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    // A relative path: next to the config file.
+    let mut env = start(&b, &b2, "[access_log]\npath = \"access.log\"\n");
+    let log = env.gw.dir.path().join("access.log");
+    let c = client::http1();
+    let send = |method: &str, target: &str, host: Option<&str>, id: &str| {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{target}", env.base))
+            .header("x-request-id", id)
+            .header("user-agent", "log-probe/1");
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        client::send(&c, req.body(Full::new(Bytes::from_static(b"{}"))).unwrap())
+    };
+    // (request id, method, path, query, status, route, upstream, error)
+    let want = [
+        (
+            "log-1",
+            "GET",
+            "/a",
+            Some("x=1"),
+            200,
+            Some("all"),
+            Some("one"),
+            None,
+        ),
+        (
+            "log-2",
+            "POST",
+            "/b",
+            None,
+            200,
+            Some("all"),
+            Some("one"),
+            None,
+        ),
+        (
+            "log-3",
+            "GET",
+            "/status/404",
+            None,
+            404,
+            Some("all"),
+            Some("one"),
+            None,
+        ),
+        (
+            "log-4",
+            "GET",
+            "/dead/x",
+            None,
+            502,
+            Some("dead"),
+            Some("dead"),
+            Some("upstream_connect"),
+        ),
+        (
+            "log-5",
+            "GET",
+            "/direct",
+            None,
+            201,
+            Some("direct"),
+            None,
+            None,
+        ),
+        (
+            "log-6",
+            "DELETE",
+            "/x",
+            None,
+            404,
+            None,
+            None,
+            Some("no_route"),
+        ),
+    ];
+    for (id, method, path, query, status, ..) in want {
+        let target = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let host = (id == "log-6").then_some("nowhere.example");
+        let r = send(method, &target, host, id).await;
+        assert_eq!(r.status, status, "{id}: {}", r.text());
+    }
+
+    let lines = log_lines(&log, want.len()).await;
+    assert_eq!(lines.len(), want.len(), "one line per request: {lines:#?}");
+    for (line, (id, method, path, query, status, route, upstream, error)) in lines.iter().zip(want)
+    {
+        // In request order: each was answered before the next was sent.
+        assert_eq!(line["trace.id"], id, "{line}");
+        assert_eq!(line["http.request.id"], id, "{line}");
+        assert_eq!(line["http.request.method"], method, "{line}");
+        assert_eq!(line["url.path"], path, "{line}");
+        assert_eq!(line["url.query"].as_str(), query, "{line}");
+        assert_eq!(line["http.response.status_code"], status, "{line}");
+        assert_eq!(line["http.version"], "1.1", "{line}");
+        assert_eq!(line["client.ip"], "127.0.0.1", "{line}");
+        assert_eq!(line["user_agent.original"], "log-probe/1", "{line}");
+        assert_eq!(line["gateway.listener"], "main", "{line}");
+        assert_eq!(line["gateway.route"].as_str(), route, "{line}");
+        assert_eq!(line["gateway.upstream"].as_str(), upstream, "{line}");
+        assert_eq!(line["error.type"].as_str(), error, "{line}");
+        assert!(
+            line["event.duration"].as_u64().is_some_and(|d| d > 0),
+            "{line}"
+        );
+        assert!(
+            line["@timestamp"]
+                .as_str()
+                .is_some_and(|t| t.ends_with('Z')),
+            "{line}"
+        );
+    }
+    assert_eq!(env.gw.stdout(), "", "nothing goes to stdout");
+
+    // Stop this gateway; another one appends to the same file (an absolute
+    // path this time) and leaves the earlier lines alone.
+    env.gw.signal(libc::SIGTERM);
+    assert!(
+        env.gw
+            .wait_exit(Duration::from_secs(5))
+            .is_some_and(|s| s.success())
+    );
+    let env2 = start(
+        &b,
+        &b2,
+        &format!("[access_log]\npath = \"{}\"\n", log.display()),
+    );
+    let r = client::send(
+        &client::http1(),
+        Request::get(format!("{}/again", env2.base))
+            .header("x-request-id", "log-7")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let after = log_lines(&log, want.len() + 1).await;
+    assert_eq!(after.len(), want.len() + 1, "{after:#?}");
+    assert_eq!(after[..want.len()], lines[..], "earlier lines kept");
+    assert_eq!(after[want.len()]["trace.id"], "log-7");
+    assert_eq!(after[want.len()]["url.path"], "/again");
+}
