@@ -11,7 +11,12 @@ use gateway::config::{self, Config};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "gateway", version, about = "eBPF-accelerated API gateway")]
+#[command(
+    name = "gateway",
+    version,
+    about = "eBPF-accelerated API gateway",
+    after_help = "Examples:\n  gateway run -c conf/gateway.toml\n  gateway check -c conf/gateway.toml\n  gateway reload -c conf/gateway.toml\n  gateway deny add 203.0.113.7 --ttl 10m\n\nEvery command has --help with examples."
+)]
 struct Cli {
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -73,6 +78,7 @@ enum Command {
     )]
     Xdp(gateway::xdp::cli::XdpCmd),
     /// Print version and build information.
+    #[command(after_help = "Examples:\n  gateway version")]
     Version,
 }
 

@@ -2,7 +2,9 @@
 //! It speaks HTTP/1.1 and HTTP/2 (h2c) and answers every request with a JSON
 //! echo of what it received. Paths with special meaning:
 //! `/status/{code}` answers that status, `/delay/{ms}` waits first,
-//! `/bytes/{n}` answers n bytes.
+//! `/bytes/{n}` answers n bytes. Echo answers carry `x-backend` (the
+//! backend's name) and `x-backend-secret: hunter2`, a header for routes to
+//! remove.
 //!
 //! For upstream tests a backend can also misbehave (`set_mode`: answer a
 //! fixed status, hang, answer late, or close connections without
@@ -262,5 +264,59 @@ async fn echo(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<By
         "content-type",
         http::HeaderValue::from_static("application/json"),
     );
+    resp.headers_mut().insert(
+        "x-backend-secret",
+        http::HeaderValue::from_static("hunter2"),
+    );
     Ok(resp)
+}
+
+/// A TCP address whose connects never complete: a listener with a backlog
+/// of 0 that never accepts, its accept queue filled by connections of its
+/// own. Linux then drops further SYNs, so a connect hangs until the
+/// connector gives up (no RST, no refusal).
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _queued: Vec<std::net::TcpStream>,
+}
+
+impl Blackhole {
+    /// Binds an ephemeral 127.0.0.1 port and fills its queue; panics if
+    /// connects still complete after a few (then the kernel does not behave
+    /// as described above and the test would prove nothing).
+    pub fn start() -> Blackhole {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let listener =
+            Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("blackhole socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        listener.bind(&any.into()).expect("bind blackhole");
+        listener.listen(0).expect("listen");
+        let addr = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .expect("blackhole address");
+        let mut queued = Vec::new();
+        // Bounded: a backlog of 0 queues one connection; allow a few more
+        // for kernels that round it up.
+        for _ in 0..8 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => queued.push(s),
+                // This one hung: the queue is full.
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    return Blackhole {
+                        addr,
+                        _listener: listener,
+                        _queued: queued,
+                    };
+                }
+                Err(e) => panic!("connect to the blackhole {addr}: {e}"),
+            }
+        }
+        panic!(
+            "connects to {addr} still complete after {} queued",
+            queued.len()
+        );
+    }
 }

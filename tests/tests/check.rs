@@ -136,6 +136,54 @@ body = "x"
 }
 
 #[test]
+fn type_problems_in_different_sections_are_all_listed() {
+    // One problem in each of five places serde reads on its own: a section,
+    // two `[[listeners]]` entries, an upstream and a route.
+    let text = r#"[server]
+workers = "four"
+[[listeners]]
+name = "main"
+listen = "127.0.0.1:8080"
+colour = "blue"
+[[listeners]]
+listen = "127.0.0.1:8081"
+[[upstreams]]
+name = "be"
+targets = ["127.0.0.1:9000"]
+timeout = "soon"
+[[routes]]
+name = "r"
+upstream = "be"
+flavour = 1
+"#;
+    let (code, out) = check(text);
+    assert_eq!(code, 2);
+    let want = [
+        "F:2:11: invalid type: string \"four\", expected usize",
+        "F:6:1: unknown field `colour`, expected one of `name`, `listen`,",
+        "F:7:1: missing field `name`",
+        "F:12:11: invalid duration \"soon\"",
+        "F:16:1: unknown field `flavour`, expected one of `name`,",
+    ];
+    assert_eq!(out.len(), want.len(), "{out:#?}");
+    for (line, want) in out.iter().zip(want) {
+        assert!(
+            line.starts_with(want),
+            "{line:?} should start with {want:?}"
+        );
+    }
+}
+
+#[test]
+fn a_syntax_error_is_reported_alone() {
+    // The parser cannot go on after it, so later problems are not guessed at.
+    let (code, out) = check(&format!("{BASE}[routes.match\ncolour = 1\n"));
+    assert_eq!(code, 2);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(out[0].starts_with("F:10:14: "), "{out:?}");
+}
+
+#[test]
 fn unreadable_file() {
     let (code, out, _) = run_cli(&["check", "-c", "/nonexistent/g.toml"]);
     assert_eq!(code, 2);

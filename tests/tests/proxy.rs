@@ -19,7 +19,8 @@ struct Env {
 }
 
 /// A gateway with routes to backend `b` (h1), `b2` (h2c), an unreachable
-/// upstream, a slow route with a short timeout, and a direct response.
+/// upstream, a slow route with a short timeout, a route that edits response
+/// headers, and a direct response.
 fn start(b: &Backend, b2: &Backend, extra: &str) -> Env {
     let port = free_port();
     let admin = format!("127.0.0.1:{}", free_port());
@@ -90,6 +91,16 @@ upstream = "one"
 hosts = ["127.0.0.1", "x"]
 path_prefix = "/getonly/"
 methods = ["GET"]
+[[routes]]
+name = "edits"
+upstream = "one"
+[routes.match]
+hosts = ["127.0.0.1", "x"]
+path_prefix = "/edits/"
+[routes.response_headers]
+remove = ["x-backend-secret"]
+set = {{ "content-type" = "application/vnd.edited+json" }}
+add = {{ "x-backend" = "gateway", "x-added" = "a" }}
 [[routes]]
 name = "all"
 upstream = "one"
@@ -169,6 +180,48 @@ async fn forwards_with_standard_headers() {
         "the upstream sees the same request id"
     );
     assert_eq!(r.header("x-resp"), Some("1"));
+    assert_eq!(
+        r.header("x-backend-secret"),
+        None,
+        "removed by the route's response_headers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_header_edits_remove_set_and_add() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    // What the backend sends, unedited.
+    let direct = client::get(&format!("http://{}/edits/x", b.addr)).await;
+    assert_eq!(direct.header("x-backend-secret"), Some("hunter2"));
+    assert_eq!(direct.header("content-type"), Some("application/json"));
+    assert_eq!(direct.header("x-backend"), Some("one"));
+
+    for c in [client::http1(), client::h2c()] {
+        let r = client::send(
+            &c,
+            Request::get(format!("{}/edits/x", env.base))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["path"], "/edits/x");
+        // remove: gone.
+        assert!(
+            r.headers.get("x-backend-secret").is_none(),
+            "{:?}",
+            r.headers
+        );
+        // set: the backend's value replaced, not joined.
+        let ct: Vec<_> = r.headers.get_all("content-type").iter().collect();
+        assert_eq!(ct, ["application/vnd.edited+json"], "{:?}", r.headers);
+        // add: appended after the backend's value; a new header too.
+        let tags: Vec<_> = r.headers.get_all("x-backend").iter().collect();
+        assert_eq!(tags, ["one", "gateway"], "{:?}", r.headers);
+        assert_eq!(r.header("x-added"), Some("a"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -452,4 +505,295 @@ async fn smuggling_attempts_are_rejected_and_closed() {
         .await
         .text();
     assert!(m.contains("gateway_smuggling_rejected_total 8"), "{m}");
+}
+
+/// The value of the metric line that starts with `series` (name and
+/// labels), if /metrics has one.
+async fn metric(env: &Env, series: &str) -> Option<f64> {
+    let text = client::get(&format!("http://{}/metrics", env.gw.admin))
+        .await
+        .text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_counts_upstream_errors() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    let series = r#"gateway_upstream_errors_total{upstream="dead",kind="upstream_connect"}"#;
+    assert_eq!(metric(&env, series).await, None, "nothing failed yet");
+    for _ in 0..3 {
+        // Connection refused (nothing listens), retried once, then 502.
+        let r = client::get(&format!("{}/dead/x", env.base)).await;
+        assert_problem(&r, 502);
+    }
+    // Counted once per request (not per try), before the answer is sent.
+    assert_eq!(metric(&env, series).await, Some(3.0));
+    // Answers from a reachable upstream count nothing, even a 404.
+    assert_eq!(
+        client::get(&format!("{}/status/404", env.base))
+            .await
+            .status,
+        404
+    );
+    let m = client::get(&format!("http://{}/metrics", env.gw.admin))
+        .await
+        .text();
+    let errors: Vec<_> = m
+        .lines()
+        .filter(|l| l.starts_with("gateway_upstream_errors_total{"))
+        .collect();
+    assert_eq!(errors, [format!("{series} 3")], "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_is_502_and_the_upstream_timeout_504() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    // Connects to it never complete.
+    let hole = gateway_tests::backend::Blackhole::start();
+    let env = start(
+        &b,
+        &b2,
+        &format!(
+            r#"
+[[upstreams]]
+name = "hole"
+targets = ["{hole}"]
+connect_timeout = "400ms"
+timeout = "5s"
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "hole"
+upstream = "hole"
+[routes.match]
+hosts = ["127.0.0.1", "x"]
+path_prefix = "/hole/"
+[[routes]]
+name = "hole-short"
+upstream = "hole"
+timeout = "150ms"
+[routes.match]
+hosts = ["127.0.0.1", "x"]
+path_prefix = "/hole-short/"
+"#,
+            hole = hole.addr
+        ),
+    );
+
+    // The connect hangs: 502 once connect_timeout expires, not before (a
+    // refused connect would answer at once) and long before `timeout`.
+    let t = std::time::Instant::now();
+    let r = client::get(&format!("{}/hole/x", env.base)).await;
+    let took = t.elapsed();
+    let p = assert_problem(&r, 502);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect to upstream \"hole\""),
+        "{p}"
+    );
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_millis(1500),
+        "502 after {took:?}, connect_timeout is 400ms"
+    );
+
+    // A route timeout shorter than the connect timeout ends it first: 504.
+    let t = std::time::Instant::now();
+    let r = client::get(&format!("{}/hole-short/x", env.base)).await;
+    let took = t.elapsed();
+    let p = assert_problem(&r, 504);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer within"),
+        "{p}"
+    );
+    assert!(
+        took >= Duration::from_millis(120) && took < Duration::from_millis(1000),
+        "504 after {took:?}, the route's timeout is 150ms"
+    );
+
+    for (kind, n) in [("upstream_connect", 1.0), ("upstream_timeout", 1.0)] {
+        let series = format!(r#"gateway_upstream_errors_total{{upstream="hole",kind="{kind}"}}"#);
+        assert_eq!(metric(&env, &series).await, Some(n), "{series}");
+    }
+}
+
+/// Waits (up to 5 s) until `path` holds at least `n` lines; returns them.
+async fn log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= n {
+            return text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+                .collect();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} has {} lines, want {n}:\n{text}",
+            path.display(),
+            text.lines().count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_to_a_file_has_one_line_per_request() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    // A relative path: next to the config file.
+    let mut env = start(&b, &b2, "[access_log]\npath = \"access.log\"\n");
+    let log = env.gw.dir.path().join("access.log");
+    let c = client::http1();
+    let send = |method: &str, target: &str, host: Option<&str>, id: &str| {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{target}", env.base))
+            .header("x-request-id", id)
+            .header("user-agent", "log-probe/1");
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        client::send(&c, req.body(Full::new(Bytes::from_static(b"{}"))).unwrap())
+    };
+    // (request id, method, path, query, status, route, upstream, error)
+    let want = [
+        (
+            "log-1",
+            "GET",
+            "/a",
+            Some("x=1"),
+            200,
+            Some("all"),
+            Some("one"),
+            None,
+        ),
+        (
+            "log-2",
+            "POST",
+            "/b",
+            None,
+            200,
+            Some("all"),
+            Some("one"),
+            None,
+        ),
+        (
+            "log-3",
+            "GET",
+            "/status/404",
+            None,
+            404,
+            Some("all"),
+            Some("one"),
+            None,
+        ),
+        (
+            "log-4",
+            "GET",
+            "/dead/x",
+            None,
+            502,
+            Some("dead"),
+            Some("dead"),
+            Some("upstream_connect"),
+        ),
+        (
+            "log-5",
+            "GET",
+            "/direct",
+            None,
+            201,
+            Some("direct"),
+            None,
+            None,
+        ),
+        (
+            "log-6",
+            "DELETE",
+            "/x",
+            None,
+            404,
+            None,
+            None,
+            Some("no_route"),
+        ),
+    ];
+    for (id, method, path, query, status, ..) in want {
+        let target = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let host = (id == "log-6").then_some("nowhere.example");
+        let r = send(method, &target, host, id).await;
+        assert_eq!(r.status, status, "{id}: {}", r.text());
+    }
+
+    let lines = log_lines(&log, want.len()).await;
+    assert_eq!(lines.len(), want.len(), "one line per request: {lines:#?}");
+    for (line, (id, method, path, query, status, route, upstream, error)) in lines.iter().zip(want)
+    {
+        // In request order: each was answered before the next was sent.
+        assert_eq!(line["trace.id"], id, "{line}");
+        assert_eq!(line["http.request.id"], id, "{line}");
+        assert_eq!(line["http.request.method"], method, "{line}");
+        assert_eq!(line["url.path"], path, "{line}");
+        assert_eq!(line["url.query"].as_str(), query, "{line}");
+        assert_eq!(line["http.response.status_code"], status, "{line}");
+        assert_eq!(line["http.version"], "1.1", "{line}");
+        assert_eq!(line["client.ip"], "127.0.0.1", "{line}");
+        assert_eq!(line["user_agent.original"], "log-probe/1", "{line}");
+        assert_eq!(line["gateway.listener"], "main", "{line}");
+        assert_eq!(line["gateway.route"].as_str(), route, "{line}");
+        assert_eq!(line["gateway.upstream"].as_str(), upstream, "{line}");
+        assert_eq!(line["error.type"].as_str(), error, "{line}");
+        assert!(
+            line["event.duration"].as_u64().is_some_and(|d| d > 0),
+            "{line}"
+        );
+        assert!(
+            line["@timestamp"]
+                .as_str()
+                .is_some_and(|t| t.ends_with('Z')),
+            "{line}"
+        );
+    }
+    assert_eq!(env.gw.stdout(), "", "nothing goes to stdout");
+
+    // Stop this gateway; another one appends to the same file (an absolute
+    // path this time) and leaves the earlier lines alone.
+    env.gw.signal(libc::SIGTERM);
+    assert!(
+        env.gw
+            .wait_exit(Duration::from_secs(5))
+            .is_some_and(|s| s.success())
+    );
+    let env2 = start(
+        &b,
+        &b2,
+        &format!("[access_log]\npath = \"{}\"\n", log.display()),
+    );
+    let r = client::send(
+        &client::http1(),
+        Request::get(format!("{}/again", env2.base))
+            .header("x-request-id", "log-7")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let after = log_lines(&log, want.len() + 1).await;
+    assert_eq!(after.len(), want.len() + 1, "{after:#?}");
+    assert_eq!(after[..want.len()], lines[..], "earlier lines kept");
+    assert_eq!(after[want.len()]["trace.id"], "log-7");
+    assert_eq!(after[want.len()]["url.path"], "/again");
 }

@@ -387,6 +387,60 @@ path_prefix = "/"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_healthy_target_is_a_503_problem_without_trying_one() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    // Both targets answer traffic, but fail their health checks.
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "sick"
+targets = ["{a}", "{b}"]
+[upstreams.health]
+path = "/status/500"
+interval = "200ms"
+timeout = "200ms"
+unhealthy_threshold = 1
+[upstreams.outlier]
+enabled = false
+[[routes]]
+name = "all"
+upstream = "sick"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr,
+        b = b.addr
+    ));
+    eventually(Duration::from_secs(3), "both targets unhealthy", || async {
+        env.upstream("sick").await["healthy_targets"] == 0
+    })
+    .await;
+    for _ in 0..5 {
+        let r = env.get("/x").await;
+        let p = assert_problem(&r, 503);
+        assert_eq!(
+            p["detail"], "upstream \"sick\" has no healthy targets",
+            "{p}"
+        );
+        assert_eq!(p["title"], "Service Unavailable");
+        assert_eq!(p["type"], "https://gateway.dev/problems/no-upstream");
+        assert_eq!(p["request_id"].as_str(), r.header("x-request-id"));
+        assert_eq!(backend_of(&r), "", "answered by the gateway");
+    }
+    // Counted as such; no try reached a target, so nothing was retried.
+    let m = env.metrics().await;
+    assert!(
+        m.contains(r#"gateway_upstream_errors_total{upstream="sick",kind="no_upstream"} 5"#),
+        "{m}"
+    );
+    assert!(!m.contains("kind=\"upstream_connect\""), "{m}");
+    for t in env.upstream("sick").await["targets"].as_array().unwrap() {
+        assert_eq!(t["requests"], 0, "no request went to a target: {t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outlier_detection_ejects_a_failing_target_and_keeps_it_across_reload() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;

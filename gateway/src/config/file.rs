@@ -9,8 +9,57 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::error::Problem;
 use super::units::{ByteSize, Secs};
 use crate::upstream::config as up;
+
+/// Parses `text` into a `File`, reporting every type problem (wrong type,
+/// unknown key, missing key, bad duration ...) it can, not only the first:
+/// each top-level section and each entry of an array of tables
+/// (`[[listeners]]`, `[[routes]]` ...) is deserialised on its own, so a
+/// problem in one does not hide those in the others. Within one table
+/// serde stops at its first problem; a syntax error stops everything (the
+/// rest of the file cannot be read reliably).
+pub fn parse(text: &str) -> Result<File, Vec<Problem>> {
+    use toml::de::{DeArray, DeTable, DeValue, Deserializer};
+    let problem = |e: toml::de::Error| match e.span() {
+        Some(span) => Problem::at(span, e.message().to_string()),
+        None => Problem::whole(e.message().to_string()),
+    };
+    let root = DeTable::parse(text).map_err(|e| vec![problem(e)])?;
+    let span = root.span();
+    let root = root.into_inner();
+    let mut problems = Vec::new();
+    for (key, value) in &root {
+        // One top-level key (one entry, for an array) as a file of its own.
+        let parts: Vec<Spanned<DeValue<'_>>> = match value.get_ref() {
+            DeValue::Array(items) => items
+                .iter()
+                .map(|item| {
+                    let mut one = DeArray::new();
+                    one.push(item.clone());
+                    Spanned::new(value.span(), DeValue::Array(one))
+                })
+                .collect(),
+            _ => vec![value.clone()],
+        };
+        for part in parts {
+            let mut one = DeTable::new();
+            one.insert(key.clone(), part);
+            if let Err(e) = File::deserialize(Deserializer::from(Spanned::new(span.clone(), one))) {
+                // A key that is no array but given one fails once per element.
+                let p = problem(e);
+                if !problems.contains(&p) {
+                    problems.push(p);
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    File::deserialize(Deserializer::from(Spanned::new(span, root))).map_err(|e| vec![problem(e)])
+}
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]

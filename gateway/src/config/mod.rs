@@ -160,15 +160,9 @@ impl Config {
     /// Parses and compiles `text` as if read from `path` (relative paths in
     /// it resolve against `path`'s directory).
     pub fn from_text(path: &Path, text: String) -> Result<Config, ConfigError> {
-        let parsed: file::File = match toml::from_str(&text) {
+        let parsed = match file::parse(&text) {
             Ok(f) => f,
-            Err(e) => {
-                let problem = match e.span() {
-                    Some(span) => Problem::at(span, e.message().to_string()),
-                    None => Problem::whole(e.message().to_string()),
-                };
-                return Err(ConfigError::new(path, text, vec![problem]));
-            }
+            Err(problems) => return Err(ConfigError::new(path, text, problems)),
         };
         compile::compile(path, &parsed).map_err(|problems| ConfigError::new(path, text, problems))
     }

@@ -35,6 +35,9 @@ pub struct Pins {
 #[derive(Debug, Subcommand)]
 pub enum RuleCmd {
     /// Add a CIDR (e.g. 203.0.113.0/24, 2001:db8::/32, or a single address).
+    #[command(
+        after_help = "Examples:\n  gateway deny add 203.0.113.7 --ttl 10m\n  gateway deny add 2001:db8:bad::/48\n  gateway allow add 10.0.0.0/8 -c /etc/gateway/gateway.toml"
+    )]
     Add {
         cidr: String,
         /// Expire the entry after this long (e.g. 10m); deny entries default
@@ -45,12 +48,16 @@ pub enum RuleCmd {
         pins: Pins,
     },
     /// Remove a CIDR added at run time.
+    #[command(
+        after_help = "Examples:\n  gateway deny del 203.0.113.7\n  gateway allow del 10.0.0.0/8"
+    )]
     Del {
         cidr: String,
         #[command(flatten)]
         pins: Pins,
     },
     /// List entries.
+    #[command(after_help = "Examples:\n  gateway deny list\n  gateway allow list")]
     List {
         #[command(flatten)]
         pins: Pins,
@@ -61,6 +68,7 @@ pub enum RuleCmd {
 #[derive(Debug, Subcommand)]
 pub enum XdpCmd {
     /// Kernel counters and the top dropped sources.
+    #[command(after_help = "Examples:\n  gateway xdp stats\n  gateway xdp stats --top 50")]
     Stats {
         /// How many sources to show.
         #[arg(long, default_value_t = 10)]
@@ -69,6 +77,9 @@ pub enum XdpCmd {
         pins: Pins,
     },
     /// Detach the program and remove pinned maps and links.
+    #[command(
+        after_help = "Examples:\n  gateway xdp detach\n  gateway xdp detach --pin-path /sys/fs/bpf/gateway"
+    )]
     Detach {
         #[command(flatten)]
         pins: Pins,
