@@ -5,7 +5,8 @@
 //! byte for byte.
 //!
 //! Addresses are stored in network byte order (`[u8; N]`), times in
-//! nanoseconds of `CLOCK_MONOTONIC` (the kernel's `bpf_ktime_get_ns`).
+//! nanoseconds of `CLOCK_MONOTONIC` (the program compares them with the
+//! coarse clock, `bpf_ktime_get_coarse_ns`, cached per jiffy).
 #![no_std]
 
 /// Bumped whenever a map's layout or meaning changes. A gateway that finds

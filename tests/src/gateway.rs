@@ -54,6 +54,50 @@ impl Gateway {
         gw
     }
 
+    /// Starts without `--no-xdp` as an unprivileged user: as itself when
+    /// not root, else as `nobody` (uid and gid 65534, no supplementary
+    /// groups, so no capabilities either).
+    pub fn start_unprivileged(config: &str, admin: &str) -> Gateway {
+        use std::os::unix::fs::PermissionsExt as _;
+        use std::os::unix::process::CommandExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // nobody must read the config.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, config).expect("write config");
+        let stdout = std::fs::File::create(dir.path().join("stdout.log")).expect("log file");
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
+        let mut cmd = Command::new(binary());
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr));
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::geteuid() == 0
+                    && (libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(65534) != 0
+                        || libc::setuid(65534) != 0)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start gateway binary");
+        let mut gw = Gateway {
+            child,
+            dir,
+            config: path,
+            admin: admin.to_string(),
+        };
+        gw.wait_ready();
+        gw
+    }
+
     /// Starts with `--no-xdp`.
     pub fn start(config: &str, admin: &str) -> Gateway {
         Self::start_with(config, admin, &["--no-xdp"])

@@ -232,3 +232,35 @@ fn cli_edits_a_userspace_gateway_through_its_admin_listener() {
     let (_, out, _) = cli(&["allow", "list"]);
     assert!(out.contains("2001:db8::/32"), "{out}");
 }
+
+#[test]
+fn without_privilege_the_same_policy_is_enforced_in_userspace() {
+    let (port, admin) = (free_port(), free_port());
+    // A pin directory of its own: this gateway must not disturb others'.
+    let pins = format!("/sys/fs/bpf/gateway-test-unpriv-{port}");
+    let g = Gateway::start_unprivileged(
+        &config(
+            port,
+            admin,
+            &format!("interfaces = [\"lo\"]\npin_path = \"{pins}\"\ndeny = [\"127.0.0.2\"]"),
+        ),
+        &format!("127.0.0.1:{admin}"),
+    );
+    let said = g.stderr();
+    assert_eq!(
+        said.matches("XDP unavailable (").count(),
+        1,
+        "says so once: {said}"
+    );
+    assert!(
+        said.contains("enforcing [xdp] allow/deny and rate limits in userspace"),
+        "{said}"
+    );
+    assert!(
+        said.contains("not running as root") || said.contains("needs root"),
+        "{said}"
+    );
+    assert_eq!(get_from("127.0.0.2", port), None, "denied at accept");
+    assert_eq!(get_from("127.0.0.1", port), Some(200));
+    assert!(!std::path::Path::new(&pins).exists(), "nothing pinned");
+}
