@@ -35,7 +35,7 @@ enum Task {
     },
     /// Benchmarks: `http` (default; gateway vs nginx vs direct), `upstreams`, `policy` or `xdp`.
     Bench {
-        /// Which benchmark: http, upstreams, policy or xdp.
+        /// Which benchmark: http, upstreams, policy, jwt or xdp.
         #[arg(default_value = "http")]
         what: String,
         /// Extra arguments for that benchmark.

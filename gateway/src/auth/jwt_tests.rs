@@ -259,3 +259,31 @@ fn a_public_key_is_never_an_hmac_secret() {
         );
     }
 }
+
+/// The cost of verifying one RS256 token without the verified-token cache
+/// (what a request with a token not seen before pays): signature, header
+/// and claims. Printed for `cargo xtask bench jwt`, which runs it in a
+/// release build; the bound here only catches a pathological slowdown.
+#[test]
+fn rs256_verification_cost() {
+    let set = KeySet::from_jwks(&jwks(), ALLOWED).unwrap();
+    let tokens: Vec<String> = (0..16)
+        .map(|i| {
+            let mut c = claims();
+            c["jti"] = json!(i);
+            sign(Algorithm::RS256, "rsa", &c)
+        })
+        .collect();
+    let n = if cfg!(debug_assertions) { 200 } else { 5_000 };
+    let start = std::time::Instant::now();
+    for i in 0..n {
+        let c = check(&set, &tokens[i % tokens.len()], ALLOWED).unwrap();
+        std::hint::black_box(c);
+    }
+    let per = start.elapsed() / u32::try_from(n).unwrap();
+    eprintln!(
+        "jwt RS256 verify: {:.1} us per token (2048-bit key, uncached)",
+        per.as_secs_f64() * 1e6
+    );
+    assert!(per < std::time::Duration::from_millis(20), "{per:?}");
+}

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [http|upstreams|policy|xdp]`: benchmarks that compare
+//! `cargo xtask bench [http|upstreams|policy|jwt|xdp]`: benchmarks that compare
 //! side by side in one run and report ratios (the machines are shared and noisy).
 
 mod http;
@@ -15,7 +15,8 @@ pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
         "xdp" => xdp::run(args),
         "upstreams" => upstreams::run(args),
         "policy" => policy::run(args),
-        other => bail!("unknown benchmark {other:?}: expected http, upstreams, policy or xdp"),
+        "jwt" => policy::jwt_cost(),
+        other => bail!("unknown benchmark {other:?}: expected http, upstreams, policy, jwt or xdp"),
     }
 }
 

@@ -16,7 +16,9 @@
 //!
 //! Last lines: `gateway+policy/gateway: rps X.XX p99 Y.YY`,
 //! `gateway+policy/nginx: rps X.XX p99 Y.YY` and
-//! `redis-limit/local-limit: rps X.XX p99 Y.YY`. Logs and configs go to
+//! `redis-limit/local-limit: rps X.XX p99 Y.YY`, then the cost of one
+//! uncached RS256 verification, `jwt RS256 verify: X us per token` (also
+//! alone: `cargo xtask bench jwt`). Logs and configs go to
 //! `target/bench-policy/`.
 
 use std::path::{Path, PathBuf};
@@ -437,5 +439,39 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ratio(redis.rps, local.rps),
         ratio(redis.p99_ms, local.p99_ms)
     );
+    jwt_cost()
+}
+
+/// JWT (RS256) verification cost per request: a token not seen before
+/// (the verified-token cache spares repeats), measured by the gateway's own
+/// verification code in a release build (`rs256_verification_cost`).
+/// Prints `jwt RS256 verify: X us per token ...`.
+pub fn jwt_cost() -> anyhow::Result<()> {
+    eprintln!("xtask: measuring RS256 verification (release test build)");
+    let out = Command::new("cargo")
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "gateway",
+            "--lib",
+            "auth::jwt::tests::rs256_verification_cost",
+            "--",
+            "--exact",
+            "--nocapture",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .context("cannot run cargo test")?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("the RS256 measurement failed:\n{text}");
+    }
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("jwt RS256 verify:"))
+        .context("the RS256 measurement printed no figure")?;
+    println!("{line}");
     Ok(())
 }
