@@ -21,32 +21,47 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names (standard names
-    // compare as small integers) is far cheaper than ten hashed removals.
-    // `Connection` is itself hop-by-hop, so the names it lists are covered.
-    if !h
-        .keys()
-        .any(|n| HOP_BY_HOP.contains(n) || *n == PROXY_CONNECTION)
-    {
+    // One pass over the names (standard names compare as small integers)
+    // finds which are present; only those are removed (each removal
+    // hashes). Most messages carry none, or only `Connection: keep-alive`.
+    let mut present = 0u16;
+    for n in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|x| x == n) {
+            present |= 1 << i;
+        } else if *n == PROXY_CONNECTION {
+            present |= 1 << HOP_BY_HOP.len();
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Names listed in Connection are hop-by-hop too.
-    if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
+    // Names listed in Connection are hop-by-hop too; `close` and
+    // `keep-alive` (the usual values) name nothing else to remove.
+    if present & 1 != 0 {
+        let mut named: Vec<HeaderName> = Vec::new();
+        for v in h.get_all(header::CONNECTION) {
+            let Ok(v) = v.to_str() else { continue };
+            for token in v.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(n);
+                }
+            }
+        }
         for n in named {
             h.remove(n);
         }
     }
-    for n in &HOP_BY_HOP {
-        h.remove(n);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(n);
+        }
     }
-    h.remove(&PROXY_CONNECTION);
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
+        h.remove(&PROXY_CONNECTION);
+    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
