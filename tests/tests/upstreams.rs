@@ -132,6 +132,18 @@ async fn count_backends(env: &Env, path: &str, n: usize) -> HashMap<String, usiz
     seen
 }
 
+/// The value of the metric line that starts with `series` (name and
+/// labels as exported), if there is one.
+fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_weighted_and_least_request_spread_load() {
     let (a, b, c) = (
@@ -389,6 +401,173 @@ path_prefix = "/"
     let m = env.metrics().await;
     assert!(m.contains("gateway_upstream_target_healthy"), "{m}");
     assert!(m.contains("gateway_upstream_health_checks_total"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_health_check_takes_a_dead_target_out_and_brings_it_back() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    // Accepts connections but answers every request 503: healthy to a
+    // connect-only check, which sends no request at all.
+    let grumpy = Backend::start("grumpy").await;
+    grumpy.set_mode(Mode::Status(503));
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{a}", "{b}"]
+[upstreams.health]
+kind = "tcp"
+interval = "200ms"
+timeout = "200ms"
+unhealthy_threshold = 1
+healthy_threshold = 1
+[upstreams.outlier]
+enabled = false
+[upstreams.retry]
+max_retries = 0
+[[upstreams]]
+name = "grumpy"
+targets = ["{grumpy}"]
+[upstreams.health]
+kind = "tcp"
+interval = "200ms"
+timeout = "200ms"
+unhealthy_threshold = 1
+[[routes]]
+name = "all"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr,
+        b = b.addr,
+        grumpy = grumpy.addr
+    ));
+    assert_eq!(count_backends(&env, "/x", 10).await.len(), 2);
+
+    let b_addr = b.kill().await;
+    eventually(Duration::from_secs(3), "b out of rotation", || async {
+        env.target("pool", &b_addr.to_string()).await["healthy"] == false
+    })
+    .await;
+    assert_eq!(env.upstream("pool").await["healthy_targets"], 1);
+    let seen = count_backends(&env, "/x", 20).await;
+    assert_eq!(seen.get("a"), Some(&20), "{seen:?}");
+
+    let b = Backend::start_at(b_addr, "b2").await;
+    eventually(Duration::from_secs(3), "b back in rotation", || async {
+        env.target("pool", &b_addr.to_string()).await["healthy"] == true
+    })
+    .await;
+    let seen = count_backends(&env, "/x", 10).await;
+    assert_eq!(seen.get("b2"), Some(&5), "{seen:?}");
+    assert!(b.hits() >= 5);
+
+    // Connect-only: the 503s of `grumpy` are never asked for.
+    eventually(Duration::from_secs(3), "checks of grumpy ran", || async {
+        metric_value(
+            &env.metrics().await,
+            "gateway_upstream_health_checks_total{upstream=\"grumpy\",result=\"success\"}",
+        )
+        .is_some_and(|n| n >= 3.0)
+    })
+    .await;
+    assert_eq!(
+        env.target("grumpy", &grumpy.addr.to_string()).await["healthy"],
+        true
+    );
+    assert_eq!(grumpy.hits(), 0, "a TCP check sent a request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_expected_statuses_replace_the_default_range() {
+    // 418 is outside the default 200-399 and listed; 200 is inside it but
+    // not listed.
+    let teapot = Backend::start("teapot").await;
+    teapot.set_mode(Mode::Status(418));
+    let plain = Backend::start("plain").await;
+    plain.set_mode(Mode::Status(200));
+    let empty = Backend::start("empty").await;
+    empty.set_mode(Mode::Status(204));
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{teapot}", "{plain}", "{empty}"]
+[upstreams.health]
+path = "/health"
+expected_statuses = [204, 418]
+interval = "200ms"
+timeout = "200ms"
+unhealthy_threshold = 1
+healthy_threshold = 1
+[upstreams.outlier]
+enabled = false
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "all"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+"#,
+        teapot = teapot.addr,
+        plain = plain.addr,
+        empty = empty.addr
+    ));
+    let healthy = |addr: std::net::SocketAddr| {
+        let env = &env;
+        async move { env.target("pool", &addr.to_string()).await["healthy"] == true }
+    };
+    let successes = || async {
+        metric_value(
+            &env.metrics().await,
+            "gateway_upstream_health_checks_total{upstream=\"pool\",result=\"success\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    // Only answers from listed statuses' targets, once checks have run.
+    let spread = || async {
+        let mut seen = HashMap::new();
+        for _ in 0..20 {
+            let r = env.get("/x").await;
+            *seen.entry(backend_of(&r)).or_insert(0) += 1;
+        }
+        seen
+    };
+
+    eventually(Duration::from_secs(3), "plain (200) taken out", || async {
+        !healthy(plain.addr).await
+    })
+    .await;
+    // A few more rounds: the listed statuses keep passing.
+    let before = successes().await;
+    eventually(Duration::from_secs(3), "two more rounds", || async {
+        successes().await >= before + 4.0
+    })
+    .await;
+    assert!(healthy(teapot.addr).await && healthy(empty.addr).await);
+    let seen = spread().await;
+    assert_eq!(
+        (seen.get("teapot"), seen.get("empty"), seen.get("plain")),
+        (Some(&10), Some(&10), None),
+        "{seen:?}"
+    );
+
+    // Statuses change: the verdicts follow.
+    teapot.set_mode(Mode::Status(200));
+    plain.set_mode(Mode::Status(418));
+    eventually(Duration::from_secs(3), "teapot out, plain back", || async {
+        !healthy(teapot.addr).await && healthy(plain.addr).await
+    })
+    .await;
+    let seen = spread().await;
+    assert_eq!(
+        (seen.get("plain"), seen.get("empty"), seen.get("teapot")),
+        (Some(&10), Some(&10), None),
+        "{seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
