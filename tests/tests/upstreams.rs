@@ -789,6 +789,126 @@ path_prefix = "/"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_after_consecutive_failures_well_below_min_requests() {
+    let a = Backend::start("a").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "fragile"
+targets = ["{a}"]
+[upstreams.breaker]
+error_rate = 0.5
+min_requests = 100
+consecutive_failures = 3
+open_for = "30s"
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "all"
+upstream = "fragile"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr
+    ));
+    // Two failures, a success that ends the run, two more failures: 80 %
+    // failed, but 5 tries are far below min_requests and no run reached 3.
+    for (path, status) in [
+        ("/status/503", 503),
+        ("/status/500", 500),
+        ("/x", 200),
+        ("/status/503", 503),
+        ("/status/502", 502),
+    ] {
+        assert_eq!(env.get(path).await.status, status, "{path}");
+    }
+    let circuit = env.upstream("fragile").await["circuit"].clone();
+    assert_eq!(circuit["state"], "closed", "{circuit}");
+    assert_eq!(circuit["window_failures"], 4, "{circuit}");
+    // The third failure in a row opens it.
+    assert_eq!(env.get("/status/503").await.status, 503);
+    let circuit = env.upstream("fragile").await["circuit"].clone();
+    assert_eq!(circuit["state"], "open", "{circuit}");
+
+    let hits = a.hits();
+    let r = env.get("/x").await;
+    let p = assert_problem(&r, 503);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("upstream circuit open"),
+        "{p}"
+    );
+    let retry_after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((25..=30).contains(&retry_after), "{retry_after}");
+    assert_eq!(a.hits(), hits, "the backend was not touched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_breaker_opens_for_its_route_only() {
+    let a = Backend::start("a").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "shared"
+targets = ["{a}"]
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "fragile"
+upstream = "shared"
+strip_prefix = "/fragile"
+[routes.match]
+path_prefix = "/fragile/"
+[routes.breaker]
+consecutive_failures = 3
+open_for = "30s"
+[[routes]]
+name = "solid"
+upstream = "shared"
+strip_prefix = "/solid"
+[routes.match]
+path_prefix = "/solid/"
+"#,
+        a = a.addr
+    ));
+    // Failures on the other route do not count for this route's breaker.
+    for _ in 0..5 {
+        assert_eq!(env.get("/solid/status/500").await.status, 500);
+    }
+    assert_eq!(env.get("/fragile/x").await.status, 200);
+    for _ in 0..3 {
+        assert_eq!(env.get("/fragile/status/500").await.status, 500);
+    }
+    // Registered at the first config load, so it must work from the start.
+    assert!(
+        env.metrics()
+            .await
+            .contains("gateway_circuit_state{upstream=\"route:fragile\"} 1"),
+    );
+    // Open for this route: answered at once, the backend not touched...
+    let hits = a.hits();
+    let r = env.get("/fragile/x").await;
+    let p = assert_problem(&r, 503);
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("upstream circuit open") && detail.contains("route:fragile"),
+        "{p}"
+    );
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(a.hits(), hits);
+    // ...while the other route to the same upstream keeps working.
+    for _ in 0..5 {
+        let r = env.get("/solid/x").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(a.hits(), hits + 5);
+    // The pool itself has no breaker: nothing was opened there.
+    assert!(env.upstream("shared").await["circuit"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_go_elsewhere_respect_idempotency_and_stay_within_budget() {
     let good = Backend::start("good").await;
     let bad = Backend::start("bad").await;
@@ -1013,6 +1133,16 @@ queue_timeout = "300ms"
     assert_eq!(first.await.unwrap().status, 200);
     // Free again.
     assert_eq!(env.get("/x").await.status, 200);
+    // Counted from the first config load on (route limits are built then).
+    let m = env.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "gateway_upstream_overloaded_total{upstream=\"route:limited\"}"
+        ),
+        Some(2.0),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
