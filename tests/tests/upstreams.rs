@@ -241,6 +241,60 @@ path_prefix = "/lr/"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_balancer_spreads_over_all_targets() {
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "random"
+balance = "random"
+targets = ["{a}", "{b}", "{c}"]
+[[routes]]
+name = "all"
+upstream = "random"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr,
+        b = b.addr,
+        c = c.addr
+    ));
+    let c = client::http1();
+    let mut order = Vec::new();
+    for _ in 0..300 {
+        let r = client::send(
+            &c,
+            Request::get(format!("{}/x", env.base))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        order.push(backend_of(&r));
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for b in &order {
+        *seen.entry(b).or_default() += 1;
+    }
+    // About 100 each; below 45 is more than 6 standard deviations off.
+    for name in ["a", "b", "c"] {
+        let n = seen.get(name).copied().unwrap_or(0);
+        assert!(n >= 45, "{name} got {n} of 300: {seen:?}");
+    }
+    // Random, not a rotation: some target is picked twice in a row (a
+    // random order of 300 has none with odds of (2/3)^299).
+    assert!(
+        order.windows(2).any(|w| w[0] == w[1]),
+        "picks follow a strict rotation: {:?}",
+        &order[..12]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hashing_keeps_most_keys_when_a_target_goes_away() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
@@ -981,7 +1035,9 @@ path_prefix = "/broken/"
         assert_eq!(r.status, 200);
         assert_eq!(backend_of(&r), "good");
     }
-    // ...but not for POST (not idempotent) unless the route opts in.
+    // ...but not a POST whose body streams: it cannot be sent twice. (The
+    // idempotency rule itself, with bodies that could be sent again:
+    // `non_idempotent_requests_are_retried_only_where_the_route_opts_in`.)
     let c = client::http1();
     let mut posts = HashMap::new();
     for _ in 0..6 {
@@ -1041,6 +1097,141 @@ path_prefix = "/broken/"
     );
     assert!(
         m.contains("gateway_upstream_retries_total{upstream=\"mixed\",reason=\"status\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_idempotent_requests_are_retried_only_where_the_route_opts_in() {
+    let good = Backend::start("good").await;
+    let bad = Backend::start("bad").await;
+    bad.set_mode(Mode::Status(503));
+    let resetting = Backend::start("resetting").await;
+    resetting.set_mode(Mode::Reset);
+    // Bodies are buffered, so they can be sent again: what decides is the
+    // method alone.
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "mixed"
+targets = ["{good}", "{bad}"]
+[upstreams.outlier]
+enabled = false
+[upstreams.retry]
+max_retries = 1
+on_status = [503]
+backoff = "1ms"
+buffer_body = "1KiB"
+[[upstreams]]
+name = "flaky"
+targets = ["{good}", "{resetting}"]
+[upstreams.outlier]
+enabled = false
+[[routes]]
+name = "mixed"
+upstream = "mixed"
+strip_prefix = "/mixed"
+[routes.match]
+path_prefix = "/mixed/"
+[[routes]]
+name = "mixed-opt-in"
+upstream = "mixed"
+strip_prefix = "/mixed-opt-in"
+[routes.match]
+path_prefix = "/mixed-opt-in/"
+[routes.retry]
+max_retries = 1
+on_status = [503]
+backoff = "1ms"
+buffer_body = "1KiB"
+non_idempotent = true
+[[routes]]
+name = "flaky"
+upstream = "flaky"
+strip_prefix = "/flaky"
+[routes.match]
+path_prefix = "/flaky/"
+[[routes]]
+name = "flaky-opt-in"
+upstream = "flaky"
+strip_prefix = "/flaky-opt-in"
+[routes.match]
+path_prefix = "/flaky-opt-in/"
+[routes.retry]
+non_idempotent = true
+"#,
+        good = good.addr,
+        bad = bad.addr,
+        resetting = resetting.addr
+    ));
+    let c = client::http1();
+    let post = |path: &str, body: &'static [u8]| {
+        client::send(
+            &c,
+            Request::post(format!("{}{path}", env.base))
+                .body(Full::new(Bytes::from_static(body)))
+                .unwrap(),
+        )
+    };
+
+    // A GET that gets a 503 is retried on the other target...
+    for _ in 0..4 {
+        let r = env.get("/mixed/x").await;
+        assert_eq!((r.status.as_u16(), backend_of(&r)), (200, "good".into()));
+    }
+    // ...a POST is not: the client sees the 503, and the good target never
+    // sees that POST.
+    let mut refused = 0;
+    for _ in 0..6 {
+        let (g, b) = (good.hits(), bad.hits());
+        let r = post("/mixed/x", b"{}").await;
+        match r.status.as_u16() {
+            503 => {
+                refused += 1;
+                assert_eq!((good.hits(), bad.hits()), (g, b + 1), "POST retried");
+            }
+            200 => assert_eq!((good.hits(), bad.hits()), (g + 1, b)),
+            s => panic!("status {s}: {}", r.text()),
+        }
+    }
+    assert_eq!(refused, 3, "round robin sends every other POST to bad");
+    // Where the route opts in, it is, body and all.
+    let (g, b) = (good.hits(), bad.hits());
+    for _ in 0..6 {
+        let r = post("/mixed-opt-in/x", b"{}").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(backend_of(&r), "good");
+        assert_eq!(r.json()["body_len"], 2, "the retry carried the body");
+    }
+    assert_eq!(good.hits(), g + 6);
+    assert!(bad.hits() >= b + 3, "the POSTs went to bad first");
+
+    // A connection closed without an answer: the request may have been
+    // acted on, so the same rule applies.
+    let mut broken = 0;
+    for _ in 0..6 {
+        let r = post("/flaky/x", b"").await;
+        match r.status.as_u16() {
+            502 => {
+                assert_problem(&r, 502);
+                broken += 1;
+            }
+            200 => {}
+            s => panic!("status {s}: {}", r.text()),
+        }
+    }
+    assert_eq!(broken, 3, "every other POST hits the closing target");
+    for _ in 0..6 {
+        assert_eq!(env.get("/flaky/x").await.status, 200, "GET retried");
+        assert_eq!(post("/flaky-opt-in/x", b"").await.status, 200);
+    }
+    let m = env.metrics().await;
+    assert!(
+        m.contains("gateway_upstream_retries_total{upstream=\"mixed\",reason=\"status\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("gateway_upstream_retries_total{upstream=\"flaky\",reason=\"reset\"}"),
         "{m}"
     );
 }
@@ -1141,6 +1332,127 @@ queue_timeout = "300ms"
             "gateway_upstream_overloaded_total{upstream=\"route:limited\"}"
         ),
         Some(2.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_concurrency_limit_is_shared_by_its_routes() {
+    let a = Backend::start("a").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{a}"]
+[upstreams.concurrency]
+max = 1
+queue = 1
+queue_timeout = "1s"
+[[routes]]
+name = "one"
+upstream = "pool"
+strip_prefix = "/one"
+[routes.match]
+path_prefix = "/one/"
+[[routes]]
+name = "two"
+upstream = "pool"
+strip_prefix = "/two"
+[routes.match]
+path_prefix = "/two/"
+"#,
+        a = a.addr
+    ));
+    let concurrency = || async { env.upstream("pool").await["concurrency"].clone() };
+    let spawn_get = |path: &str| {
+        let url = format!("{}{path}", env.base);
+        tokio::spawn(async move {
+            let t = Instant::now();
+            (client::get(&url).await, t.elapsed())
+        })
+    };
+
+    // A slow answer holds the one slot; a request on the other route waits
+    // in the queue and is served once the slot frees.
+    a.set_mode(Mode::Delay(500));
+    let holder = spawn_get("/one/x");
+    eventually(
+        Duration::from_secs(2),
+        "first request in flight",
+        || async { a.hits() == 1 },
+    )
+    .await;
+    let queued = spawn_get("/two/x");
+    eventually(Duration::from_secs(2), "second request queued", || async {
+        concurrency().await["queued"] == 1
+    })
+    .await;
+    let c = concurrency().await;
+    assert_eq!(
+        (c["max"].as_u64(), c["in_flight"].as_u64()),
+        (Some(1), Some(1)),
+        "{c}"
+    );
+    // Queue full: refused at once, on either route.
+    for path in ["/one/x", "/two/x"] {
+        let t = Instant::now();
+        let r = env.get(path).await;
+        let p = assert_problem(&r, 503);
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert!(
+            p["detail"].as_str().unwrap().contains("queue is full"),
+            "{p}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    assert_eq!(holder.await.unwrap().0.status, 200);
+    let (r, took) = queued.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        took >= Duration::from_millis(600),
+        "served after the first: {took:?}"
+    );
+    assert_eq!(
+        a.hits(),
+        2,
+        "the refused requests never reached the backend"
+    );
+
+    // A slot that stays busy past queue_timeout: the waiting request gets
+    // 503 with Retry-After.
+    a.set_mode(Mode::Delay(2000));
+    let holder = spawn_get("/two/x");
+    eventually(Duration::from_secs(2), "slow request in flight", || async {
+        concurrency().await["in_flight"] == 1
+    })
+    .await;
+    let t = Instant::now();
+    let r = env.get("/one/x").await;
+    let waited = t.elapsed();
+    let p = assert_problem(&r, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(p["detail"].as_str().unwrap().contains("in time"), "{p}");
+    assert!(
+        (Duration::from_millis(950)..Duration::from_millis(1900)).contains(&waited),
+        "waited {waited:?} for a 1 s queue timeout"
+    );
+    assert_eq!(holder.await.unwrap().0.status, 200);
+    a.set_mode(Mode::Normal);
+    assert_eq!(env.get("/one/x").await.status, 200);
+    let c = concurrency().await;
+    assert_eq!(
+        (c["in_flight"].as_u64(), c["queued"].as_u64()),
+        (Some(0), Some(0)),
+        "{c}"
+    );
+    let m = env.metrics().await;
+    assert_eq!(
+        metric_value(&m, "gateway_upstream_overloaded_total{upstream=\"pool\"}"),
+        Some(3.0),
         "{m}"
     );
 }
