@@ -30,8 +30,11 @@ pub struct Options {
 
 /// Runs the gateway until SIGTERM or SIGINT.
 pub fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
-    let config = Config::load(path).map_err(|e| anyhow!("invalid configuration:\n{e}"))?;
+    // The recorder first: compiling the config registers metric handles
+    // (route breakers' gauges, route limits' counters) that would be
+    // no-ops if made before it.
     let metrics = crate::observe::metrics::install();
+    let config = Config::load(path).map_err(|e| anyhow!("invalid configuration:\n{e}"))?;
     let access_log = match &config.access_log {
         Some(t) => {
             Some(AccessLog::start(t).with_context(|| format!("cannot open access log {t:?}"))?)

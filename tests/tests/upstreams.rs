@@ -132,6 +132,18 @@ async fn count_backends(env: &Env, path: &str, n: usize) -> HashMap<String, usiz
     seen
 }
 
+/// The value of the metric line that starts with `series` (name and
+/// labels as exported), if there is one.
+fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_weighted_and_least_request_spread_load() {
     let (a, b, c) = (
@@ -226,6 +238,60 @@ path_prefix = "/lr/"
     for s in slow {
         assert_eq!(s.await.unwrap().status, 200);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_balancer_spreads_over_all_targets() {
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "random"
+balance = "random"
+targets = ["{a}", "{b}", "{c}"]
+[[routes]]
+name = "all"
+upstream = "random"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr,
+        b = b.addr,
+        c = c.addr
+    ));
+    let c = client::http1();
+    let mut order = Vec::new();
+    for _ in 0..300 {
+        let r = client::send(
+            &c,
+            Request::get(format!("{}/x", env.base))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        order.push(backend_of(&r));
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for b in &order {
+        *seen.entry(b).or_default() += 1;
+    }
+    // About 100 each; below 45 is more than 6 standard deviations off.
+    for name in ["a", "b", "c"] {
+        let n = seen.get(name).copied().unwrap_or(0);
+        assert!(n >= 45, "{name} got {n} of 300: {seen:?}");
+    }
+    // Random, not a rotation: some target is picked twice in a row (a
+    // random order of 300 has none with odds of (2/3)^299).
+    assert!(
+        order.windows(2).any(|w| w[0] == w[1]),
+        "picks follow a strict rotation: {:?}",
+        &order[..12]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,14 +424,19 @@ path_prefix = "/"
         b = b.addr
     ));
     assert_eq!(count_backends(&env, "/x", 10).await.len(), 2);
-    let b_addr = b.kill().await;
     let killed = Instant::now();
-    // One interval plus the check's timeout, and a little for scheduling.
-    eventually(Duration::from_millis(900), "b out of rotation", || async {
+    let b_addr = b.kill().await;
+    eventually(Duration::from_secs(3), "b out of rotation", || async {
         env.target("pool", &b_addr.to_string()).await["healthy"] == false
     })
     .await;
     let took = killed.elapsed();
+    // As documented: within one interval (300 ms) plus the check's timeout
+    // (200 ms); the margin covers scheduling and this test's 50 ms polls.
+    assert!(
+        took < Duration::from_millis(300 + 200 + 500),
+        "b left rotation only after {took:?}"
+    );
     let seen = count_backends(&env, "/x", 20).await;
     assert_eq!(
         seen.get("a"),
@@ -438,6 +509,173 @@ path_prefix = "/"
     for t in env.upstream("sick").await["targets"].as_array().unwrap() {
         assert_eq!(t["requests"], 0, "no request went to a target: {t}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_health_check_takes_a_dead_target_out_and_brings_it_back() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    // Accepts connections but answers every request 503: healthy to a
+    // connect-only check, which sends no request at all.
+    let grumpy = Backend::start("grumpy").await;
+    grumpy.set_mode(Mode::Status(503));
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{a}", "{b}"]
+[upstreams.health]
+kind = "tcp"
+interval = "200ms"
+timeout = "200ms"
+unhealthy_threshold = 1
+healthy_threshold = 1
+[upstreams.outlier]
+enabled = false
+[upstreams.retry]
+max_retries = 0
+[[upstreams]]
+name = "grumpy"
+targets = ["{grumpy}"]
+[upstreams.health]
+kind = "tcp"
+interval = "200ms"
+timeout = "200ms"
+unhealthy_threshold = 1
+[[routes]]
+name = "all"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr,
+        b = b.addr,
+        grumpy = grumpy.addr
+    ));
+    assert_eq!(count_backends(&env, "/x", 10).await.len(), 2);
+
+    let b_addr = b.kill().await;
+    eventually(Duration::from_secs(3), "b out of rotation", || async {
+        env.target("pool", &b_addr.to_string()).await["healthy"] == false
+    })
+    .await;
+    assert_eq!(env.upstream("pool").await["healthy_targets"], 1);
+    let seen = count_backends(&env, "/x", 20).await;
+    assert_eq!(seen.get("a"), Some(&20), "{seen:?}");
+
+    let b = Backend::start_at(b_addr, "b2").await;
+    eventually(Duration::from_secs(3), "b back in rotation", || async {
+        env.target("pool", &b_addr.to_string()).await["healthy"] == true
+    })
+    .await;
+    let seen = count_backends(&env, "/x", 10).await;
+    assert_eq!(seen.get("b2"), Some(&5), "{seen:?}");
+    assert!(b.hits() >= 5);
+
+    // Connect-only: the 503s of `grumpy` are never asked for.
+    eventually(Duration::from_secs(3), "checks of grumpy ran", || async {
+        metric_value(
+            &env.metrics().await,
+            "gateway_upstream_health_checks_total{upstream=\"grumpy\",result=\"success\"}",
+        )
+        .is_some_and(|n| n >= 3.0)
+    })
+    .await;
+    assert_eq!(
+        env.target("grumpy", &grumpy.addr.to_string()).await["healthy"],
+        true
+    );
+    assert_eq!(grumpy.hits(), 0, "a TCP check sent a request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_expected_statuses_replace_the_default_range() {
+    // 418 is outside the default 200-399 and listed; 200 is inside it but
+    // not listed.
+    let teapot = Backend::start("teapot").await;
+    teapot.set_mode(Mode::Status(418));
+    let plain = Backend::start("plain").await;
+    plain.set_mode(Mode::Status(200));
+    let empty = Backend::start("empty").await;
+    empty.set_mode(Mode::Status(204));
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{teapot}", "{plain}", "{empty}"]
+[upstreams.health]
+path = "/health"
+expected_statuses = [204, 418]
+interval = "200ms"
+timeout = "200ms"
+unhealthy_threshold = 1
+healthy_threshold = 1
+[upstreams.outlier]
+enabled = false
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "all"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+"#,
+        teapot = teapot.addr,
+        plain = plain.addr,
+        empty = empty.addr
+    ));
+    let healthy = |addr: std::net::SocketAddr| {
+        let env = &env;
+        async move { env.target("pool", &addr.to_string()).await["healthy"] == true }
+    };
+    let successes = || async {
+        metric_value(
+            &env.metrics().await,
+            "gateway_upstream_health_checks_total{upstream=\"pool\",result=\"success\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    // Only answers from listed statuses' targets, once checks have run.
+    let spread = || async {
+        let mut seen = HashMap::new();
+        for _ in 0..20 {
+            let r = env.get("/x").await;
+            *seen.entry(backend_of(&r)).or_insert(0) += 1;
+        }
+        seen
+    };
+
+    eventually(Duration::from_secs(3), "plain (200) taken out", || async {
+        !healthy(plain.addr).await
+    })
+    .await;
+    // A few more rounds: the listed statuses keep passing.
+    let before = successes().await;
+    eventually(Duration::from_secs(3), "two more rounds", || async {
+        successes().await >= before + 4.0
+    })
+    .await;
+    assert!(healthy(teapot.addr).await && healthy(empty.addr).await);
+    let seen = spread().await;
+    assert_eq!(
+        (seen.get("teapot"), seen.get("empty"), seen.get("plain")),
+        (Some(&10), Some(&10), None),
+        "{seen:?}"
+    );
+
+    // Statuses change: the verdicts follow.
+    teapot.set_mode(Mode::Status(200));
+    plain.set_mode(Mode::Status(418));
+    eventually(Duration::from_secs(3), "teapot out, plain back", || async {
+        !healthy(teapot.addr).await && healthy(plain.addr).await
+    })
+    .await;
+    let seen = spread().await;
+    assert_eq!(
+        (seen.get("plain"), seen.get("empty"), seen.get("teapot")),
+        (Some(&10), Some(&10), None),
+        "{seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -659,6 +897,126 @@ path_prefix = "/"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_after_consecutive_failures_well_below_min_requests() {
+    let a = Backend::start("a").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "fragile"
+targets = ["{a}"]
+[upstreams.breaker]
+error_rate = 0.5
+min_requests = 100
+consecutive_failures = 3
+open_for = "30s"
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "all"
+upstream = "fragile"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr
+    ));
+    // Two failures, a success that ends the run, two more failures: 80 %
+    // failed, but 5 tries are far below min_requests and no run reached 3.
+    for (path, status) in [
+        ("/status/503", 503),
+        ("/status/500", 500),
+        ("/x", 200),
+        ("/status/503", 503),
+        ("/status/502", 502),
+    ] {
+        assert_eq!(env.get(path).await.status, status, "{path}");
+    }
+    let circuit = env.upstream("fragile").await["circuit"].clone();
+    assert_eq!(circuit["state"], "closed", "{circuit}");
+    assert_eq!(circuit["window_failures"], 4, "{circuit}");
+    // The third failure in a row opens it.
+    assert_eq!(env.get("/status/503").await.status, 503);
+    let circuit = env.upstream("fragile").await["circuit"].clone();
+    assert_eq!(circuit["state"], "open", "{circuit}");
+
+    let hits = a.hits();
+    let r = env.get("/x").await;
+    let p = assert_problem(&r, 503);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("upstream circuit open"),
+        "{p}"
+    );
+    let retry_after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((25..=30).contains(&retry_after), "{retry_after}");
+    assert_eq!(a.hits(), hits, "the backend was not touched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_breaker_opens_for_its_route_only() {
+    let a = Backend::start("a").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "shared"
+targets = ["{a}"]
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "fragile"
+upstream = "shared"
+strip_prefix = "/fragile"
+[routes.match]
+path_prefix = "/fragile/"
+[routes.breaker]
+consecutive_failures = 3
+open_for = "30s"
+[[routes]]
+name = "solid"
+upstream = "shared"
+strip_prefix = "/solid"
+[routes.match]
+path_prefix = "/solid/"
+"#,
+        a = a.addr
+    ));
+    // Failures on the other route do not count for this route's breaker.
+    for _ in 0..5 {
+        assert_eq!(env.get("/solid/status/500").await.status, 500);
+    }
+    assert_eq!(env.get("/fragile/x").await.status, 200);
+    for _ in 0..3 {
+        assert_eq!(env.get("/fragile/status/500").await.status, 500);
+    }
+    // Registered at the first config load, so it must work from the start.
+    assert!(
+        env.metrics()
+            .await
+            .contains("gateway_circuit_state{upstream=\"route:fragile\"} 1"),
+    );
+    // Open for this route: answered at once, the backend not touched...
+    let hits = a.hits();
+    let r = env.get("/fragile/x").await;
+    let p = assert_problem(&r, 503);
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("upstream circuit open") && detail.contains("route:fragile"),
+        "{p}"
+    );
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(a.hits(), hits);
+    // ...while the other route to the same upstream keeps working.
+    for _ in 0..5 {
+        let r = env.get("/solid/x").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(a.hits(), hits + 5);
+    // The pool itself has no breaker: nothing was opened there.
+    assert!(env.upstream("shared").await["circuit"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_go_elsewhere_respect_idempotency_and_stay_within_budget() {
     let good = Backend::start("good").await;
     let bad = Backend::start("bad").await;
@@ -731,7 +1089,9 @@ path_prefix = "/broken/"
         assert_eq!(r.status, 200);
         assert_eq!(backend_of(&r), "good");
     }
-    // ...but not for POST (not idempotent) unless the route opts in.
+    // ...but not a POST whose body streams: it cannot be sent twice. (The
+    // idempotency rule itself, with bodies that could be sent again:
+    // `non_idempotent_requests_are_retried_only_where_the_route_opts_in`.)
     let c = client::http1();
     let mut posts = HashMap::new();
     for _ in 0..6 {
@@ -791,6 +1151,141 @@ path_prefix = "/broken/"
     );
     assert!(
         m.contains("gateway_upstream_retries_total{upstream=\"mixed\",reason=\"status\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_idempotent_requests_are_retried_only_where_the_route_opts_in() {
+    let good = Backend::start("good").await;
+    let bad = Backend::start("bad").await;
+    bad.set_mode(Mode::Status(503));
+    let resetting = Backend::start("resetting").await;
+    resetting.set_mode(Mode::Reset);
+    // Bodies are buffered, so they can be sent again: what decides is the
+    // method alone.
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "mixed"
+targets = ["{good}", "{bad}"]
+[upstreams.outlier]
+enabled = false
+[upstreams.retry]
+max_retries = 1
+on_status = [503]
+backoff = "1ms"
+buffer_body = "1KiB"
+[[upstreams]]
+name = "flaky"
+targets = ["{good}", "{resetting}"]
+[upstreams.outlier]
+enabled = false
+[[routes]]
+name = "mixed"
+upstream = "mixed"
+strip_prefix = "/mixed"
+[routes.match]
+path_prefix = "/mixed/"
+[[routes]]
+name = "mixed-opt-in"
+upstream = "mixed"
+strip_prefix = "/mixed-opt-in"
+[routes.match]
+path_prefix = "/mixed-opt-in/"
+[routes.retry]
+max_retries = 1
+on_status = [503]
+backoff = "1ms"
+buffer_body = "1KiB"
+non_idempotent = true
+[[routes]]
+name = "flaky"
+upstream = "flaky"
+strip_prefix = "/flaky"
+[routes.match]
+path_prefix = "/flaky/"
+[[routes]]
+name = "flaky-opt-in"
+upstream = "flaky"
+strip_prefix = "/flaky-opt-in"
+[routes.match]
+path_prefix = "/flaky-opt-in/"
+[routes.retry]
+non_idempotent = true
+"#,
+        good = good.addr,
+        bad = bad.addr,
+        resetting = resetting.addr
+    ));
+    let c = client::http1();
+    let post = |path: &str, body: &'static [u8]| {
+        client::send(
+            &c,
+            Request::post(format!("{}{path}", env.base))
+                .body(Full::new(Bytes::from_static(body)))
+                .unwrap(),
+        )
+    };
+
+    // A GET that gets a 503 is retried on the other target...
+    for _ in 0..4 {
+        let r = env.get("/mixed/x").await;
+        assert_eq!((r.status.as_u16(), backend_of(&r)), (200, "good".into()));
+    }
+    // ...a POST is not: the client sees the 503, and the good target never
+    // sees that POST.
+    let mut refused = 0;
+    for _ in 0..6 {
+        let (g, b) = (good.hits(), bad.hits());
+        let r = post("/mixed/x", b"{}").await;
+        match r.status.as_u16() {
+            503 => {
+                refused += 1;
+                assert_eq!((good.hits(), bad.hits()), (g, b + 1), "POST retried");
+            }
+            200 => assert_eq!((good.hits(), bad.hits()), (g + 1, b)),
+            s => panic!("status {s}: {}", r.text()),
+        }
+    }
+    assert_eq!(refused, 3, "round robin sends every other POST to bad");
+    // Where the route opts in, it is, body and all.
+    let (g, b) = (good.hits(), bad.hits());
+    for _ in 0..6 {
+        let r = post("/mixed-opt-in/x", b"{}").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(backend_of(&r), "good");
+        assert_eq!(r.json()["body_len"], 2, "the retry carried the body");
+    }
+    assert_eq!(good.hits(), g + 6);
+    assert!(bad.hits() >= b + 3, "the POSTs went to bad first");
+
+    // A connection closed without an answer: the request may have been
+    // acted on, so the same rule applies.
+    let mut broken = 0;
+    for _ in 0..6 {
+        let r = post("/flaky/x", b"").await;
+        match r.status.as_u16() {
+            502 => {
+                assert_problem(&r, 502);
+                broken += 1;
+            }
+            200 => {}
+            s => panic!("status {s}: {}", r.text()),
+        }
+    }
+    assert_eq!(broken, 3, "every other POST hits the closing target");
+    for _ in 0..6 {
+        assert_eq!(env.get("/flaky/x").await.status, 200, "GET retried");
+        assert_eq!(post("/flaky-opt-in/x", b"").await.status, 200);
+    }
+    let m = env.metrics().await;
+    assert!(
+        m.contains("gateway_upstream_retries_total{upstream=\"mixed\",reason=\"status\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("gateway_upstream_retries_total{upstream=\"flaky\",reason=\"reset\"}"),
         "{m}"
     );
 }
@@ -883,6 +1378,137 @@ queue_timeout = "300ms"
     assert_eq!(first.await.unwrap().status, 200);
     // Free again.
     assert_eq!(env.get("/x").await.status, 200);
+    // Counted from the first config load on (route limits are built then).
+    let m = env.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "gateway_upstream_overloaded_total{upstream=\"route:limited\"}"
+        ),
+        Some(2.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_concurrency_limit_is_shared_by_its_routes() {
+    let a = Backend::start("a").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{a}"]
+[upstreams.concurrency]
+max = 1
+queue = 1
+queue_timeout = "1s"
+[[routes]]
+name = "one"
+upstream = "pool"
+strip_prefix = "/one"
+[routes.match]
+path_prefix = "/one/"
+[[routes]]
+name = "two"
+upstream = "pool"
+strip_prefix = "/two"
+[routes.match]
+path_prefix = "/two/"
+"#,
+        a = a.addr
+    ));
+    let concurrency = || async { env.upstream("pool").await["concurrency"].clone() };
+    let spawn_get = |path: &str| {
+        let url = format!("{}{path}", env.base);
+        tokio::spawn(async move {
+            let t = Instant::now();
+            (client::get(&url).await, t.elapsed())
+        })
+    };
+
+    // A slow answer holds the one slot; a request on the other route waits
+    // in the queue and is served once the slot frees.
+    a.set_mode(Mode::Delay(500));
+    let holder = spawn_get("/one/x");
+    eventually(
+        Duration::from_secs(2),
+        "first request in flight",
+        || async { a.hits() == 1 },
+    )
+    .await;
+    let queued = spawn_get("/two/x");
+    eventually(Duration::from_secs(2), "second request queued", || async {
+        concurrency().await["queued"] == 1
+    })
+    .await;
+    let c = concurrency().await;
+    assert_eq!(
+        (c["max"].as_u64(), c["in_flight"].as_u64()),
+        (Some(1), Some(1)),
+        "{c}"
+    );
+    // Queue full: refused at once, on either route.
+    for path in ["/one/x", "/two/x"] {
+        let t = Instant::now();
+        let r = env.get(path).await;
+        let p = assert_problem(&r, 503);
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert!(
+            p["detail"].as_str().unwrap().contains("queue is full"),
+            "{p}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    assert_eq!(holder.await.unwrap().0.status, 200);
+    let (r, took) = queued.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        took >= Duration::from_millis(600),
+        "served after the first: {took:?}"
+    );
+    assert_eq!(
+        a.hits(),
+        2,
+        "the refused requests never reached the backend"
+    );
+
+    // A slot that stays busy past queue_timeout: the waiting request gets
+    // 503 with Retry-After.
+    a.set_mode(Mode::Delay(2000));
+    let holder = spawn_get("/two/x");
+    eventually(Duration::from_secs(2), "slow request in flight", || async {
+        concurrency().await["in_flight"] == 1
+    })
+    .await;
+    let t = Instant::now();
+    let r = env.get("/one/x").await;
+    let waited = t.elapsed();
+    let p = assert_problem(&r, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(p["detail"].as_str().unwrap().contains("in time"), "{p}");
+    assert!(
+        (Duration::from_millis(950)..Duration::from_millis(1900)).contains(&waited),
+        "waited {waited:?} for a 1 s queue timeout"
+    );
+    assert_eq!(holder.await.unwrap().0.status, 200);
+    a.set_mode(Mode::Normal);
+    assert_eq!(env.get("/one/x").await.status, 200);
+    let c = concurrency().await;
+    assert_eq!(
+        (c["in_flight"].as_u64(), c["queued"].as_u64()),
+        (Some(0), Some(0)),
+        "{c}"
+    );
+    let m = env.metrics().await;
+    assert_eq!(
+        metric_value(&m, "gateway_upstream_overloaded_total{upstream=\"pool\"}"),
+        Some(3.0),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

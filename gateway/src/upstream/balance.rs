@@ -5,9 +5,12 @@
 //! Everything that depends only on the target set (schedule, ring, table) is
 //! built when the set changes (`TargetSet::new`); a pick is then an atomic
 //! counter or a random number, a lookup, and availability checks on the
-//! chosen targets. A target that is unhealthy or ejected is skipped: the
-//! next one in order (round robin, schedule, ring walk) takes its requests,
-//! so with consistent hashing only the keys of the missing target move.
+//! chosen targets. A target that is unhealthy or ejected is skipped. With
+//! consistent hashing the next one on the ring (or table) takes its
+//! requests, so only the keys of the missing target move. The others
+//! spread its share over all available targets instead of handing it to
+//! its neighbour: round robin and the schedule move on to the next turn
+//! (the skipped turn is used up), random picks draw among available ones.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -83,12 +86,12 @@ impl TargetSet {
         }
         let ok = |i: usize| Some(i) != avoid && self.targets[i].available(now);
         let choice = match (&self.plan, hash) {
-            (Plan::Schedule(s), _) => {
-                let start = next.fetch_add(1, Ordering::Relaxed) % s.len();
-                (0..s.len().min(64))
-                    .map(|k| s[(start + k) % s.len()] as usize)
-                    .find(|&i| ok(i))
-            }
+            // Each skipped turn is used up, so the turns of a missing
+            // target go to whoever's turn comes next, not all to the one
+            // after it.
+            (Plan::Schedule(s), _) => (0..s.len().min(64))
+                .map(|_| s[next.fetch_add(1, Ordering::Relaxed) % s.len()] as usize)
+                .find(|&i| ok(i)),
             (Plan::Ring(r), Some(h)) => {
                 let start = r.partition_point(|&(p, _)| p < h);
                 (0..r.len())
@@ -113,14 +116,13 @@ impl TargetSet {
                         }
                         (true, false) => Some(a),
                         (false, true) => Some(b),
-                        (false, false) => None,
+                        (false, false) => random_pick(n, ok),
                     }
                 }
                 Balance::Random | Balance::LeastRequest => random_pick(n, ok),
-                _ => {
-                    let start = next.fetch_add(1, Ordering::Relaxed) % n;
-                    (0..n).map(|k| (start + k) % n).find(|&i| ok(i))
-                }
+                _ => (0..n)
+                    .map(|_| next.fetch_add(1, Ordering::Relaxed) % n)
+                    .find(|&i| ok(i)),
             },
         };
         // Fall back to any available target, then to the avoided one.
@@ -130,9 +132,18 @@ impl TargetSet {
     }
 }
 
+/// A uniformly random available target (walking on from an unavailable
+/// one would give its share to its neighbour).
 fn random_pick(n: usize, ok: impl Fn(usize) -> bool) -> Option<usize> {
-    let start = fastrand::usize(..n);
-    (0..n).map(|k| (start + k) % n).find(|&i| ok(i))
+    let first = fastrand::usize(..n);
+    if ok(first) {
+        return Some(first);
+    }
+    let available = (0..n).filter(|&i| ok(i)).count();
+    if available == 0 {
+        return None;
+    }
+    (0..n).filter(|&i| ok(i)).nth(fastrand::usize(..available))
 }
 
 /// Smooth weighted round robin (as nginx), unrolled into a schedule.
@@ -379,12 +390,16 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        assert_eq!(picks, [0, 2, 2, 0]);
+        // The ejected target's turns are shared, not all handed to 2.
+        assert_eq!(picks, [0, 2, 0, 2]);
         // Ejection over.
-        assert_eq!(
-            set.pick(Balance::RoundRobin, &next, None, None, 100),
-            Some(1)
-        );
+        let picks: Vec<usize> = (0..3)
+            .map(|_| {
+                set.pick(Balance::RoundRobin, &next, None, None, 100)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(picks, [0, 1, 2]);
         // Avoid the target just tried when another one can take it.
         for _ in 0..10 {
             assert_ne!(
@@ -398,6 +413,49 @@ mod tests {
             one.pick(Balance::RoundRobin, &next, None, Some(0), 100),
             Some(0)
         );
+    }
+
+    /// With one target out, the others share its requests evenly (by
+    /// weight) whatever the balancer; before, its successor took them all.
+    #[test]
+    fn a_missing_targets_share_is_spread_over_the_others() {
+        fastrand::seed(0xba1a);
+        let weighted = |ws: &[u32]| -> Vec<Arc<Target>> {
+            ws.iter()
+                .enumerate()
+                .map(|(i, &w)| {
+                    Arc::new(Target::new(
+                        "t",
+                        format!("10.0.0.{}:80", i + 1).parse().unwrap(),
+                        w,
+                        0,
+                    ))
+                })
+                .collect()
+        };
+        for (balance, ws, down, n, fair) in [
+            (Balance::RoundRobin, &[1, 1, 1][..], 1, 600, 300..=300),
+            (Balance::WeightedRoundRobin, &[1, 1, 1], 1, 600, 300..=300),
+            (Balance::WeightedRoundRobin, &[5, 1, 1], 0, 700, 350..=350),
+            (Balance::Random, &[1, 1, 1], 1, 3000, 1350..=1650),
+            (Balance::RingHash, &[1, 1, 1], 1, 3000, 1350..=1650),
+        ] {
+            let all = weighted(ws);
+            let set = TargetSet::new(all.clone(), balance);
+            all[down].healthy.store(false, Ordering::Relaxed);
+            let next = AtomicUsize::new(0);
+            let mut counts = vec![0; all.len()];
+            for _ in 0..n {
+                // No hash key: consistent hashing spreads at random.
+                counts[set.pick(balance, &next, None, None, 1).unwrap()] += 1;
+            }
+            assert_eq!(counts[down], 0, "{balance:?} {ws:?}: {counts:?}");
+            for (i, c) in counts.iter().enumerate() {
+                if i != down {
+                    assert!(fair.contains(c), "{balance:?} {ws:?}: {counts:?}");
+                }
+            }
+        }
     }
 
     #[test]

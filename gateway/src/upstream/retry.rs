@@ -212,6 +212,54 @@ mod tests {
         }
     }
 
+    /// Retry n waits uniformly in `[0, backoff × 2^(n-1)]`, that bound
+    /// capped at `max_backoff`: every sample is within it, and the samples
+    /// fill it (near 0, near the bound, mean about half of it), so the
+    /// bound really doubles with each retry until the cap.
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_full_jitter() {
+        fastrand::seed(0x5eed);
+        let p = RetrySettings {
+            backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(500),
+            ..policy()
+        };
+        let samples = 500;
+        for (n, bound_ms) in [
+            (1, 10.0),
+            (2, 20.0),
+            (3, 40.0),
+            (4, 80.0),
+            (5, 160.0),
+            (6, 320.0),
+            (7, 500.0),
+            (8, 500.0),
+            (10, 500.0),
+            (u32::MAX, 500.0),
+        ] {
+            let got: Vec<f64> = (0..samples)
+                .map(|_| backoff(&p, n).as_secs_f64() * 1000.0)
+                .collect();
+            let max = got.iter().copied().fold(0.0, f64::max);
+            let min = got.iter().copied().fold(f64::MAX, f64::min);
+            let mean = got.iter().sum::<f64>() / f64::from(samples);
+            assert!(max <= bound_ms, "retry {n}: {max} ms over {bound_ms} ms");
+            assert!(max > 0.9 * bound_ms, "retry {n}: at most {max} ms");
+            assert!(min < 0.1 * bound_ms, "retry {n}: at least {min} ms");
+            assert!(
+                (0.4 * bound_ms..0.6 * bound_ms).contains(&mean),
+                "retry {n}: mean {mean} ms of [0, {bound_ms}]"
+            );
+        }
+        // No back-off configured: no pause at all.
+        let p = RetrySettings {
+            backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+            ..policy()
+        };
+        assert_eq!(backoff(&p, 3), Duration::ZERO);
+    }
+
     #[test]
     fn budget_caps_retries_at_the_share() {
         let b = Budget::new(&BudgetSettings {
