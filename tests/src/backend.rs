@@ -30,6 +30,7 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Requests served.
     pub hits: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
     mode: Arc<AtomicU64>,
     kill: tokio::sync::watch::Sender<bool>,
@@ -100,6 +101,8 @@ impl Backend {
     pub fn serve(listener: TcpListener, name: &str) -> Backend {
         let addr = listener.local_addr().expect("local addr");
         let hits = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let acc = accepted.clone();
         let name: Arc<str> = name.into();
         let h = hits.clone();
         let mode = Arc::new(AtomicU64::new(0));
@@ -110,6 +113,7 @@ impl Backend {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                acc.fetch_add(1, Ordering::Relaxed);
                 if Mode::decode(m.load(Ordering::Relaxed)) == Mode::Reset {
                     drop(stream);
                     continue;
@@ -147,6 +151,7 @@ impl Backend {
         Backend {
             addr,
             hits,
+            accepted,
             task,
             mode,
             kill,
@@ -155,6 +160,11 @@ impl Backend {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
     }
 
     /// Changes how the backend answers from now on.

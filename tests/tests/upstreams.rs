@@ -1942,3 +1942,48 @@ targets = ["127.0.0.1:3"]
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_until_idle_too_long() {
+    let a = Backend::start("a").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "one"
+targets = ["{a}"]
+pool_idle_timeout = "400ms"
+[[routes]]
+name = "all"
+upstream = "one"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr
+    ));
+    // One after another, with bodies and without (204, 304): the backend
+    // sees a connection or two (the gateway has two workers), not one per
+    // request.
+    for i in 0..60 {
+        let path = match i % 3 {
+            0 => "/x".to_string(),
+            1 => "/status/204".to_string(),
+            _ => "/status/304".to_string(),
+        };
+        let r = env.get(&path).await;
+        assert!(r.status.as_u16() < 400, "{path}: {}", r.status);
+    }
+    assert_eq!(a.hits(), 60);
+    let used = a.connections();
+    assert!(
+        (1..=2).contains(&used),
+        "{used} upstream connections for 60 requests"
+    );
+    // An idle connection older than pool_idle_timeout is not used again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(env.get("/x").await.status, 200);
+    assert_eq!(
+        a.connections(),
+        used + 1,
+        "a new connection after the idle timeout"
+    );
+}

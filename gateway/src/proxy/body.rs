@@ -50,6 +50,18 @@ pub enum BodyError {
     Hyper(#[from] hyper::Error),
 }
 
+impl Drop for Body {
+    fn drop(&mut self) {
+        // A response whose body was never polled because it had none (a
+        // `Content-Length: 0`, a 204, a HEAD) has still been read whole.
+        if let Body::Upstream(inner, held) = self
+            && inner.is_end_stream()
+        {
+            held.finish();
+        }
+    }
+}
+
 impl Body {
     pub fn empty() -> Self {
         Body::Full(None)
@@ -94,7 +106,7 @@ impl http_body::Body for Body {
             Body::Upstream(inner, held) => {
                 let r = Pin::new(inner).poll_frame(cx).map_err(BodyError::from);
                 if let Poll::Ready(None) = r {
-                    *held = Default::default();
+                    held.finish();
                 }
                 r
             }

@@ -340,12 +340,13 @@ async fn call_upstream(
                 let status = t.response.status().as_u16();
                 if spare.is_none() || !policy.on_status.contains(&status) {
                     held.in_flight = Some(t.in_flight);
+                    held.conn = t.conn;
                     return Ok((t.response, held));
                 }
                 (
                     Some(upstream::retry::Reason::Status),
                     Some(t.target),
-                    Ok((t.response, t.in_flight)),
+                    Ok((t.response, t.in_flight, t.conn)),
                 )
             }
             Err(f) => (f.retry, f.target, Err(f.error)),
@@ -363,8 +364,9 @@ async fn call_upstream(
         let Some(next) = retry else {
             // No retry: answer with what the last try gave.
             return match failure {
-                Ok((response, in_flight)) => {
+                Ok((response, in_flight, conn)) => {
                     held.in_flight = Some(in_flight);
+                    held.conn = conn;
                     Ok((response, held))
                 }
                 Err(e) => Err(e),

@@ -14,6 +14,7 @@
 pub mod balance;
 pub mod breaker;
 pub mod config;
+pub mod conn;
 pub mod discovery;
 pub mod dns;
 pub mod file;
@@ -55,7 +56,10 @@ pub struct Pool {
     pub config: UpstreamConfig,
     set: ArcSwap<TargetSet>,
     next: AtomicUsize,
-    client: Client<HttpConnector, Body>,
+    /// HTTP/2 upstreams: hyper-util's client (one multiplexed connection
+    /// per target). HTTP/1.1 upstreams use `conn`'s per-target pools.
+    h2: Option<Client<HttpConnector, Body>>,
+    h1: conn::Settings,
     pub breaker: Option<Breaker>,
     pub limiter: Option<Limiter>,
     pub budget: Budget,
@@ -84,8 +88,22 @@ impl std::fmt::Debug for Pool {
 #[derive(Debug, Default)]
 pub struct Held {
     pub in_flight: Option<InFlight>,
+    /// The HTTP/1.1 connection the response arrives on; back to its target
+    /// once the body has been read to its end.
+    pub conn: Option<conn::Pooled>,
     pub route_slot: Option<OwnedSemaphorePermit>,
     pub pool_slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Held {
+    /// The response body has ended: the connection goes back to its target
+    /// and every slot is given back.
+    pub fn finish(&mut self) {
+        if let Some(c) = &mut self.conn {
+            c.finish();
+        }
+        *self = Held::default();
+    }
 }
 
 /// A successful try.
@@ -93,6 +111,7 @@ pub struct Held {
 pub struct Tried {
     pub response: Response<Incoming>,
     pub in_flight: InFlight,
+    pub conn: Option<conn::Pooled>,
     pub target: usize,
 }
 
@@ -110,19 +129,24 @@ impl Pool {
     /// source is resolved now, waiting at most a few seconds.
     pub fn new(config: &UpstreamConfig) -> Arc<Pool> {
         let s = &config.settings;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.enforce_http(true);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_target);
-        if config.protocol == UpstreamProtocol::Http2 {
-            builder.http2_only(true);
-        }
+        let h2 = (config.protocol == UpstreamProtocol::Http2).then(|| {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(config.connect_timeout));
+            connector.enforce_http(true);
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(config.pool_idle_timeout)
+                .pool_max_idle_per_host(config.pool_max_idle_per_target)
+                .http2_only(true)
+                .build(connector)
+        });
+        let h1 = conn::Settings {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.pool_idle_timeout,
+            max_idle: config.pool_max_idle_per_target,
+        };
         let name = config.name.to_string();
         let targets: Vec<Arc<Target>> = config
             .targets
@@ -142,7 +166,8 @@ impl Pool {
         let pool = Arc::new(Pool {
             set: ArcSwap::from_pointee(TargetSet::new(targets, s.balance)),
             next: AtomicUsize::new(0),
-            client: builder.build(connector),
+            h2,
+            h1,
             breaker: s
                 .breaker
                 .as_ref()
@@ -332,23 +357,11 @@ impl Pool {
             None => None,
         };
         let in_flight = InFlight::new(target.clone(), conn);
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(target.addr.clone());
-        parts.path_and_query = Some(
-            req.uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| {
-            refused(ProxyError::new(ErrorKind::Internal, "bad upstream URI").with_source(e))
-        })?;
-        *req.version_mut() = if self.config.protocol == UpstreamProtocol::Http2 {
-            http::Version::HTTP_2
-        } else {
-            http::Version::HTTP_11
-        };
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let slow = self
             .config
             .settings
@@ -356,9 +369,37 @@ impl Pool {
             .as_ref()
             .and_then(|o| o.slow)
             .map(|(t, _)| tokio::time::Instant::now() + t);
-        let result = tokio::time::timeout_at(deadline, self.client.request(req)).await;
+        let result = match &self.h2 {
+            Some(client) => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(Scheme::HTTP);
+                parts.authority = Some(target.addr.clone());
+                parts.path_and_query = Some(path);
+                *req.uri_mut() = Uri::from_parts(parts).map_err(|e| {
+                    refused(ProxyError::new(ErrorKind::Internal, "bad upstream URI").with_source(e))
+                })?;
+                *req.version_mut() = http::Version::HTTP_2;
+                tokio::time::timeout_at(deadline, client.request(req))
+                    .await
+                    .map(|r| r.map(|resp| (resp, None)).map_err(TryError::Legacy))
+            }
+            None => {
+                // Origin form on the wire; Host as the client sent it, or
+                // the target's when it sent none (HTTP/1.0).
+                *req.uri_mut() = Uri::from(path);
+                *req.version_mut() = http::Version::HTTP_11;
+                if !req.headers().contains_key(http::header::HOST)
+                    && let Ok(h) = http::HeaderValue::from_str(target.addr.as_str())
+                {
+                    req.headers_mut().insert(http::header::HOST, h);
+                }
+                tokio::time::timeout_at(deadline, send_h1(&target, req, self.h1))
+                    .await
+                    .map(|r| r.map(|(resp, c)| (resp, Some(c))))
+            }
+        };
         let (outcome, out) = match result {
-            Ok(Ok(response)) => {
+            Ok(Ok((response, conn))) => {
                 let status = response.status().as_u16();
                 let o = if status >= 500 {
                     Outcome::Status5xx
@@ -372,6 +413,7 @@ impl Pool {
                     Ok(Tried {
                         response,
                         in_flight,
+                        conn,
                         target: index,
                     }),
                 )
@@ -503,7 +545,8 @@ pub fn describe_metrics() {
     );
 }
 
-/// Exports per-target gauges once a second until the pool is dropped.
+/// Exports per-target gauges, and drops expired idle connections, once a
+/// second until the pool is dropped.
 async fn export(pool: std::sync::Weak<Pool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -514,6 +557,7 @@ async fn export(pool: std::sync::Weak<Pool>) {
         };
         let now = now_ms();
         for t in pool.set.load().targets.iter() {
+            conn::sweep(t, pool.h1.idle_timeout);
             t.metrics.in_flight.set(t.in_flight() as f64);
             t.metrics
                 .healthy
@@ -525,15 +569,56 @@ async fn export(pool: std::sync::Weak<Pool>) {
     }
 }
 
-/// Maps a client error to the error kind it means and whether it may be
+/// Why a try got no response.
+#[derive(Debug)]
+enum TryError {
+    /// hyper-util's client (HTTP/2 upstreams).
+    Legacy(hyper_util::client::legacy::Error),
+    /// No HTTP/1.1 connection could be made.
+    Connect(conn::ConnectError),
+    /// The HTTP/1.1 exchange failed (`None`: the connection was gone).
+    Send(Option<hyper::Error>),
+}
+
+/// Sends `req` on a pooled HTTP/1.1 connection to `target`. An idle
+/// connection the target closed before the request went out (the race
+/// with its keep-alive timeout) is replaced by a new one, once.
+async fn send_h1(
+    target: &Arc<Target>,
+    req: Request<Body>,
+    settings: conn::Settings,
+) -> Result<(Response<Incoming>, conn::Pooled), TryError> {
+    let mut pooled = conn::Pooled::get(target, settings)
+        .await
+        .map_err(TryError::Connect)?;
+    match pooled.send(req).await {
+        Ok(resp) => Ok((resp, pooled)),
+        Err(conn::SendError {
+            request: Some(req), ..
+        }) if pooled.reused => {
+            let mut fresh = conn::Pooled::connect(target, settings)
+                .await
+                .map_err(TryError::Connect)?;
+            match fresh.send(req).await {
+                Ok(resp) => Ok((resp, fresh)),
+                Err(e) => Err(TryError::Send(e.error)),
+            }
+        }
+        Err(e) => Err(TryError::Send(e.error)),
+    }
+}
+
+/// Maps a failed try to the error kind it means and whether it may be
 /// retried.
-fn classify(
-    name: &str,
-    target: &Authority,
-    e: hyper_util::client::legacy::Error,
-) -> (ProxyError, Option<Reason>) {
+fn classify(name: &str, target: &Authority, e: TryError) -> (ProxyError, Option<Reason>) {
+    let (is_connect, source): (bool, Box<dyn std::error::Error + Send + Sync>) = match e {
+        TryError::Legacy(e) => (e.is_connect(), Box::new(e)),
+        TryError::Connect(e) => (true, Box::new(e)),
+        TryError::Send(Some(e)) => (false, Box::new(e)),
+        TryError::Send(None) => (false, "the connection closed".into()),
+    };
     // A request body over its limit surfaces as a client error.
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&*source);
     while let Some(s) = src {
         match s.downcast_ref::<BodyError>() {
             Some(BodyError::TooLarge(limit)) => {
@@ -561,13 +646,13 @@ fn classify(
 
         src = s.source();
     }
-    if e.is_connect() {
+    if is_connect {
         (
             ProxyError::new(
                 ErrorKind::UpstreamConnect,
                 format!("cannot connect to upstream {name:?} ({target})"),
             )
-            .with_source(e),
+            .with_source(source),
             Some(Reason::Connect),
         )
     } else {
@@ -576,7 +661,7 @@ fn classify(
                 ErrorKind::UpstreamProtocol,
                 format!("upstream {name:?} ({target}) failed"),
             )
-            .with_source(e),
+            .with_source(source),
             Some(Reason::Reset),
         )
     }
