@@ -185,7 +185,11 @@ impl<T> HeadGuard<T> {
                         self.head_at = total - bytes.len();
                     }
                 }
-                State::Head => self.feed_head(b),
+                State::Head => {
+                    let n = self.feed_head_run(bytes);
+                    bytes = &bytes[n..];
+                    continue;
+                }
                 State::Fixed(n) | State::Chunked(Chunk::Data(n)) => {
                     let take = n.min(bytes.len() as u64);
                     let left = n - take;
@@ -210,6 +214,46 @@ impl<T> HeadGuard<T> {
         if b != b'\r' && b != b'\n' {
             self.start_head();
             self.feed_head(b);
+        }
+    }
+
+    /// Scans head bytes a line at a time (memchr for the line ends); stops
+    /// after the byte that ends the head. Returns the bytes consumed.
+    fn feed_head_run(&mut self, bytes: &[u8]) -> usize {
+        let mut i = 0;
+        while i < bytes.len() {
+            let Some(p) = memchr::memchr(b'\n', &bytes[i..]) else {
+                self.absorb(&bytes[i..]);
+                return bytes.len();
+            };
+            self.absorb(&bytes[i..i + p]);
+            i += p + 1;
+            self.feed_head(b'\n');
+            if self.state != State::Head {
+                break;
+            }
+        }
+        i
+    }
+
+    /// Adds line bytes (no `\n`) to the current line; `\r` is ignored.
+    fn absorb(&mut self, seg: &[u8]) {
+        let seg = seg.strip_suffix(b"\r").unwrap_or(seg);
+        if seg.is_empty() {
+            return;
+        }
+        if memchr::memchr(b'\r', seg).is_some() {
+            for &b in seg {
+                self.feed_head(b);
+            }
+            return;
+        }
+        self.prev_lf = false;
+        let take = (LINE - self.line_len).min(seg.len());
+        self.line[self.line_len..self.line_len + take].copy_from_slice(&seg[..take]);
+        self.line_len += take;
+        if seg.len() > take {
+            self.long = true;
         }
     }
 
