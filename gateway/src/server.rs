@@ -44,6 +44,7 @@ pub fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
     let shutdown_timeout = config.shutdown_timeout;
 
     // Bind everything before serving anything, so a bad address fails the start.
+    crate::upstream::conn::set_workers(config.workers);
     let (workers, receivers) = Workers::new(config.workers);
     let initial = workers
         .bind_changes(None, &config)
@@ -78,6 +79,7 @@ pub fn run(path: &Path, opts: Options) -> anyhow::Result<()> {
         let t = std::thread::Builder::new()
             .name(format!("worker-{i}"))
             .spawn(move || {
+                crate::upstream::conn::enter_worker(i);
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

@@ -1987,3 +1987,138 @@ path_prefix = "/"
         "a new connection after the idle timeout"
     );
 }
+
+/// A scripted HTTP/1.1 upstream on raw TCP: per request path, a response
+/// written byte for byte (see `upstream_response_framings_...`). Counts
+/// connections.
+async fn scripted_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            c.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // Read one request head (bodies are not read).
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end);
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let (resp, close): (&[u8], bool) = match path.as_str() {
+                        "/chunked" => (
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n",
+                            false,
+                        ),
+                        "/close" => (b"HTTP/1.0 200 OK\r\n\r\nuntil the end", true),
+                        "/continue" => (
+                            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                            false,
+                        ),
+                        "/early" => (
+                            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope",
+                            true,
+                        ),
+                        "/bad" => (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx", true),
+                        _ => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+                    };
+                    if s.write_all(resp).await.is_err() {
+                        return;
+                    }
+                    if close {
+                        // Close as servers do: stop writing, then drain
+                        // what the client still sends for a while.
+                        let _ = s.shutdown().await;
+                        let mut sink = [0u8; 65536];
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            while let Ok(n) = s.read(&mut sink).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                        })
+                        .await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_response_framings_and_early_answers() {
+    use std::sync::atomic::Ordering;
+    let (addr, conns) = scripted_upstream().await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "raw"
+targets = ["{addr}"]
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "all"
+upstream = "raw"
+[routes.match]
+path_prefix = "/"
+"#
+    ));
+    // Chunked (with an extension and a trailer), then a plain response on
+    // the same connection.
+    let r = env.get("/chunked").await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "hello world"));
+    let r = env.get("/plain").await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok"));
+    // An interim 100 is skipped.
+    let r = env.get("/continue").await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok"));
+    // One connection per gateway worker at most, for three exchanges.
+    assert!(
+        conns.load(Ordering::Relaxed) <= 2,
+        "keep-alive connections reused"
+    );
+    // Delimited by the connection's end: read whole, connection not kept.
+    let r = env.get("/close").await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (200, "until the end")
+    );
+    let before = conns.load(Ordering::Relaxed);
+    for _ in 0..4 {
+        assert_eq!(env.get("/plain").await.status, 200);
+    }
+    assert!(
+        conns.load(Ordering::Relaxed) <= before + 1,
+        "the closed connection is replaced once"
+    );
+    // Conflicting lengths from the upstream: a 502, not a guess.
+    let r = env.get("/bad").await;
+    assert_problem(&r, 502);
+    // An upstream that answers before reading a large streamed body: the
+    // answer reaches the client; the rest of the body is not sent.
+    let body = Bytes::from(vec![b'z'; 2 * 1024 * 1024]);
+    let req = Request::post(format!("{}/early", env.base))
+        .body(Full::new(body))
+        .unwrap();
+    let r = client::send(&client::http1(), req).await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.text(), "nope");
+}

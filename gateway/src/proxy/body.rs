@@ -10,6 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use crate::upstream::UpstreamBody;
 use tokio::time::{Instant, Sleep};
 
 /// A request or response body.
@@ -24,7 +26,7 @@ pub enum Body {
     /// An upstream response streamed to the client, holding what the
     /// request holds upstream (the target's in-flight count, connection and
     /// concurrency slots) until it ends or is dropped.
-    Upstream(Incoming, crate::upstream::Held),
+    Upstream(crate::upstream::UpstreamBody, crate::upstream::Held),
 }
 
 /// State of a guarded request body.
@@ -48,6 +50,15 @@ pub enum BodyError {
     Timeout(Duration),
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::h1::Error),
+}
+
+fn upstream_ended(b: &UpstreamBody) -> bool {
+    match b {
+        UpstreamBody::Hyper(b) => b.is_end_stream(),
+        UpstreamBody::H1(b) => b.is_end_stream(),
+    }
 }
 
 impl Drop for Body {
@@ -55,9 +66,9 @@ impl Drop for Body {
         // A response whose body was never polled because it had none (a
         // `Content-Length: 0`, a 204, a HEAD) has still been read whole.
         if let Body::Upstream(inner, held) = self
-            && inner.is_end_stream()
+            && upstream_ended(inner)
         {
-            held.finish();
+            held.finish(inner);
         }
     }
 }
@@ -104,9 +115,12 @@ impl http_body::Body for Body {
             Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
             Body::Guarded(g) => g.poll_frame(cx),
             Body::Upstream(inner, held) => {
-                let r = Pin::new(inner).poll_frame(cx).map_err(BodyError::from);
+                let r = match inner {
+                    UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+                    UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+                };
                 if let Poll::Ready(None) = r {
-                    held.finish();
+                    held.finish(inner);
                 }
                 r
             }
@@ -118,7 +132,7 @@ impl http_body::Body for Body {
             Body::Full(b) => b.is_none(),
             Body::Stream(inner) => inner.is_end_stream(),
             Body::Guarded(g) => g.inner.is_end_stream(),
-            Body::Upstream(inner, _) => inner.is_end_stream(),
+            Body::Upstream(inner, _) => upstream_ended(inner),
         }
     }
 
@@ -128,7 +142,8 @@ impl http_body::Body for Body {
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Stream(inner) => inner.size_hint(),
             Body::Guarded(g) => g.inner.size_hint(),
-            Body::Upstream(inner, _) => inner.size_hint(),
+            Body::Upstream(UpstreamBody::Hyper(b), _) => b.size_hint(),
+            Body::Upstream(UpstreamBody::H1(b), _) => b.size_hint(),
         }
     }
 }

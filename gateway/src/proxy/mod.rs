@@ -302,7 +302,7 @@ async fn call_upstream(
     conn: &Conn,
     req: Request<Body>,
     timeout: std::time::Duration,
-) -> Result<(Response<Incoming>, upstream::Held), ProxyError> {
+) -> Result<(Response<upstream::UpstreamBody>, upstream::Held), ProxyError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let rp = &route.upstream_policy;
     let policy = rp.retry.as_ref().unwrap_or(&pool.config.settings.retry);

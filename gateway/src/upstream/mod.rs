@@ -18,6 +18,7 @@ pub mod conn;
 pub mod discovery;
 pub mod dns;
 pub mod file;
+pub mod h1;
 pub mod health;
 pub mod limit;
 pub mod outlier;
@@ -88,19 +89,29 @@ impl std::fmt::Debug for Pool {
 #[derive(Debug, Default)]
 pub struct Held {
     pub in_flight: Option<InFlight>,
-    /// The HTTP/1.1 connection the response arrives on; back to its target
+    /// Where the HTTP/1.1 connection the response arrives on goes back to
     /// once the body has been read to its end.
-    pub conn: Option<conn::Pooled>,
+    pub conn: Option<conn::ReturnTo>,
     pub route_slot: Option<OwnedSemaphorePermit>,
     pub pool_slot: Option<OwnedSemaphorePermit>,
 }
 
+/// An upstream response body: hyper's (HTTP/2), or read by the gateway's
+/// own HTTP/1.1 client.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    Hyper(Incoming),
+    H1(h1::H1Body),
+}
+
 impl Held {
-    /// The response body has ended: the connection goes back to its target
-    /// and every slot is given back.
-    pub fn finish(&mut self) {
-        if let Some(c) = &mut self.conn {
-            c.finish();
+    /// `body` has ended: its connection goes back to its target and every
+    /// slot is given back.
+    pub fn finish(&mut self, body: &mut UpstreamBody) {
+        if let (UpstreamBody::H1(b), Some(to)) = (body, &self.conn)
+            && let Some(c) = b.take_conn()
+        {
+            conn::release(to, c);
         }
         *self = Held::default();
     }
@@ -109,9 +120,9 @@ impl Held {
 /// A successful try.
 #[derive(Debug)]
 pub struct Tried {
-    pub response: Response<Incoming>,
+    pub response: Response<UpstreamBody>,
     pub in_flight: InFlight,
-    pub conn: Option<conn::Pooled>,
+    pub conn: Option<conn::ReturnTo>,
     pub target: usize,
 }
 
@@ -381,7 +392,10 @@ impl Pool {
                 *req.version_mut() = http::Version::HTTP_2;
                 tokio::time::timeout_at(deadline, client.request(req))
                     .await
-                    .map(|r| r.map(|resp| (resp, None)).map_err(TryError::Legacy))
+                    .map(|r| {
+                        r.map(|resp| (resp.map(UpstreamBody::Hyper), None))
+                            .map_err(TryError::Legacy)
+                    })
             }
             None => {
                 // Origin form on the wire; Host as the client sent it, or
@@ -576,36 +590,47 @@ enum TryError {
     Legacy(hyper_util::client::legacy::Error),
     /// No HTTP/1.1 connection could be made.
     Connect(conn::ConnectError),
-    /// The HTTP/1.1 exchange failed (`None`: the connection was gone).
-    Send(Option<hyper::Error>),
+    /// The HTTP/1.1 exchange failed.
+    Send(h1::Error),
 }
 
-/// Sends `req` on a pooled HTTP/1.1 connection to `target`. An idle
-/// connection the target closed before the request went out (the race
-/// with its keep-alive timeout) is replaced by a new one, once.
+/// Sends `req` on a pooled HTTP/1.1 connection to `target`. When an idle
+/// connection fails before any of the request was written (the target
+/// closed it: the race with its keep-alive timeout), the request goes out
+/// on a new connection, once.
 async fn send_h1(
     target: &Arc<Target>,
     req: Request<Body>,
     settings: conn::Settings,
-) -> Result<(Response<Incoming>, conn::Pooled), TryError> {
-    let mut pooled = conn::Pooled::get(target, settings)
+) -> Result<(Response<UpstreamBody>, conn::ReturnTo), TryError> {
+    let to = conn::ReturnTo {
+        target: target.clone(),
+        settings,
+    };
+    let done =
+        |(head, body): (Response<()>, h1::H1Body)| (head.map(|()| UpstreamBody::H1(body)), to);
+    if let Some(c) = conn::checkout(target, settings) {
+        match h1::exchange(c, req).await {
+            Ok(r) => return Ok(done(r)),
+            Err((_, Some(req))) => {
+                let c = conn::connect(target, settings)
+                    .await
+                    .map_err(TryError::Connect)?;
+                return h1::exchange(c, req)
+                    .await
+                    .map(done)
+                    .map_err(|(e, _)| TryError::Send(e));
+            }
+            Err((e, None)) => return Err(TryError::Send(e)),
+        }
+    }
+    let c = conn::connect(target, settings)
         .await
         .map_err(TryError::Connect)?;
-    match pooled.send(req).await {
-        Ok(resp) => Ok((resp, pooled)),
-        Err(conn::SendError {
-            request: Some(req), ..
-        }) if pooled.reused => {
-            let mut fresh = conn::Pooled::connect(target, settings)
-                .await
-                .map_err(TryError::Connect)?;
-            match fresh.send(req).await {
-                Ok(resp) => Ok((resp, fresh)),
-                Err(e) => Err(TryError::Send(e.error)),
-            }
-        }
-        Err(e) => Err(TryError::Send(e.error)),
-    }
+    h1::exchange(c, req)
+        .await
+        .map(done)
+        .map_err(|(e, _)| TryError::Send(e))
 }
 
 /// Maps a failed try to the error kind it means and whether it may be
@@ -614,13 +639,15 @@ fn classify(name: &str, target: &Authority, e: TryError) -> (ProxyError, Option<
     let (is_connect, source): (bool, Box<dyn std::error::Error + Send + Sync>) = match e {
         TryError::Legacy(e) => (e.is_connect(), Box::new(e)),
         TryError::Connect(e) => (true, Box::new(e)),
-        TryError::Send(Some(e)) => (false, Box::new(e)),
-        TryError::Send(None) => (false, "the connection closed".into()),
+        TryError::Send(e) => (false, Box::new(e)),
     };
     // A request body over its limit surfaces as a client error.
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&*source);
     while let Some(s) = src {
-        match s.downcast_ref::<BodyError>() {
+        let body_error = s
+            .downcast_ref::<BodyError>()
+            .or_else(|| s.downcast_ref::<Box<BodyError>>().map(|b| &**b));
+        match body_error {
             Some(BodyError::TooLarge(limit)) => {
                 return (
                     ProxyError::new(

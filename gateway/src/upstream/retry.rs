@@ -79,6 +79,12 @@ pub async fn buffer_body(req: Request<Body>, limit: u64) -> Result<Request<Body>
                     .with_source(e)
                     .closing()
             }
+            // Only response bodies read from upstreams yield this.
+            BodyError::Upstream(e) => {
+                ProxyError::new(ErrorKind::BadRequest, "cannot read the request body")
+                    .with_source(e)
+                    .closing()
+            }
         })?
         .to_bytes();
     Ok(Request::from_parts(parts, Body::full(bytes)))

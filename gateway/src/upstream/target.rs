@@ -35,8 +35,9 @@ pub struct Target {
     pub(super) recent: Window,
     /// `max_connections_per_target`.
     pub(super) conns: Option<Arc<Semaphore>>,
-    /// Idle HTTP/1.1 connections, most recently used last (`conn`).
-    pub(super) idle: std::sync::Mutex<Vec<super::conn::Idle>>,
+    /// Idle HTTP/1.1 connections per worker, most recently used last
+    /// (`conn`).
+    pub(super) idle: super::conn::IdleLists,
     pub(super) metrics: TargetMetrics,
 }
 
@@ -87,7 +88,7 @@ impl Target {
             errors: AtomicU64::new(0),
             recent: Window::new(Duration::from_secs(10)),
             conns: (max_conns > 0).then(|| Arc::new(Semaphore::new(max_conns))),
-            idle: std::sync::Mutex::new(Vec::new()),
+            idle: super::conn::idle_lists(),
             metrics,
         }
     }

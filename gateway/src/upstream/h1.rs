@@ -1,0 +1,702 @@
+//! The gateway's own HTTP/1.1 client exchange on one upstream connection:
+//! the request head written with its body (a fixed body in the same write),
+//! the response head parsed with `httparse`, and the response body read by
+//! `H1Body` straight from the connection, in the task that forwards it.
+//! There is no connection task and no channel per request, which is where
+//! hyper's client spends most of its time on a proxy's short exchanges.
+//!
+//! Framing follows RFC 9112: a request body is sent with its
+//! `Content-Length`, or chunked; a response body is delimited by
+//! `Content-Length`, by the chunked coding, or by the connection's end (no
+//! reuse then). Responses to `HEAD`, `204` and `304` have no body; `1xx`
+//! interim responses are skipped. A connection is reused only when both
+//! messages ended cleanly and the upstream did not ask to close.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::proxy::body::{Body, BodyError};
+
+/// Largest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most response header fields accepted.
+const MAX_HEADERS: usize = 128;
+/// A body chunk of at most this much is read at once.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What an exchange can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the upstream closed the connection before answering")]
+    Closed,
+    #[error("invalid response from the upstream: {0}")]
+    Protocol(&'static str),
+    #[error("request body: {0}")]
+    Body(#[source] Box<BodyError>),
+}
+
+/// One upstream connection and what has been read from it but not used.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+        }
+    }
+
+    /// Whether the connection may still be used: the upstream has not
+    /// closed it or sent anything unasked. Costs no syscall unless the
+    /// runtime has seen the socket become readable.
+    pub fn is_usable(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Bytes still to come.
+    Fixed(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes.
+    Close,
+    Done,
+}
+
+/// Where the chunked decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// In a chunk-size line: the size so far, its digits, whether an
+    /// extension (or whitespace) has begun.
+    Size { size: u64, digits: u8, ext: bool },
+    /// Chunk data still to come.
+    Data(u64),
+    /// The CRLF after chunk data.
+    DataEnd,
+    /// Trailer lines; whether the current one is still empty.
+    Trailer { empty: bool },
+}
+
+/// Sends `req` on `conn` and reads the response head. On failure, the
+/// request comes back when none of it was written, with whether the
+/// connection was the one at fault before anything was sent.
+pub async fn exchange(
+    mut conn: Conn,
+    req: Request<Body>,
+) -> Result<(Response<()>, H1Body), (Error, Option<Request<Body>>)> {
+    let head_only = req.method() == Method::HEAD;
+    let (parts, mut body) = req.into_parts();
+    let mut out = Vec::with_capacity(512);
+    let framing = encode_head(&parts, &body, &mut out);
+    // A fixed body goes in the same write as the head.
+    let mut body_done = true;
+    match (&mut body, framing) {
+        (Body::Full(Some(b)), _) => out.extend_from_slice(b),
+        (Body::Full(None), _) => {}
+        (_, ReqFraming::Empty) => {}
+        _ => body_done = false,
+    }
+    // Let the other requests this worker has ready reach this point first,
+    // so that their writes go out back to back: an upstream on the same
+    // CPU then wakes once for several requests instead of once for each
+    // (measured: 0.46 against 0.8 upstream wake-ups per request).
+    tokio::task::yield_now().await;
+    if let Err(e) = conn.io.write_all(&out).await {
+        // Nothing reached the upstream (or it closed): the request may go
+        // out elsewhere.
+        let req = Request::from_parts(parts, body);
+        return Err((Error::Io(e), Some(req)));
+    }
+    let chunked = framing == ReqFraming::Chunked;
+    let (mut rd, mut wr) = conn.io.split();
+    let mut reusable = true;
+    // Stream the body while watching for the response: an upstream may
+    // answer (e.g. 413) before it has read the whole body.
+    let head = loop {
+        if body_done {
+            break read_head(&mut rd, &mut conn.buf, head_only).await;
+        }
+        tokio::select! {
+            biased;
+            head = read_head(&mut rd, &mut conn.buf, head_only) => {
+                // Answered before the body was sent: the rest of the body
+                // is not sent and the connection is not reused.
+                reusable = false;
+                break head;
+            }
+            frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => {
+                match frame {
+                    Some(Ok(f)) => {
+                        if let Ok(data) = f.into_data()
+                            && !data.is_empty()
+                        {
+                            let r = if chunked {
+                                let size = format!("{:x}\r\n", data.len());
+                                let mut slices = [
+                                    std::io::IoSlice::new(size.as_bytes()),
+                                    std::io::IoSlice::new(&data),
+                                    std::io::IoSlice::new(b"\r\n"),
+                                ];
+                                write_all_vectored(&mut wr, &mut slices).await
+                            } else {
+                                wr.write_all(&data).await
+                            };
+                            if let Err(e) = r {
+                                // The upstream may have answered and closed
+                                // without reading the rest: its answer, if
+                                // one came, is what the client gets.
+                                reusable = false;
+                                let answered = tokio::time::timeout(
+                                    std::time::Duration::from_secs(1),
+                                    read_head(&mut rd, &mut conn.buf, head_only),
+                                )
+                                .await;
+                                match answered {
+                                    Ok(Ok(head)) => break Ok(head),
+                                    _ => return Err((Error::Io(e), None)),
+                                }
+                            }
+                        }
+                    }
+                    Some(Err(e)) => return Err((Error::Body(Box::new(e)), None)),
+                    None => {
+                        if chunked {
+                            wr.write_all(b"0\r\n\r\n").await.map_err(|e| (Error::Io(e), None))?;
+                        }
+                        body_done = true;
+                    }
+                }
+            }
+        }
+    };
+    let (resp, framing, keep_alive) = head.map_err(|e| (e, None))?;
+    drop(body);
+    Ok((
+        resp,
+        H1Body {
+            conn: Some(conn),
+            framing,
+            reusable: reusable && keep_alive,
+        },
+    ))
+}
+
+/// How the request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReqFraming {
+    Empty,
+    Fixed,
+    Chunked,
+}
+
+/// Writes the request head into `out`, adding the framing header the body
+/// needs, and says how the body goes out.
+fn encode_head(parts: &http::request::Parts, body: &Body, out: &mut Vec<u8>) -> ReqFraming {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    match parts.uri.path_and_query() {
+        Some(pq) => out.extend_from_slice(pq.as_str().as_bytes()),
+        None => out.push(b'/'),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+    for (name, value) in &parts.headers {
+        // A fixed body's length is written below from the body itself.
+        if name == header::CONTENT_LENGTH && matches!(body, Body::Full(_)) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = match body {
+        Body::Full(Some(b)) => {
+            let mut n = itoa::Buffer::new();
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.format(b.len()).as_bytes());
+            out.extend_from_slice(b"\r\n");
+            ReqFraming::Fixed
+        }
+        Body::Full(None) => {
+            if !matches!(
+                parts.method,
+                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+            ) {
+                out.extend_from_slice(b"content-length: 0\r\n");
+            }
+            ReqFraming::Empty
+        }
+        b if b.is_end_stream() => ReqFraming::Empty,
+        _ if has_length => ReqFraming::Fixed,
+        _ => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            ReqFraming::Chunked
+        }
+    };
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+async fn write_all_vectored(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    mut slices: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        let n = w.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// Reads until a final response head is complete; returns it (as a
+/// body-less response), how its body is delimited and whether the
+/// connection may be kept. Cancel-safe: bytes read stay in `buf`.
+async fn read_head(
+    rd: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    head_only: bool,
+) -> Result<(Response<()>, Framing, bool), Error> {
+    loop {
+        if !buf.is_empty()
+            && let Some(done) = parse_head(buf, head_only)?
+        {
+            return Ok(done);
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(Error::Protocol("response head too large"));
+        }
+        buf.reserve(READ_CHUNK);
+        let n = tokio::io::AsyncReadExt::read_buf(rd, buf).await?;
+        if n == 0 {
+            return Err(Error::Closed);
+        }
+    }
+}
+
+/// Parses a head at the start of `buf` (consuming it), skipping interim
+/// `1xx` responses; `None` when more bytes are needed.
+fn parse_head(
+    buf: &mut BytesMut,
+    head_only: bool,
+) -> Result<Option<(Response<()>, Framing, bool)>, Error> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut headers);
+        let len = match r.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Error::Protocol("too many header fields"));
+            }
+            Err(_) => return Err(Error::Protocol("malformed response head")),
+        };
+        let code = r.code.unwrap_or(0);
+        let status =
+            StatusCode::from_u16(code).map_err(|_| Error::Protocol("invalid status code"))?;
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(Error::Protocol("protocol upgrades are not supported"));
+            }
+            buf.advance(len);
+            continue;
+        }
+        let version = if r.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let mut map = HeaderMap::with_capacity(r.headers.len());
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        let mut close = version == Version::HTTP_10;
+        for h in r.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| Error::Protocol("invalid header name"))?;
+            let value = HeaderValue::from_bytes(h.value)
+                .map_err(|_| Error::Protocol("invalid header value"))?;
+            if name == header::CONTENT_LENGTH {
+                let v = std::str::from_utf8(h.value)
+                    .ok()
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or(Error::Protocol("invalid Content-Length"))?;
+                if length.is_some_and(|l| l != v) {
+                    return Err(Error::Protocol("conflicting Content-Length values"));
+                }
+                length = Some(v);
+            } else if name == header::TRANSFER_ENCODING {
+                // Chunked only as the last coding; anything else is read
+                // to the connection's end.
+                chunked = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.rsplit(',').next())
+                    .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+                if !chunked {
+                    close = true;
+                }
+            } else if name == header::CONNECTION {
+                let v = value.to_str().unwrap_or("");
+                if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
+                    close = true;
+                } else if v
+                    .split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("keep-alive"))
+                {
+                    close = false;
+                }
+            }
+            map.append(name, value);
+        }
+        buf.advance(len);
+        let framing = if head_only
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Framing::Done
+        } else if chunked {
+            // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3);
+            // such a message is not reused.
+            if length.is_some() {
+                close = true;
+                map.remove(header::CONTENT_LENGTH);
+            }
+            Framing::Chunked(Chunk::Size {
+                size: 0,
+                digits: 0,
+                ext: false,
+            })
+        } else if let Some(n) = length {
+            if n == 0 {
+                Framing::Done
+            } else {
+                Framing::Fixed(n)
+            }
+        } else if map.contains_key(header::TRANSFER_ENCODING) {
+            Framing::Close
+        } else {
+            close = true;
+            Framing::Close
+        };
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        *resp.version_mut() = version;
+        *resp.headers_mut() = map;
+        return Ok(Some((resp, framing, !close)));
+    }
+}
+
+/// A response body read from its connection. When it has been read to its
+/// end and the connection may be kept, `take_conn` gives the connection
+/// back for the next request.
+#[derive(Debug)]
+pub struct H1Body {
+    conn: Option<Conn>,
+    framing: Framing,
+    reusable: bool,
+}
+
+impl H1Body {
+    /// The connection, once the body has ended cleanly and the connection
+    /// may serve another request.
+    pub fn take_conn(&mut self) -> Option<Conn> {
+        if self.framing == Framing::Done && self.reusable {
+            self.conn.take()
+        } else {
+            None
+        }
+    }
+
+    /// Decodes what `buf` holds: a data frame, `Ok(None)` for "need more
+    /// bytes", or the end.
+    fn decode(&mut self) -> Result<Option<Option<Bytes>>, Error> {
+        let Some(conn) = &mut self.conn else {
+            return Ok(Some(None));
+        };
+        let buf = &mut conn.buf;
+        loop {
+            match self.framing {
+                Framing::Done => return Ok(Some(None)),
+                Framing::Close => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Some(buf.split().freeze())));
+                }
+                Framing::Fixed(n) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+                    let left = n - take as u64;
+                    self.framing = if left == 0 {
+                        Framing::Done
+                    } else {
+                        Framing::Fixed(left)
+                    };
+                    return Ok(Some(Some(buf.split_to(take).freeze())));
+                }
+                Framing::Chunked(Chunk::Data(n)) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+                    let left = n - take as u64;
+                    self.framing = Framing::Chunked(if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    });
+                    return Ok(Some(Some(buf.split_to(take).freeze())));
+                }
+                Framing::Chunked(c) => {
+                    let Some(&b) = buf.first() else {
+                        return Ok(None);
+                    };
+                    buf.advance(1);
+                    self.framing = Framing::Chunked(match c {
+                        Chunk::Size { size, digits, ext } => match b {
+                            b'\r' => c,
+                            b'\n' if digits == 0 => {
+                                return Err(Error::Protocol("invalid chunk size"));
+                            }
+                            b'\n' if size == 0 => Chunk::Trailer { empty: true },
+                            b'\n' => Chunk::Data(size),
+                            _ if ext => c,
+                            b';' | b' ' | b'\t' => Chunk::Size {
+                                size,
+                                digits,
+                                ext: true,
+                            },
+                            _ => match (b as char).to_digit(16) {
+                                Some(d) if digits < 16 => Chunk::Size {
+                                    size: size << 4 | u64::from(d),
+                                    digits: digits + 1,
+                                    ext: false,
+                                },
+                                _ => return Err(Error::Protocol("invalid chunk size")),
+                            },
+                        },
+                        Chunk::DataEnd => match b {
+                            b'\r' => Chunk::DataEnd,
+                            b'\n' => Chunk::Size {
+                                size: 0,
+                                digits: 0,
+                                ext: false,
+                            },
+                            _ => return Err(Error::Protocol("chunk data not followed by CRLF")),
+                        },
+                        Chunk::Trailer { empty } => match b {
+                            b'\r' => c,
+                            b'\n' if empty => {
+                                self.framing = Framing::Done;
+                                continue;
+                            }
+                            b'\n' => Chunk::Trailer { empty: true },
+                            _ => Chunk::Trailer { empty: false },
+                        },
+                        Chunk::Data(_) => c,
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl http_body::Body for H1Body {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        loop {
+            match this.decode() {
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Ok(Some(Some(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Some(None)) => return Poll::Ready(None),
+                Ok(None) => {}
+            }
+            let Some(conn) = &mut this.conn else {
+                return Poll::Ready(None);
+            };
+            conn.buf.reserve(READ_CHUNK);
+            let n = {
+                let dst = conn.buf.spare_capacity_mut();
+                let mut rb = ReadBuf::uninit(dst);
+                if let Err(e) = ready!(Pin::new(&mut conn.io).poll_read(cx, &mut rb)) {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(Error::Io(e))));
+                }
+                rb.filled().len()
+            };
+            if n == 0 {
+                if this.framing == Framing::Close {
+                    this.framing = Framing::Done;
+                    this.reusable = false;
+                    return Poll::Ready(None);
+                }
+                this.conn = None;
+                return Poll::Ready(Some(Err(Error::Protocol(
+                    "the upstream closed the connection mid-body",
+                ))));
+            }
+            // SAFETY: `poll_read` initialized the first `n` spare bytes.
+            unsafe { conn.buf.set_len(conn.buf.len() + n) };
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Fixed(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str, head_only: bool) -> Result<Option<(Response<()>, Framing, bool)>, Error> {
+        parse_head(&mut BytesMut::from(text.as_bytes()), head_only)
+    }
+
+    #[test]
+    fn framing_of_responses() {
+        let (r, f, keep) = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.status(), f, keep),
+            (StatusCode::OK, Framing::Fixed(5), true)
+        );
+        let (_, f, keep) = head(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(matches!(f, Framing::Chunked(_)) && keep);
+        let (_, f, keep) = head("HTTP/1.1 200 OK\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!((f, keep), (Framing::Close, false));
+        let (_, f, _) = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(f, Framing::Done, "a HEAD response has no body");
+        let (_, f, keep) = head(
+            "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((f, keep), (Framing::Done, false));
+        let (r, _, _) = head(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "interim responses are skipped"
+        );
+        assert!(
+            head("HTTP/1.1 200 OK\r\nContent-Le", false)
+                .unwrap()
+                .is_none()
+        );
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "garbage\r\n\r\n",
+        ] {
+            assert!(head(bad, false).is_err(), "{bad:?}");
+        }
+    }
+
+    fn body(framing: Framing, wire: &[u8]) -> Result<(Vec<u8>, bool), Error> {
+        // Decode without a socket: everything is already buffered.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (_s, _) = l.accept().await.unwrap();
+            let mut conn = Conn::new(c);
+            conn.buf.extend_from_slice(wire);
+            let mut b = H1Body {
+                conn: Some(conn),
+                framing,
+                reusable: true,
+            };
+            let mut out = Vec::new();
+            while !b.is_end_stream() {
+                match std::future::poll_fn(|cx| Pin::new(&mut b).poll_frame(cx)).await {
+                    Some(Ok(f)) => out.extend_from_slice(&f.into_data().unwrap()),
+                    Some(Err(e)) => return Err(e),
+                    None => break,
+                }
+            }
+            Ok((out, b.take_conn().is_some()))
+        })
+    }
+
+    #[test]
+    fn chunked_bodies_decode_and_keep_the_connection() {
+        let chunked = Framing::Chunked(Chunk::Size {
+            size: 0,
+            digits: 0,
+            ext: false,
+        });
+        let (data, kept) = body(
+            chunked,
+            b"5;x=y\r\nhello\r\nA \r\n0123456789\r\n0\r\nT: v\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(data, b"hello0123456789");
+        assert!(kept);
+        assert!(body(chunked, b"zz\r\n").is_err());
+        assert!(body(chunked, b"1\r\nxy").is_err());
+        let (data, kept) = body(Framing::Fixed(3), b"abc").unwrap();
+        assert_eq!((data.as_slice(), kept), (&b"abc"[..], true));
+    }
+}
