@@ -28,6 +28,8 @@ use crate::proxy::body::{Body, BodyError};
 const MAX_HEAD: usize = 64 * 1024;
 /// Most response header fields accepted.
 const MAX_HEADERS: usize = 128;
+/// Header fields parsed without a heap array.
+const FEW_HEADERS: usize = 24;
 /// A body chunk of at most this much is read at once.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -303,9 +305,18 @@ fn parse_head(
     head_only: bool,
 ) -> Result<Option<(Response<()>, Framing, bool)>, Error> {
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut r = httparse::Response::new(&mut headers);
-        let len = match r.parse(buf) {
+        // Most heads fit the small array; a bigger one only when needed
+        // (zeroing 128 entries costs more than parsing a typical head).
+        let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+        let mut many = Vec::new();
+        let mut r = httparse::Response::new(&mut few);
+        let mut parsed = r.parse(buf);
+        if let Err(httparse::Error::TooManyHeaders) = parsed {
+            many.resize(MAX_HEADERS, httparse::EMPTY_HEADER);
+            r = httparse::Response::new(&mut many);
+            parsed = r.parse(buf);
+        }
+        let len = match parsed {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
@@ -328,17 +339,34 @@ fn parse_head(
         } else {
             Version::HTTP_11
         };
-        let mut map = HeaderMap::with_capacity(r.headers.len());
+        // Where each field sits in the head, so that the values can share
+        // the head's bytes instead of each being copied.
+        let base = buf.as_ptr() as usize;
+        let spans: Vec<(usize, usize, usize, usize)> = r
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.as_ptr() as usize - base,
+                    h.name.len(),
+                    h.value.as_ptr() as usize - base,
+                    h.value.len(),
+                )
+            })
+            .collect();
+        let head = buf.split_to(len).freeze();
+        let mut map = HeaderMap::with_capacity(spans.len());
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut close = version == Version::HTTP_10;
-        for h in r.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
+        for &(n, nl, v, vl) in &spans {
+            let name = HeaderName::from_bytes(&head[n..n + nl])
                 .map_err(|_| Error::Protocol("invalid header name"))?;
-            let value = HeaderValue::from_bytes(h.value)
+            let raw = &head[v..v + vl];
+            let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
                 .map_err(|_| Error::Protocol("invalid header value"))?;
             if name == header::CONTENT_LENGTH {
-                let v = std::str::from_utf8(h.value)
+                let v = std::str::from_utf8(raw)
                     .ok()
                     .map(str::trim)
                     .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
@@ -372,7 +400,6 @@ fn parse_head(
             }
             map.append(name, value);
         }
-        buf.advance(len);
         let framing = if head_only
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
