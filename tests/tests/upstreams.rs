@@ -2124,3 +2124,60 @@ path_prefix = "/"
     assert_eq!(r.status, 413, "{}", r.text());
     assert_eq!(r.text(), "nope");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_keep_their_framing_upstream() {
+    let a = Backend::start("a").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "one"
+targets = ["{a}"]
+[[routes]]
+name = "all"
+upstream = "one"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr
+    ));
+    let addr = env.base.trim_start_matches("http://").to_string();
+    let echo = |raw: String| {
+        let addr = addr.clone();
+        async move {
+            let text = tokio::task::spawn_blocking(move || client::raw(&addr, &raw))
+                .await
+                .unwrap();
+            let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+            serde_json::from_str::<serde_json::Value>(&body)
+                .unwrap_or_else(|e| panic!("{e}: {text}"))
+        }
+    };
+    // A chunked body goes on chunked, whole.
+    let v = echo(
+        "POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n"
+            .to_string(),
+    )
+    .await;
+    assert_eq!(v["body_len"], 12, "{v}");
+    assert_eq!(v["headers"]["transfer-encoding"], "chunked", "{v}");
+    assert!(v["headers"]["content-length"].is_null(), "{v}");
+    // A body with a length keeps it.
+    let v = echo(
+        "PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc"
+            .to_string(),
+    )
+    .await;
+    assert_eq!(
+        (
+            v["body_len"].as_u64(),
+            v["headers"]["content-length"].as_str()
+        ),
+        (Some(3), Some("3")),
+        "{v}"
+    );
+    // An empty POST says so.
+    let v = echo("POST /up HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_string()).await;
+    assert_eq!(v["headers"]["content-length"], "0", "{v}");
+    assert!(v["headers"]["transfer-encoding"].is_null(), "{v}");
+}
