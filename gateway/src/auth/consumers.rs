@@ -263,7 +263,11 @@ fn load_file(path: &Path, redis: Option<&Arc<Redis>>) -> Result<Vec<Built>, Vec<
         None => format!("{}: {msg}", path.display()),
     };
     let parsed: config::ConsumersFile =
-        toml::from_str(&text).map_err(|e| vec![at(e.span(), e.message())])?;
+        crate::config::file::parse_sections(&text).map_err(|ps| {
+            ps.into_iter()
+                .map(|p| at(p.span, &p.message))
+                .collect::<Vec<_>>()
+        })?;
     let mut problems = Vec::new();
     let built = parsed
         .consumers

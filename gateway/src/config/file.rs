@@ -21,6 +21,12 @@ use crate::upstream::config as up;
 /// serde stops at its first problem; a syntax error stops everything (the
 /// rest of the file cannot be read reliably).
 pub fn parse(text: &str) -> Result<File, Vec<Problem>> {
+    parse_sections(text)
+}
+
+/// `parse` for any file of top-level sections and arrays of tables (the
+/// config file, the consumers file).
+pub fn parse_sections<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<Problem>> {
     use toml::de::{DeArray, DeTable, DeValue, Deserializer};
     let problem = |e: toml::de::Error| match e.span() {
         Some(span) => Problem::at(span, e.message().to_string()),
@@ -46,7 +52,7 @@ pub fn parse(text: &str) -> Result<File, Vec<Problem>> {
         for part in parts {
             let mut one = DeTable::new();
             one.insert(key.clone(), part);
-            if let Err(e) = File::deserialize(Deserializer::from(Spanned::new(span.clone(), one))) {
+            if let Err(e) = T::deserialize(Deserializer::from(Spanned::new(span.clone(), one))) {
                 // A key that is no array but given one fails once per element.
                 let p = problem(e);
                 if !problems.contains(&p) {
@@ -58,7 +64,7 @@ pub fn parse(text: &str) -> Result<File, Vec<Problem>> {
     if !problems.is_empty() {
         return Err(problems);
     }
-    File::deserialize(Deserializer::from(Spanned::new(span, root))).map_err(|e| vec![problem(e)])
+    T::deserialize(Deserializer::from(Spanned::new(span, root))).map_err(|e| vec![problem(e)])
 }
 
 /// The whole file.
