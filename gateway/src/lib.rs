@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod chunked;
 pub mod config;
 pub mod error;
 pub mod listener;

@@ -53,30 +53,9 @@ enum State {
     /// A `Content-Length` body: bytes still to come.
     Fixed(u64),
     /// A chunked body.
-    Chunked(Chunk),
+    Chunked(crate::chunked::Decoder),
     /// Not HTTP/1 (h2c), or refused: nothing more to do.
     Off,
-}
-
-/// Where a chunked body is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// A chunk-size line: the size so far, its hex digits, and whether
-    /// whitespace or an extension has begun.
-    Size {
-        size: u64,
-        digits: u8,
-        after: bool,
-    },
-    /// Chunk data: bytes still to come.
-    Data(u64),
-    /// The CRLF after chunk data.
-    DataCr,
-    DataLf,
-    /// Trailer lines; whether the current line is still empty.
-    Trailer {
-        empty: bool,
-    },
 }
 
 /// Longest line prefix kept: enough for a framing header's name and any
@@ -190,20 +169,30 @@ impl<T> HeadGuard<T> {
                     bytes = &bytes[n..];
                     continue;
                 }
-                State::Fixed(n) | State::Chunked(Chunk::Data(n)) => {
+                State::Fixed(n) => {
                     let take = n.min(bytes.len() as u64);
-                    let left = n - take;
-                    self.state = match self.state {
-                        State::Fixed(_) if left == 0 => State::Idle,
-                        State::Fixed(_) => State::Fixed(left),
-                        _ if left == 0 => State::Chunked(Chunk::DataCr),
-                        _ => State::Chunked(Chunk::Data(left)),
+                    self.state = if take == n {
+                        State::Idle
+                    } else {
+                        State::Fixed(n - take)
                     };
                     // `take` ≤ `bytes.len()`, so it fits a usize.
                     bytes = &bytes[usize::try_from(take).unwrap_or(bytes.len())..];
                     continue;
                 }
-                State::Chunked(c) => self.feed_chunked(c, b),
+                State::Chunked(mut d) => {
+                    let step = match d.advance(bytes) {
+                        Ok(s) => s,
+                        Err(why) => return self.refuse_body(why),
+                    };
+                    self.state = if d.is_done() {
+                        State::Idle
+                    } else {
+                        State::Chunked(d)
+                    };
+                    bytes = &bytes[step.framing + step.data..];
+                    continue;
+                }
             }
             bytes = rest;
         }
@@ -279,11 +268,7 @@ impl<T> HeadGuard<T> {
                     if self.state == State::Head {
                         self.heads = self.heads.wrapping_add(1);
                         self.state = if self.te > 0 {
-                            State::Chunked(Chunk::Size {
-                                size: 0,
-                                digits: 0,
-                                after: false,
-                            })
+                            State::Chunked(crate::chunked::Decoder::default())
                         } else {
                             match self.cl {
                                 Some(n) if n > 0 => State::Fixed(n),
@@ -305,63 +290,6 @@ impl<T> HeadGuard<T> {
                 }
             }
         }
-    }
-
-    /// Follows the chunked coding (RFC 9112 §7.1) to the body's end.
-    fn feed_chunked(&mut self, c: Chunk, b: u8) {
-        let next = match c {
-            Chunk::Size {
-                size,
-                digits,
-                after,
-            } => match b {
-                b'\n' if digits == 0 => return self.refuse_body("invalid chunk size"),
-                b'\n' if size == 0 => Chunk::Trailer { empty: true },
-                b'\n' => Chunk::Data(size),
-                b'\r' => c,
-                _ if after => {
-                    // Whitespace, then only an extension (`;name=value`).
-                    if b.is_ascii_control() && b != b'\t' {
-                        return self.refuse_body("invalid chunk extension");
-                    }
-                    c
-                }
-                b' ' | b'\t' | b';' if digits > 0 => Chunk::Size {
-                    size,
-                    digits,
-                    after: true,
-                },
-                _ => match (b as char).to_digit(16) {
-                    Some(d) if digits < 16 => Chunk::Size {
-                        size: size << 4 | u64::from(d),
-                        digits: digits + 1,
-                        after: false,
-                    },
-                    _ => return self.refuse_body("invalid chunk size"),
-                },
-            },
-            Chunk::DataCr if b == b'\r' => Chunk::DataLf,
-            Chunk::DataCr | Chunk::DataLf if b == b'\n' => Chunk::Size {
-                size: 0,
-                digits: 0,
-                after: false,
-            },
-            Chunk::DataCr | Chunk::DataLf => {
-                return self.refuse_body("chunk data is not followed by CRLF");
-            }
-            Chunk::Trailer { empty } => match b {
-                b'\r' => c,
-                b'\n' if empty => {
-                    self.state = State::Idle;
-                    return;
-                }
-                b'\n' => Chunk::Trailer { empty: true },
-                _ => Chunk::Trailer { empty: false },
-            },
-            // Data is skipped in bulk by `feed`.
-            Chunk::Data(_) => c,
-        };
-        self.state = State::Chunked(next);
     }
 
     /// Checks a complete header line for framing headers.

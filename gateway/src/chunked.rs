@@ -1,0 +1,197 @@
+//! The chunked transfer coding (RFC 9112 §7.1) as a decoder state, shared
+//! by the request-head guard (`listener::head`, which skips request bodies
+//! to find the next head) and the HTTP/1.1 upstream client
+//! (`upstream::h1`, which forwards response data). One parser, so the two
+//! sides agree byte for byte on where a chunked body ends.
+//!
+//! Accepted: hex sizes of up to 16 digits, optional whitespace and
+//! extensions (`;name=value`) after the size, CRLF or a bare LF as line
+//! ends, trailer fields (skipped). Refused: a size line without digits,
+//! control characters in an extension, chunk data not followed by a line
+//! end.
+
+/// Where a chunked body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoder {
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// A chunk-size line: the size so far, its hex digits, and whether
+    /// whitespace or an extension has begun.
+    Size {
+        size: u64,
+        digits: u8,
+        after: bool,
+    },
+    /// Chunk data still to come.
+    Data(u64),
+    /// The line end after chunk data.
+    DataCr,
+    DataLf,
+    /// Trailer lines; whether the current line is still empty.
+    Trailer {
+        empty: bool,
+    },
+    Done,
+}
+
+/// What one `Decoder::advance` found at the start of its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// Framing bytes consumed.
+    pub framing: usize,
+    /// Then this many bytes of chunk data (for the caller to take).
+    pub data: usize,
+}
+
+const SIZE: State = State::Size {
+    size: 0,
+    digits: 0,
+    after: false,
+};
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder { state: SIZE }
+    }
+}
+
+impl Decoder {
+    /// The body has ended (its last trailer line was read).
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Consumes framing bytes from the start of `input` up to the next
+    /// chunk data, the end of `input` or the end of the body, and says how
+    /// many bytes after them are chunk data (already counted as consumed).
+    pub fn advance(&mut self, input: &[u8]) -> Result<Step, &'static str> {
+        let mut i = 0;
+        while i < input.len() {
+            match self.state {
+                State::Done => break,
+                State::Data(n) => {
+                    let take = n.min((input.len() - i) as u64);
+                    self.state = if take == n {
+                        State::DataCr
+                    } else {
+                        State::Data(n - take)
+                    };
+                    return Ok(Step {
+                        framing: i,
+                        // `take` ≤ `input.len() - i`.
+                        data: usize::try_from(take).unwrap_or(input.len() - i),
+                    });
+                }
+                _ => {
+                    self.byte(input[i])?;
+                    i += 1;
+                }
+            }
+        }
+        Ok(Step {
+            framing: i,
+            data: 0,
+        })
+    }
+
+    fn byte(&mut self, b: u8) -> Result<(), &'static str> {
+        self.state = match self.state {
+            State::Size {
+                size,
+                digits,
+                after,
+            } => match b {
+                b'\n' if digits == 0 => return Err("invalid chunk size"),
+                b'\n' if size == 0 => State::Trailer { empty: true },
+                b'\n' => State::Data(size),
+                b'\r' => self.state,
+                _ if after => {
+                    // Whitespace, then only an extension (`;name=value`).
+                    if b.is_ascii_control() && b != b'\t' {
+                        return Err("invalid chunk extension");
+                    }
+                    self.state
+                }
+                b' ' | b'\t' | b';' if digits > 0 => State::Size {
+                    size,
+                    digits,
+                    after: true,
+                },
+                _ => match (b as char).to_digit(16) {
+                    Some(d) if digits < 16 => State::Size {
+                        size: size << 4 | u64::from(d),
+                        digits: digits + 1,
+                        after: false,
+                    },
+                    _ => return Err("invalid chunk size"),
+                },
+            },
+            State::DataCr if b == b'\r' => State::DataLf,
+            State::DataCr | State::DataLf if b == b'\n' => SIZE,
+            State::DataCr | State::DataLf => return Err("chunk data is not followed by CRLF"),
+            State::Trailer { empty } => match b {
+                b'\r' => self.state,
+                b'\n' if empty => State::Done,
+                b'\n' => State::Trailer { empty: true },
+                _ => State::Trailer { empty: false },
+            },
+            // Data is handed out in bulk by `advance`; nothing follows Done.
+            State::Data(_) | State::Done => self.state,
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decodes `wire` fed in pieces of `piece` bytes: the data, whether the
+    /// body ended, and how many bytes it took.
+    fn decode(wire: &[u8], piece: usize) -> Result<(Vec<u8>, bool, usize), &'static str> {
+        let mut d = Decoder::default();
+        let mut data = Vec::new();
+        let mut used = 0;
+        for chunk in wire.chunks(piece) {
+            let mut rest = chunk;
+            while !rest.is_empty() && !d.is_done() {
+                let s = d.advance(rest)?;
+                data.extend_from_slice(&rest[s.framing..s.framing + s.data]);
+                used += s.framing + s.data;
+                rest = &rest[s.framing + s.data..];
+            }
+        }
+        Ok((data, d.is_done(), used))
+    }
+
+    #[test]
+    fn decodes_sizes_extensions_trailers_in_any_pieces() {
+        let wire = b"5;x=y\r\nhello\r\nA \r\n0123456789\n1\r\n!\r\n0\r\nT: v\r\n\r\nNEXT";
+        for piece in 1..wire.len() {
+            let (data, done, used) = decode(wire, piece).unwrap();
+            assert_eq!(data, b"hello0123456789!", "pieces of {piece}");
+            assert!(done);
+            assert_eq!(used, wire.len() - 4, "stops before what follows the body");
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_codings() {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"12345678901234567\r\n",
+            b"1\r\nxy",
+            b"1;a\x01\r\n",
+        ] {
+            assert!(
+                decode(bad, bad.len()).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
