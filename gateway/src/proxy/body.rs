@@ -10,9 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use crate::upstream::UpstreamBody;
-use tokio::time::{Instant, Sleep};
 
 /// A request or response body.
 #[derive(Debug)]
@@ -26,7 +26,7 @@ pub enum Body {
     /// An upstream response streamed to the client, holding what the
     /// request holds upstream (the target's in-flight count, connection and
     /// concurrency slots) until it ends or is dropped.
-    Upstream(crate::upstream::UpstreamBody, crate::upstream::Held),
+    Upstream(UpstreamBody, crate::upstream::Held),
 }
 
 /// State of a guarded request body.
@@ -54,21 +54,28 @@ pub enum BodyError {
     Upstream(#[from] crate::upstream::h1::Error),
 }
 
-fn upstream_ended(b: &UpstreamBody) -> bool {
-    match b {
-        UpstreamBody::Hyper(b) => b.is_end_stream(),
-        UpstreamBody::H1(b) => b.is_end_stream(),
-    }
-}
-
-impl Drop for Body {
-    fn drop(&mut self) {
-        // A response whose body was never polled because it had none (a
-        // `Content-Length: 0`, a 204, a HEAD) has still been read whole.
-        if let Body::Upstream(inner, held) = self
-            && upstream_ended(inner)
-        {
-            held.finish(inner);
+impl BodyError {
+    /// The answer owed to a client whose request body failed this way
+    /// (`413` over the limit, `408` too slow, connection closed after it);
+    /// `None` for failures that are not the client's.
+    pub fn client_error(&self) -> Option<crate::error::ProxyError> {
+        use crate::error::{ErrorKind, ProxyError};
+        match self {
+            BodyError::TooLarge(limit) => Some(
+                ProxyError::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!("request body exceeds {limit} bytes"),
+                )
+                .closing(),
+            ),
+            BodyError::Timeout(t) => Some(
+                ProxyError::new(
+                    ErrorKind::RequestTimeout,
+                    format!("the client sent no body data for {t:?}"),
+                )
+                .closing(),
+            ),
+            BodyError::Hyper(_) | BodyError::Upstream(_) => None,
         }
     }
 }
@@ -115,12 +122,9 @@ impl http_body::Body for Body {
             Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
             Body::Guarded(g) => g.poll_frame(cx),
             Body::Upstream(inner, held) => {
-                let r = match inner {
-                    UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
-                    UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
-                };
+                let r = Pin::new(inner).poll_frame(cx);
                 if let Poll::Ready(None) = r {
-                    held.finish(inner);
+                    *held = Default::default();
                 }
                 r
             }
@@ -132,7 +136,7 @@ impl http_body::Body for Body {
             Body::Full(b) => b.is_none(),
             Body::Stream(inner) => inner.is_end_stream(),
             Body::Guarded(g) => g.inner.is_end_stream(),
-            Body::Upstream(inner, _) => upstream_ended(inner),
+            Body::Upstream(inner, _) => inner.is_end_stream(),
         }
     }
 
@@ -142,8 +146,7 @@ impl http_body::Body for Body {
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Stream(inner) => inner.size_hint(),
             Body::Guarded(g) => g.inner.size_hint(),
-            Body::Upstream(UpstreamBody::Hyper(b), _) => b.size_hint(),
-            Body::Upstream(UpstreamBody::H1(b), _) => b.size_hint(),
+            Body::Upstream(inner, _) => inner.size_hint(),
         }
     }
 }

@@ -142,7 +142,7 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
             route: ctx.route.as_deref(),
             upstream: ctx.upstream.as_deref(),
             error: ctx.error.map(ErrorKind::as_str),
-            user_name: ctx.policy.consumer.as_deref(),
+            user_name: ctx.policy.identity.as_ref().map(|i| &*i.name),
         });
     }
     resp
@@ -340,13 +340,12 @@ async fn call_upstream(
                 let status = t.response.status().as_u16();
                 if spare.is_none() || !policy.on_status.contains(&status) {
                     held.in_flight = Some(t.in_flight);
-                    held.conn = t.conn;
                     return Ok((t.response, held));
                 }
                 (
                     Some(upstream::retry::Reason::Status),
                     Some(t.target),
-                    Ok((t.response, t.in_flight, t.conn)),
+                    Ok((t.response, t.in_flight)),
                 )
             }
             Err(f) => (f.retry, f.target, Err(f.error)),
@@ -364,9 +363,8 @@ async fn call_upstream(
         let Some(next) = retry else {
             // No retry: answer with what the last try gave.
             return match failure {
-                Ok((response, in_flight, conn)) => {
+                Ok((response, in_flight)) => {
                     held.in_flight = Some(in_flight);
-                    held.conn = conn;
                     Ok((response, held))
                 }
                 Err(e) => Err(e),
@@ -404,41 +402,13 @@ pub fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// Phase 2: rejects smuggling attempts and oversized headers.
+/// Phase 2: rejects oversized heads and a malformed `Content-Length`.
 fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<(), ProxyError> {
     let h = req.headers();
-    if req.version() <= Version::HTTP_11 {
-        // The head guard (`listener/head.rs`) refuses ambiguous framing
-        // before hyper parses it; these checks stand behind it.
-        let te = h.get_all(header::TRANSFER_ENCODING);
-        let mut te_iter = te.iter();
-        if let Some(first) = te_iter.next() {
-            if h.contains_key(header::CONTENT_LENGTH) {
-                return Err(ProxyError::new(
-                    ErrorKind::BadRequest,
-                    "request has both Content-Length and Transfer-Encoding",
-                )
-                .closing());
-            }
-            if te_iter.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
-                return Err(ProxyError::new(
-                    ErrorKind::BadRequest,
-                    "unsupported Transfer-Encoding (only a single \"chunked\" is accepted)",
-                )
-                .closing());
-            }
-        }
-        let mut cl = h.get_all(header::CONTENT_LENGTH).iter();
-        if let Some(first) = cl.next()
-            && cl.any(|v| v != first)
-        {
-            return Err(ProxyError::new(
-                ErrorKind::BadRequest,
-                "conflicting Content-Length values",
-            )
-            .closing());
-        }
-    }
+    // Ambiguous HTTP/1 framing (Content-Length with Transfer-Encoding,
+    // conflicting lengths, codings other than one `chunked`) never gets
+    // here: the head guard (`listener/head.rs`) refuses it before hyper
+    // parses the head, on every HTTP/1 connection.
     if h.len() > listener.max_headers {
         return Err(ProxyError::new(
             ErrorKind::HeadersTooLarge,

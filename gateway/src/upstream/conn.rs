@@ -6,7 +6,7 @@
 //! upstreams, which multiplex, go through hyper-util's client instead.)
 //!
 //! A connection goes back to its list when the response body has been read
-//! to its end (`release`, from `proxy::body`); a response dropped half-read
+//! to its end (`release`, when `h1::H1Body` is dropped); a response dropped half-read
 //! takes its connection with it. Idle connections older than
 //! `pool_idle_timeout` are dropped when found, and by `sweep` once a second.
 
@@ -74,7 +74,7 @@ pub struct Settings {
 }
 
 /// Where a response's connection goes back to once its body has ended.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ReturnTo {
     pub target: Arc<Target>,
     pub settings: Settings,

@@ -89,31 +89,48 @@ impl std::fmt::Debug for Pool {
 #[derive(Debug, Default)]
 pub struct Held {
     pub in_flight: Option<InFlight>,
-    /// Where the HTTP/1.1 connection the response arrives on goes back to
-    /// once the body has been read to its end.
-    pub conn: Option<conn::ReturnTo>,
     pub route_slot: Option<OwnedSemaphorePermit>,
     pub pool_slot: Option<OwnedSemaphorePermit>,
 }
 
 /// An upstream response body: hyper's (HTTP/2), or read by the gateway's
-/// own HTTP/1.1 client.
+/// own HTTP/1.1 client (which gives its connection back when done).
 #[derive(Debug)]
 pub enum UpstreamBody {
     Hyper(Incoming),
     H1(h1::H1Body),
 }
 
-impl Held {
-    /// `body` has ended: its connection goes back to its target and every
-    /// slot is given back.
-    pub fn finish(&mut self, body: &mut UpstreamBody) {
-        if let (UpstreamBody::H1(b), Some(to)) = (body, &self.conn)
-            && let Some(c) = b.take_conn()
-        {
-            conn::release(to, c);
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map_err(BodyError::from),
+            UpstreamBody::H1(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map_err(BodyError::from),
         }
-        *self = Held::default();
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::H1(b) => b.size_hint(),
+        }
     }
 }
 
@@ -122,7 +139,6 @@ impl Held {
 pub struct Tried {
     pub response: Response<UpstreamBody>,
     pub in_flight: InFlight,
-    pub conn: Option<conn::ReturnTo>,
     pub target: usize,
 }
 
@@ -393,7 +409,7 @@ impl Pool {
                 tokio::time::timeout_at(deadline, client.request(req))
                     .await
                     .map(|r| {
-                        r.map(|resp| (resp.map(UpstreamBody::Hyper), None))
+                        r.map(|resp| resp.map(UpstreamBody::Hyper))
                             .map_err(TryError::Legacy)
                     })
             }
@@ -407,13 +423,11 @@ impl Pool {
                 {
                     req.headers_mut().insert(http::header::HOST, h);
                 }
-                tokio::time::timeout_at(deadline, send_h1(&target, req, self.h1))
-                    .await
-                    .map(|r| r.map(|(resp, c)| (resp, Some(c))))
+                tokio::time::timeout_at(deadline, send_h1(&target, req, self.h1)).await
             }
         };
         let (outcome, out) = match result {
-            Ok(Ok((response, conn))) => {
+            Ok(Ok(response)) => {
                 let status = response.status().as_u16();
                 let o = if status >= 500 {
                     Outcome::Status5xx
@@ -427,7 +441,6 @@ impl Pool {
                     Ok(Tried {
                         response,
                         in_flight,
-                        conn,
                         target: index,
                     }),
                 )
@@ -602,32 +615,24 @@ async fn send_h1(
     target: &Arc<Target>,
     req: Request<Body>,
     settings: conn::Settings,
-) -> Result<(Response<UpstreamBody>, conn::ReturnTo), TryError> {
-    let to = conn::ReturnTo {
+) -> Result<Response<UpstreamBody>, TryError> {
+    let home = || conn::ReturnTo {
         target: target.clone(),
         settings,
     };
-    let done =
-        |(head, body): (Response<()>, h1::H1Body)| (head.map(|()| UpstreamBody::H1(body)), to);
-    if let Some(c) = conn::checkout(target, settings) {
-        match h1::exchange(c, req).await {
+    let done = |(head, body): (Response<()>, h1::H1Body)| head.map(|()| UpstreamBody::H1(body));
+    let req = match conn::checkout(target, settings) {
+        Some(c) => match h1::exchange(c, req, home()).await {
             Ok(r) => return Ok(done(r)),
-            Err((_, Some(req))) => {
-                let c = conn::connect(target, settings)
-                    .await
-                    .map_err(TryError::Connect)?;
-                return h1::exchange(c, req)
-                    .await
-                    .map(done)
-                    .map_err(|(e, _)| TryError::Send(e));
-            }
+            Err((_, Some(req))) => req,
             Err((e, None)) => return Err(TryError::Send(e)),
-        }
-    }
+        },
+        None => req,
+    };
     let c = conn::connect(target, settings)
         .await
         .map_err(TryError::Connect)?;
-    h1::exchange(c, req)
+    h1::exchange(c, req, home())
         .await
         .map(done)
         .map_err(|(e, _)| TryError::Send(e))
@@ -636,41 +641,26 @@ async fn send_h1(
 /// Maps a failed try to the error kind it means and whether it may be
 /// retried.
 fn classify(name: &str, target: &Authority, e: TryError) -> (ProxyError, Option<Reason>) {
+    // The client's body failing (over its limit, too slow) is the client's
+    // problem: the own client says so directly, hyper's in its source chain.
+    if let TryError::Send(h1::Error::Body(b)) = &e
+        && let Some(answer) = b.client_error()
+    {
+        return (answer, None);
+    }
     let (is_connect, source): (bool, Box<dyn std::error::Error + Send + Sync>) = match e {
         TryError::Legacy(e) => (e.is_connect(), Box::new(e)),
         TryError::Connect(e) => (true, Box::new(e)),
         TryError::Send(e) => (false, Box::new(e)),
     };
-    // A request body over its limit surfaces as a client error.
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&*source);
     while let Some(s) = src {
-        let body_error = s
+        if let Some(answer) = s
             .downcast_ref::<BodyError>()
-            .or_else(|| s.downcast_ref::<Box<BodyError>>().map(|b| &**b));
-        match body_error {
-            Some(BodyError::TooLarge(limit)) => {
-                return (
-                    ProxyError::new(
-                        ErrorKind::PayloadTooLarge,
-                        format!("request body exceeds {limit} bytes"),
-                    )
-                    .closing(),
-                    None,
-                );
-            }
-            Some(BodyError::Timeout(t)) => {
-                return (
-                    ProxyError::new(
-                        ErrorKind::RequestTimeout,
-                        format!("the client sent no body data for {t:?}"),
-                    )
-                    .closing(),
-                    None,
-                );
-            }
-            _ => {}
+            .and_then(BodyError::client_error)
+        {
+            return (answer, None);
         }
-
         src = s.source();
     }
     if is_connect {

@@ -63,28 +63,12 @@ pub async fn buffer_body(req: Request<Body>, limit: u64) -> Result<Request<Body>
     let (parts, body) = req.into_parts();
     let bytes = http_body_util::BodyExt::collect(body)
         .await
-        .map_err(|e| match e {
-            BodyError::TooLarge(limit) => ProxyError::new(
-                ErrorKind::PayloadTooLarge,
-                format!("request body exceeds {limit} bytes"),
-            )
-            .closing(),
-            BodyError::Timeout(t) => ProxyError::new(
-                ErrorKind::RequestTimeout,
-                format!("the client sent no body data for {t:?}"),
-            )
-            .closing(),
-            BodyError::Hyper(e) => {
+        .map_err(|e: BodyError| {
+            e.client_error().unwrap_or_else(|| {
                 ProxyError::new(ErrorKind::BadRequest, "cannot read the request body")
                     .with_source(e)
                     .closing()
-            }
-            // Only response bodies read from upstreams yield this.
-            BodyError::Upstream(e) => {
-                ProxyError::new(ErrorKind::BadRequest, "cannot read the request body")
-                    .with_source(e)
-                    .closing()
-            }
+            })
         })?
         .to_bytes();
     Ok(Request::from_parts(parts, Body::full(bytes)))
