@@ -48,8 +48,6 @@ pub struct RoutePolicy {
 /// Per-request state shared by the phase-4 steps and phase 7.
 #[derive(Debug, Default)]
 pub struct PolicyCtx {
-    /// The authenticated consumer, for later steps, logs and metering.
-    pub consumer: Option<std::sync::Arc<str>>,
     /// A request body a step had to read whole (validation); sent upstream
     /// instead of the client's stream.
     pub buffered_body: Option<Bytes>,
@@ -61,7 +59,8 @@ pub struct PolicyCtx {
     pub permit: Option<ratelimit::concurrency::Permit>,
     /// The consumer's own concurrency slot.
     pub consumer_permit: Option<ratelimit::concurrency::Permit>,
-    /// The authenticated caller (4c): method, consumer, claims.
+    /// The authenticated caller (4c): method, consumer, claims; for later
+    /// steps, logs and metering.
     pub identity: Option<crate::auth::Identity>,
 }
 
@@ -203,7 +202,6 @@ pub async fn on_request(
     // 4c: authentication and authorization.
     if let Some(auth) = &policy.auth {
         let identity = auth.check(conn, req).await?;
-        ctx.consumer = Some(identity.name.clone());
         ctx.identity = Some(identity);
     }
     // 4d: the route's limits, then the consumer's own.
@@ -217,7 +215,7 @@ pub async fn on_request(
         }
         ctx.permit = permit;
     }
-    if let Some(c) = ctx.identity.as_ref().and_then(|i| i.consumer.clone())
+    if let Some(c) = ctx.identity.as_ref().and_then(|i| i.consumer.as_deref())
         && let Some(rl) = &c.rate_limit
     {
         let (decision, permit) = rl.check(ratelimit::Key::Named(c.name.as_bytes())).await?;

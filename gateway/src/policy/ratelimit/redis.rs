@@ -106,9 +106,10 @@ return {1, limit, remaining, math.ceil(reset), 0, 0}
 
 /// `h:` and the 64 hex digits of `d`.
 fn hex_digest(out: &mut Vec<u8>, d: &[u8; 32]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.extend_from_slice(b"h:");
-    for b in d {
-        let _ = write!(out, "{b:02x}");
+    for &b in d {
+        out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
     }
 }
 
