@@ -349,12 +349,28 @@ impl RateLimit {
 
     /// Step 4d: counts the request, or refuses it (`429`, or `503` when
     /// Redis is down and `on_redis_error = "deny"`). Returns the decision to
-    /// report and, with `max_in_flight`, the permit to hold.
+    /// report and, with `max_in_flight`, the permit to hold (taken first, so
+    /// that a request refused for concurrency spends no window or quota).
     pub async fn check(
         &self,
         key: Key<'_>,
     ) -> Result<(Decision, Option<concurrency::Permit>), ProxyError> {
         let hashed = hasher().hash_one(key);
+        // The concurrency slot first: a request it refuses spends nothing
+        // of the windows or the quota.
+        let permit = match &self.in_flight {
+            Some(f) => match f.acquire(hashed) {
+                Some(p) => Some(p),
+                None => {
+                    return Err(ProxyError::new(
+                        ErrorKind::TooManyRequests,
+                        format!("too many requests in flight: at most {} at once", f.max()),
+                    )
+                    .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1")));
+                }
+            },
+            None => None,
+        };
         let mut decision = Decision::UNLIMITED;
         if self.local.is_some() || self.quota.is_some() {
             decision = match &self.redis {
@@ -385,19 +401,6 @@ impl RateLimit {
         if !decision.allowed {
             return Err(refusal(&decision, self.headers));
         }
-        let permit = match &self.in_flight {
-            Some(f) => match f.acquire(hashed) {
-                Some(p) => Some(p),
-                None => {
-                    return Err(ProxyError::new(
-                        ErrorKind::TooManyRequests,
-                        format!("too many requests in flight: at most {} at once", f.max()),
-                    )
-                    .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1")));
-                }
-            },
-            None => None,
-        };
         Ok((decision, permit))
     }
 
