@@ -178,6 +178,20 @@ impl Drop for Gateway {
 }
 
 /// Runs `gateway <args>` to completion: (exit code, stdout, stderr).
+/// Runs `gateway check` on `text` written as `g.toml` in a fresh directory
+/// (with `files`, named relative to it, beside it): the exit code and what
+/// it printed.
+pub fn check_config(text: &str, files: &[(&str, &str)]) -> (i32, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("g.toml");
+    std::fs::write(&path, text).expect("write config");
+    for (name, body) in files {
+        std::fs::write(dir.path().join(name), body).expect("write file");
+    }
+    let (code, out, err) = run_cli(&["check", "-c", path.to_str().expect("path")]);
+    (code, format!("{out}{err}"))
+}
+
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(binary())
         .args(args)

@@ -1260,25 +1260,14 @@ jwt = {{ provider = "untrusted" }}
 
 #[test]
 fn check_lists_every_broken_entry_of_the_consumers_file() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(
-        &path,
+    let (code, out) = gateway_tests::gateway::check_config(
         "consumers_file = \"c.toml\"\n[[listeners]]\nname = \"main\"\nlisten = \"127.0.0.1:1\"\n",
-    )
-    .expect("write");
-    std::fs::write(
-        dir.path().join("c.toml"),
-        "[[consumers]]\nname = \"a\"\ncolour = \"red\"\n[[consumers]]\nname = 7\n",
-    )
-    .expect("write");
-    let (code, out, _) = run_cli(&["check", "-c", path.to_str().expect("path")]);
-    assert_eq!(code, 2, "{out}");
-    let c = dir.path().join("c.toml");
-    let c = c.display();
-    assert!(
-        out.contains(&format!("{c}:3:1: unknown field `colour`")),
-        "{out}"
+        &[(
+            "c.toml",
+            "[[consumers]]\nname = \"a\"\ncolour = \"red\"\n[[consumers]]\nname = 7\n",
+        )],
     );
-    assert!(out.contains(&format!("{c}:5:8: invalid type")), "{out}");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("c.toml:3:1: unknown field `colour`"), "{out}");
+    assert!(out.contains("c.toml:5:8: invalid type"), "{out}");
 }

@@ -360,10 +360,7 @@ limits = [{ requests = 1, per = "1h" }]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_config_problems_have_locations() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("g.toml");
-    std::fs::write(
-        &path,
+    let (code, out) = gateway_tests::gateway::check_config(
         r#"[[upstreams]]
 name = "u"
 targets = ["127.0.0.1:1"]
@@ -375,9 +372,8 @@ key = "cookie"
 backend = "redis"
 limits = [{ requests = 0, per = "1s" }]
 "#,
-    )
-    .unwrap();
-    let (code, out, _) = gateway_tests::gateway::run_cli(&["check", "-c", path.to_str().unwrap()]);
+        &[],
+    );
     assert_eq!(code, 2, "{out}");
     assert!(
         out.contains("g.toml:8:7: invalid rate-limit key \"cookie\""),
@@ -692,10 +688,7 @@ limits = [{ requests = 10, per = "1h" }]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_decided_by_auth_are_checked_at_load() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("g.toml");
-    std::fs::write(
-        &path,
+    let (code, out) = gateway_tests::gateway::check_config(
         r#"[[upstreams]]
 name = "u"
 targets = ["127.0.0.1:1"]
@@ -719,9 +712,8 @@ header = "X-Key"
 key = "header:x-key"
 limits = [{ requests = 1, per = "1s" }]
 "#,
-    )
-    .unwrap();
-    let (code, out, _) = gateway_tests::gateway::run_cli(&["check", "-c", path.to_str().unwrap()]);
+        &[],
+    );
     assert_eq!(code, 2, "{out}");
     assert!(
         out.contains("g.toml:7:7: a consumer's rate_limit is always keyed by the consumer"),
@@ -735,4 +727,61 @@ limits = [{ requests = 1, per = "1s" }]
         out.contains("g.toml:21:7: header \"x-key\" carries this route's API key"),
         "{out}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumers_own_concurrency_and_redis_backed_limit() {
+    let Some(redis) = Redis::start() else { return };
+    let b = Backend::start("one").await;
+    let top = format!(
+        r#"[redis]
+url = "{url}"
+key_prefix = "own:"
+[[consumers]]
+name = "busy"
+api_keys = ["sha256:{k}"]
+[consumers.rate_limit]
+max_in_flight = 1
+limits = [{{ requests = 4, per = "1h" }}]
+backend = "redis"
+"#,
+        url = redis.url(),
+        k = sha256_hex("kb"),
+    );
+    let env = start_with(
+        &b,
+        &top,
+        r#"
+[[routes]]
+name = "slow"
+upstream = "one"
+[routes.match]
+path_prefix = "/delay/"
+[routes.auth.api_key]
+"#,
+    );
+    let url = format!("{}/delay/1500", env.base);
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move { get(&url, &[("x-api-key", "kb")]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One request of this consumer in flight at a time, on any route.
+    let second = get(&url, &[("x-api-key", "kb")]).await;
+    assert_eq!(second.status, 429, "{}", second.text());
+    assert!(
+        second.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("in flight")
+    );
+    assert_eq!(first.await.unwrap().status, 200);
+    // The slot is back. The window (in Redis) has spent 2 of 4, the first
+    // request and this one: the refused one took no slot and so spent
+    // nothing.
+    let r = get(&format!("{}/delay/0", env.base), &[("x-api-key", "kb")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(num(&r, "ratelimit-remaining"), 2);
+    let keys = redis.command_reply("KEYS own:*").unwrap_or_default();
+    assert!(keys.contains("own:consumer:k:busy:w4/"), "{keys}");
 }
