@@ -1,6 +1,6 @@
 //! The chunked transfer coding (RFC 9112 §7.1) as a decoder state, shared
-//! by the request-head guard (`listener::head`, which skips request bodies
-//! to find the next head) and the HTTP/1.1 upstream client
+//! by the HTTP/1.1 server (`listener::h1`, which reads request bodies and
+//! finds the next head where one ends) and the HTTP/1.1 upstream client
 //! (`upstream::h1`, which forwards response data). One parser, so the two
 //! sides agree byte for byte on where a chunked body ends.
 //!

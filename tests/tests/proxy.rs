@@ -797,3 +797,104 @@ async fn access_log_to_a_file_has_one_line_per_request() {
     assert_eq!(after[want.len()]["trace.id"], "log-7");
     assert_eq!(after[want.len()]["url.path"], "/again");
 }
+
+/// Reads from `s` until a blank line ends a head; returns it.
+fn read_head(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    while !out.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => out.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_connection_semantics() {
+    use std::io::{Read, Write};
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+
+    // Expect: 100-continue: the interim answer comes before the body is sent.
+    let mut s = std::net::TcpStream::connect(&env.listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let interim = read_head(&mut s);
+    assert!(
+        interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+        "{interim}"
+    );
+    s.write_all(b"hello").unwrap();
+    let mut rest = String::new();
+    let _ = s.read_to_string(&mut rest);
+    assert!(rest.starts_with("HTTP/1.1 200"), "{rest}");
+    assert!(rest.contains("\"body_len\":5"), "{rest}");
+
+    // HTTP/1.0 closes by default and keeps the connection when asked to.
+    let one = client::raw(&env.listen, "GET /x HTTP/1.0\r\nHost: x\r\n\r\n");
+    assert!(one.starts_with("HTTP/1.0 200"), "{one}");
+    assert!(one.contains("\r\nconnection: close\r\n"), "{one}");
+    let two = client::raw(
+        &env.listen,
+        "GET /a HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(two.starts_with("HTTP/1.0 200"), "{two}");
+    assert!(two.contains("\r\nconnection: keep-alive\r\n"), "{two}");
+    assert!(two.contains("HTTP/1.1 200"), "second request served: {two}");
+
+    // HEAD keeps the upstream's length and sends no body; 204 has neither;
+    // the connection goes on after both; every response has a Date.
+    let r = client::raw(
+        &env.listen,
+        "HEAD /x HTTP/1.1\r\nHost: x\r\n\r\nGET /status/204 HTTP/1.1\r\nHost: x\r\n\r\nGET /direct HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let parts: Vec<&str> = r.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(parts.len(), 3, "{r}");
+    assert!(parts[0].starts_with("200"), "{r}");
+    let len: usize = parts[0]
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(len > 0, "HEAD keeps the length: {r}");
+    assert!(
+        parts[0].ends_with("\r\n\r\n"),
+        "no body after a HEAD head: {r}"
+    );
+    assert!(parts[1].starts_with("204"), "{r}");
+    assert!(!parts[1].contains("content-length"), "{r}");
+    assert!(parts[1].ends_with("\r\n\r\n"), "{r}");
+    assert!(
+        parts[2].starts_with("201") && parts[2].ends_with("made here"),
+        "{r}"
+    );
+    for p in &parts {
+        assert!(p.contains("\r\ndate: "), "{p}");
+    }
+
+    // A body the gateway did not read (answered without it) closes the
+    // connection after the answer: the body is never taken for a head.
+    let r = client::raw(
+        &env.listen,
+        "POST /direct HTTP/1.1\r\nHost: x\r\nContent-Length: 35\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 201"), "{r}");
+    assert!(r.contains("\r\nconnection: close\r\n"), "{r}");
+    assert_eq!(r.matches("HTTP/1.1").count(), 1, "{r}");
+
+    // A malformed chunked body is the client's error: 400, then closed.
+    let r = client::raw(
+        &env.listen,
+        "POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET /x HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("malformed chunked request body"), "{r}");
+    assert_eq!(r.matches("HTTP/1.1").count(), 1, "{r}");
+}

@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::proxy::body::Incoming;
 use http::header::{HeaderName, HeaderValue, WWW_AUTHENTICATE};
 use http::{Request, StatusCode, Uri};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
 use super::client::HttpClient;
 use crate::error::{ErrorKind, ProxyError};

@@ -32,9 +32,9 @@ pub use compile::{compile, compile_route};
 
 use std::sync::Arc;
 
+use crate::proxy::body::Incoming;
 use http::header::{AUTHORIZATION, HeaderName, HeaderValue, WWW_AUTHENTICATE};
 use http::{Method, Request, Uri};
-use hyper::body::Incoming;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

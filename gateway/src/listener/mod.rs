@@ -1,14 +1,12 @@
 //! Client-facing listeners: binding (one SO_REUSEPORT socket per worker),
 //! the accept loop with its connection limit and allow/deny check, TLS
-//! handshakes, and serving each connection with hyper over HTTP/1.1 or
-//! HTTP/2 (h2c prior knowledge on plain listeners, ALPN on TLS), with
-//! header-read and idle timeouts and graceful shutdown.
+//! handshakes, and serving each connection: HTTP/1.1 by the gateway's own
+//! server side (`h1`), HTTP/2 by hyper (h2c prior knowledge on plain
+//! listeners, ALPN on TLS), with header-read and idle timeouts and graceful
+//! shutdown.
 
-mod head;
+pub mod h1;
 pub mod tls;
-
-pub use head::HeadFlags;
-use head::HeadGuard;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -106,7 +104,6 @@ pub async fn accept_loop(a: Accept) {
             listener: a.name.clone(),
             peer,
             tls: settings.tls.is_some(),
-            head: Arc::new(HeadFlags::default()),
         });
         let shared = a.shared.clone();
         let shutdown = a.shutdown.clone();
@@ -142,30 +139,30 @@ impl From<&ListenerConfig> for Settings {
 }
 
 impl Settings {
-    /// hyper's own head size limit: twice ours, so that between our limit
-    /// and this one `proxy` answers 431 with problem+json; beyond it hyper
-    /// answers a bare 431 before any request exists.
-    fn hyper_max_buf(&self) -> usize {
+    /// The head size refused before parsing: twice ours, so that between
+    /// our limit and this one `proxy` answers 431 with the request's id and
+    /// exact size.
+    fn max_head(&self) -> usize {
         self.max_header_bytes.saturating_mul(2).max(8192)
     }
 
-    /// hyper's header count limit, when ours exceeds its default of 100
-    /// (which parses on the stack; a larger one costs a heap allocation per
-    /// request, so it is only set when needed).
-    fn hyper_max_headers(&self) -> Option<usize> {
-        (self.max_headers > 100).then(|| self.max_headers.saturating_mul(2))
+    fn h1_limits(&self, h2c: bool) -> h1::Limits {
+        h1::Limits {
+            max_head: self.max_head(),
+            max_header_bytes: self.max_header_bytes,
+            max_headers: self.max_headers.saturating_mul(2).max(100),
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            h2c,
+        }
     }
 }
 
-/// A hyper HTTP/1 connection builder with our limits.
-fn http1(s: &Settings) -> hyper::server::conn::http1::Builder {
-    let mut b = hyper::server::conn::http1::Builder::new();
+/// hyper's HTTP/2 connection builder with our limits.
+fn http2(s: &Settings) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(s.hyper_max_buf());
-    if let Some(n) = s.hyper_max_headers() {
-        b.max_headers(n);
-    }
+        .max_header_list_size(u32::try_from(s.max_head()).unwrap_or(u32::MAX));
     b
 }
 
@@ -191,29 +188,6 @@ async fn serve(
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let activity = Arc::new(Activity {
-        started: Instant::now(),
-        last_ms: AtomicU64::new(0),
-        in_flight: AtomicUsize::new(0),
-    });
-    let head = conn.head.clone();
-    let svc = {
-        let activity = activity.clone();
-        let conn = conn.clone();
-        service_fn(move |req| {
-            let shared = shared.clone();
-            let conn = conn.clone();
-            let activity = activity.clone();
-            activity.in_flight.fetch_add(1, Ordering::Relaxed);
-            async move {
-                let resp = proxy::handle(&shared, &conn, req).await;
-                conn.head.answered.fetch_add(1, Ordering::Release);
-                activity.touch();
-                activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-                Ok::<_, Infallible>(resp)
-            }
-        })
-    };
     match s.tls.clone() {
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
@@ -230,70 +204,68 @@ async fn serve(
                         return;
                     }
                 };
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            if h2 {
-                let io = TokioIo::new(tls);
-                let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                b.timer(TokioTimer::new())
-                    .max_header_list_size(u32::try_from(s.hyper_max_buf()).unwrap_or(u32::MAX));
-                drive(
-                    b.serve_connection(io, svc),
-                    |c| c.graceful_shutdown(),
-                    &activity,
-                    s.idle_timeout,
-                    shutdown,
-                )
-                .await;
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                serve_h2(tls, conn, &s, shared, shutdown).await;
             } else {
-                let io = TokioIo::new(HeadGuard::new(tls, head, s.header_read_timeout));
-                drive(
-                    http1(&s).serve_connection(io, svc),
-                    |c| c.graceful_shutdown(),
-                    &activity,
-                    s.idle_timeout,
-                    shutdown,
-                )
-                .await;
+                h1::serve(tls, conn, s.h1_limits(false), shared, shutdown).await;
             }
-        }
-        None if s.http2 => {
-            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let mut h1 = b.http1();
-            h1.timer(TokioTimer::new())
-                .header_read_timeout(None)
-                .max_buf_size(s.hyper_max_buf());
-            if let Some(n) = s.hyper_max_headers() {
-                h1.max_headers(n);
-            }
-            b.http2()
-                .timer(TokioTimer::new())
-                .max_header_list_size(u32::try_from(s.hyper_max_buf()).unwrap_or(u32::MAX));
-            drive(
-                b.serve_connection(
-                    TokioIo::new(HeadGuard::new(stream, head, s.header_read_timeout)),
-                    svc,
-                ),
-                |c| c.graceful_shutdown(),
-                &activity,
-                s.idle_timeout,
-                shutdown,
-            )
-            .await;
         }
         None => {
-            drive(
-                http1(&s).serve_connection(
-                    TokioIo::new(HeadGuard::new(stream, head, s.header_read_timeout)),
-                    svc,
-                ),
-                |c| c.graceful_shutdown(),
-                &activity,
-                s.idle_timeout,
-                shutdown,
+            let limits = s.h1_limits(s.http2);
+            if let h1::End::H2c { stream, read } = h1::serve(
+                stream,
+                conn.clone(),
+                limits,
+                shared.clone(),
+                shutdown.clone(),
             )
-            .await;
+            .await
+            {
+                serve_h2(h1::Rewind::new(read, stream), conn, &s, shared, shutdown).await;
+            }
         }
     }
+}
+
+/// Serves an HTTP/2 connection with hyper.
+async fn serve_h2<T>(
+    io: T,
+    conn: Arc<Conn>,
+    s: &Settings,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity {
+        started: Instant::now(),
+        last_ms: AtomicU64::new(0),
+        in_flight: AtomicUsize::new(0),
+    });
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let shared = shared.clone();
+            let conn = conn.clone();
+            let activity = activity.clone();
+            activity.in_flight.fetch_add(1, Ordering::Relaxed);
+            async move {
+                let req = req.map(proxy::body::Incoming::Hyper);
+                let resp = proxy::handle(&shared, &conn, req).await;
+                activity.touch();
+                activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    drive(
+        http2(s).serve_connection(TokioIo::new(io), svc),
+        |c| c.graceful_shutdown(),
+        &activity,
+        s.idle_timeout,
+        shutdown,
+    )
+    .await;
 }
 
 /// Runs a connection to completion, closing it gracefully when it has been

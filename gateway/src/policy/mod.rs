@@ -24,9 +24,9 @@ pub mod validate;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::proxy::body::Incoming;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
-use hyper::body::Incoming;
 
 use crate::config::Problem;
 use crate::config::file;

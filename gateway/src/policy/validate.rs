@@ -14,11 +14,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::proxy::body::Incoming;
 use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use toml::Spanned;

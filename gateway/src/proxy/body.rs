@@ -1,5 +1,7 @@
-//! The body type used both ways through the proxy: a fixed buffer, or a
-//! streamed hyper body. A client's request body is also capped in size and
+//! The body types of the proxy: `Incoming`, a client's request body as the
+//! listener reads it (the gateway's own HTTP/1.1 server, or hyper's HTTP/2),
+//! and `Body`, used both ways through the proxy: a fixed buffer, or a
+//! streamed body. A client's request body is also capped in size and
 //! in the time the client may take between two chunks. An enum rather than a
 //! boxed trait object, so that the common cases cost no allocation.
 
@@ -9,10 +11,47 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::upstream::UpstreamBody;
+
+/// A client's request body.
+#[derive(Debug)]
+pub enum Incoming {
+    /// Read from an HTTP/1.1 connection by `listener::h1`.
+    H1(crate::listener::h1::RequestBody),
+    /// An HTTP/2 stream's data, from hyper.
+    Hyper(hyper::body::Incoming),
+}
+
+impl http_body::Body for Incoming {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Incoming::H1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            Incoming::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Incoming::H1(b) => b.is_end_stream(),
+            Incoming::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Incoming::H1(b) => b.size_hint(),
+            Incoming::Hyper(b) => b.size_hint(),
+        }
+    }
+}
 
 /// A request or response body.
 #[derive(Debug)]
@@ -51,6 +90,8 @@ pub enum BodyError {
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
     #[error(transparent)]
+    Client(#[from] crate::listener::h1::ReadError),
+    #[error(transparent)]
     Upstream(#[from] crate::upstream::h1::Error),
 }
 
@@ -75,7 +116,10 @@ impl BodyError {
                 )
                 .closing(),
             ),
-            BodyError::Hyper(_) | BodyError::Upstream(_) => None,
+            BodyError::Client(e) if e.is_malformed() => {
+                Some(ProxyError::new(ErrorKind::BadRequest, e.to_string()).closing())
+            }
+            BodyError::Hyper(_) | BodyError::Client(_) | BodyError::Upstream(_) => None,
         }
     }
 }
@@ -119,7 +163,7 @@ impl http_body::Body for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
+            Body::Stream(inner) => Pin::new(inner).poll_frame(cx),
             Body::Guarded(g) => g.poll_frame(cx),
             Body::Upstream(inner, held) => {
                 let r = Pin::new(inner).poll_frame(cx);
@@ -168,7 +212,7 @@ impl Guarded {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 // Time only the client: start the clock when we begin to

@@ -22,10 +22,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use crate::proxy::body::Incoming;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 
 use crate::config::{ListenerConfig, RouteAction, RouteConfig};
 use crate::error::{ErrorKind, ProxyError};
@@ -52,8 +52,6 @@ pub struct Conn {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
     pub tls: bool,
-    /// What the HTTP/1 head scanner saw (see `listener::HeadFlags`).
-    pub head: Arc<crate::listener::HeadFlags>,
 }
 
 /// Per-request state carried through the phases.
@@ -407,8 +405,8 @@ fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<(), Pr
     let h = req.headers();
     // Ambiguous HTTP/1 framing (Content-Length with Transfer-Encoding,
     // conflicting lengths, codings other than one `chunked`) never gets
-    // here: the head guard (`listener/head.rs`) refuses it before hyper
-    // parses the head, on every HTTP/1 connection.
+    // here: the HTTP/1.1 server (`listener/h1.rs`) refuses it before a
+    // request exists.
     if h.len() > listener.max_headers {
         return Err(ProxyError::new(
             ErrorKind::HeadersTooLarge,

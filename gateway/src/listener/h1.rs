@@ -1,0 +1,1241 @@
+//! The gateway's own HTTP/1.1 server side, used on every HTTP/1 connection
+//! (plain, and TLS without `h2` by ALPN). It owns the connection loop:
+//!
+//! 1. wait for the next request head (the idle timeout runs while nothing
+//!    is buffered; graceful shutdown ends an idle connection);
+//! 2. read the head (the header read timeout runs from its first byte) and
+//!    parse it once with httparse; malformed heads, oversized heads and
+//!    ambiguous body framing (`Content-Length` with `Transfer-Encoding`,
+//!    conflicting or malformed lengths, codings other than one `chunked`)
+//!    are answered `400`/`431`/`408` problem+json here, before any request
+//!    exists, and the connection is closed;
+//! 3. hand the request to the pipeline (`proxy::handle`) with a body that
+//!    reads from the connection (`Content-Length` or chunked, sending
+//!    `100 Continue` first when the client asked for it);
+//! 4. write the response: head and the body's first frames in one write,
+//!    `Content-Length` or chunked framing, `Date`, keep-alive or close;
+//! 5. keep the connection when the request body was read to its end and
+//!    neither side asked to close, and go on with the next (possibly
+//!    already buffered, pipelined) head.
+//!
+//! An h2c preface on a plain listener hands the connection back to the
+//! caller, which serves it with hyper's HTTP/2.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::chunked;
+use crate::error::ErrorKind;
+use crate::proxy::body::{Body, Incoming};
+use crate::proxy::{self, Conn, Shared};
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Read buffer growth step.
+const READ_CHUNK: usize = 8 * 1024;
+/// Body data up to this size is copied next to the head (or the previous
+/// chunk) to go out in the same write.
+const COALESCE: usize = 16 * 1024;
+/// Header fields parsed on the stack; more need a heap array.
+const STACK_HEADERS: usize = 100;
+
+/// A connection's limits, from its listener.
+pub(super) struct Limits {
+    /// A head longer than this is refused with `431` before it is parsed
+    /// (twice the listener's limit: between the two, the pipeline answers
+    /// `431` with the request's id and the exact size).
+    pub max_head: usize,
+    /// The listener's limit, for the message.
+    pub max_header_bytes: usize,
+    /// More header fields than this are refused with `431` (the
+    /// listener's exact limit is checked by the pipeline).
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Hand an h2c prior-knowledge connection back to the caller.
+    pub h2c: bool,
+}
+
+/// How a connection ended.
+pub(super) enum End<T> {
+    Closed,
+    /// The client sent the HTTP/2 preface: serve `stream` as HTTP/2, replaying
+    /// `read` (the bytes already read) first.
+    H2c {
+        stream: T,
+        read: Bytes,
+    },
+}
+
+/// The connection, shared by the serve loop and the body of the request
+/// being served (locked only inside polls, never across an await).
+struct Io<T> {
+    stream: T,
+    /// Bytes read and not consumed yet: the rest of a head, body bytes, or
+    /// pipelined requests.
+    buf: BytesMut,
+    eof: bool,
+    /// The current request's body.
+    body: Framing,
+    /// `100 Continue` bytes still to write before the body is read.
+    continue_owed: &'static [u8],
+    /// The interim response is written but not flushed yet.
+    flush_owed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body, or all of it read.
+    Done,
+    Fixed(u64),
+    Chunked(chunked::Decoder),
+    /// The body's framing was malformed or the client went away: the
+    /// connection cannot be reused.
+    Failed,
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("the client closed the connection before the end of the request body")]
+    Incomplete,
+    #[error("malformed chunked request body: {0}")]
+    Framing(&'static str),
+    #[error("reading the request body: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ReadError {
+    /// The client sent something that is not HTTP (as opposed to going away).
+    pub fn is_malformed(&self) -> bool {
+        matches!(self, ReadError::Framing(_))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a request body reads from.
+trait Source: Send + Sync {
+    fn poll_data(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, ReadError>>>;
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Io<T>> {
+    fn poll_data(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, ReadError>>> {
+        let mut g = lock(self);
+        let io = &mut *g;
+        while !io.continue_owed.is_empty() {
+            match Pin::new(&mut io.stream).poll_write(cx, io.continue_owed) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Some(Err(ReadError::Incomplete))),
+                Poll::Ready(Ok(n)) => {
+                    io.continue_owed = &io.continue_owed[n.min(io.continue_owed.len())..];
+                    io.flush_owed = io.continue_owed.is_empty();
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if io.flush_owed {
+            match Pin::new(&mut io.stream).poll_flush(cx) {
+                Poll::Ready(Ok(())) => io.flush_owed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        loop {
+            match io.body {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Failed => return Poll::Ready(Some(Err(ReadError::Incomplete))),
+                Framing::Fixed(rem) if !io.buf.is_empty() => {
+                    let n = usize::try_from(rem).unwrap_or(usize::MAX).min(io.buf.len());
+                    io.body = if n as u64 == rem {
+                        Framing::Done
+                    } else {
+                        Framing::Fixed(rem - n as u64)
+                    };
+                    return Poll::Ready(Some(Ok(io.buf.split_to(n).freeze())));
+                }
+                Framing::Chunked(mut d) if !io.buf.is_empty() => {
+                    let step = match d.advance(&io.buf) {
+                        Ok(s) => s,
+                        Err(why) => {
+                            io.body = Framing::Failed;
+                            return Poll::Ready(Some(Err(ReadError::Framing(why))));
+                        }
+                    };
+                    if step.framing + step.data == 0 && !d.is_done() {
+                        io.body = Framing::Failed;
+                        return Poll::Ready(Some(Err(ReadError::Framing("no progress"))));
+                    }
+                    io.buf.advance(step.framing);
+                    io.body = if d.is_done() {
+                        Framing::Done
+                    } else {
+                        Framing::Chunked(d)
+                    };
+                    if step.data > 0 {
+                        return Poll::Ready(Some(Ok(io.buf.split_to(step.data).freeze())));
+                    }
+                    continue;
+                }
+                Framing::Fixed(_) | Framing::Chunked(_) => {}
+            }
+            // The buffer is empty: read more.
+            if io.eof {
+                io.body = Framing::Failed;
+                return Poll::Ready(Some(Err(ReadError::Incomplete)));
+            }
+            match poll_fill(io, cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    io.body = Framing::Failed;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// Reads what the socket has into `io.buf`; sets `io.eof` at the end.
+fn poll_fill<T: AsyncRead + Unpin>(io: &mut Io<T>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    if io.buf.capacity() - io.buf.len() < 1024 {
+        io.buf.reserve(READ_CHUNK);
+    }
+    match tokio_util::io::poll_read_buf(Pin::new(&mut io.stream), cx, &mut io.buf) {
+        Poll::Ready(Ok(0)) => {
+            io.eof = true;
+            Poll::Ready(Ok(()))
+        }
+        Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// A request body read from an HTTP/1.1 connection.
+pub struct RequestBody {
+    src: Option<Arc<dyn Source>>,
+    /// Bytes still to come, when the length is known.
+    remaining: Option<u64>,
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody")
+            .field("done", &self.src.is_none())
+            .field("remaining", &self.remaining)
+            .finish()
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = ReadError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ReadError>>> {
+        let Some(src) = &self.src else {
+            return Poll::Ready(None);
+        };
+        match src.poll_data(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                if let Some(r) = &mut self.remaining {
+                    *r = r.saturating_sub(data.len() as u64);
+                    if *r == 0 {
+                        self.src = None;
+                    }
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(None) => {
+                self.src = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.src = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.src.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (self.remaining, &self.src) {
+            (_, None) => SizeHint::with_exact(0),
+            (Some(n), _) => SizeHint::with_exact(n),
+            (None, _) => SizeHint::default(),
+        }
+    }
+}
+
+/// Serves HTTP/1.1 requests on `stream` until either side closes it.
+pub(super) async fn serve<T>(
+    stream: T,
+    conn: Arc<Conn>,
+    lim: Limits,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) -> End<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = Arc::new(Mutex::new(Io {
+        stream,
+        buf: BytesMut::with_capacity(READ_CHUNK),
+        eof: false,
+        body: Framing::Done,
+        continue_owed: &[],
+        flush_owed: false,
+    }));
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let mut indices: Vec<Indices> = Vec::new();
+    let mut first = true;
+    loop {
+        // 1. Idle until the first byte of the next head.
+        if lock(&io).buf.is_empty() {
+            let read = std::future::poll_fn(|cx| poll_fill(&mut lock(&io), cx));
+            tokio::select! {
+                biased;
+                r = read => {
+                    if r.is_err() || lock(&io).eof {
+                        return End::Closed;
+                    }
+                }
+                _ = tokio::time::sleep(lim.idle_timeout) => return linger(&io).await,
+                _ = shutdown.changed() => return linger(&io).await,
+            }
+        }
+        // 2. The head, within the header read timeout.
+        let deadline = Instant::now() + lim.header_read_timeout;
+        let head = loop {
+            let parsed = {
+                let mut g = lock(&io);
+                if first && lim.h2c && PREFACE.starts_with(&g.buf[..g.buf.len().min(PREFACE.len())])
+                {
+                    if g.buf.len() >= PREFACE.len() {
+                        drop(g);
+                        return hand_over(io);
+                    }
+                    Ok(None)
+                } else {
+                    parse(&mut g.buf, &lim, &mut indices)
+                }
+            };
+            match parsed {
+                Ok(Some(h)) => break h,
+                Ok(None) => {}
+                Err(refusal) => {
+                    refusal.count();
+                    let resp = crate::respond::raw_error(refusal.kind, &refusal.detail);
+                    let _ = write_all(&io, &[&resp[..]]).await;
+                    return linger(&io).await;
+                }
+            }
+            let read = std::future::poll_fn(|cx| poll_fill(&mut lock(&io), cx));
+            match tokio::time::timeout_at(deadline, read).await {
+                Ok(Ok(())) if !lock(&io).eof => {}
+                Ok(_) => return End::Closed,
+                Err(_) => {
+                    metrics::counter!("gateway_header_timeouts_total").increment(1);
+                    let resp = crate::respond::raw_error(
+                        ErrorKind::RequestTimeout,
+                        &format!(
+                            "the request head was not received within {:?}",
+                            lim.header_read_timeout
+                        ),
+                    );
+                    let _ = write_all(&io, &[&resp[..]]).await;
+                    return linger(&io).await;
+                }
+            }
+        };
+        first = false;
+
+        // 3. The pipeline.
+        let meta = head.meta;
+        let src: Arc<dyn Source> = io.clone();
+        let body = {
+            let mut g = lock(&io);
+            g.body = head.framing;
+            if head.framing != Framing::Done && meta.expect_continue {
+                g.continue_owed = b"HTTP/1.1 100 Continue\r\n\r\n";
+            }
+            RequestBody {
+                src: (head.framing != Framing::Done).then_some(src),
+                remaining: match head.framing {
+                    Framing::Fixed(n) => Some(n),
+                    _ => None,
+                },
+            }
+        };
+        let mut req = Request::new(Incoming::H1(body));
+        *req.method_mut() = head.method;
+        *req.uri_mut() = head.uri;
+        *req.version_mut() = meta.version;
+        *req.headers_mut() = head.headers;
+        let resp = proxy::handle(&shared, &conn, req).await;
+
+        // 4. The response.
+        // A request body not read to its end by now (answered without it,
+        // or the upstream answered early) ends the connection: say so.
+        let closing = !meta.keep_alive
+            || shutdown.has_changed().unwrap_or(true)
+            || lock(&io).body != Framing::Done;
+        let keep = match respond(&io, &mut out, resp, &meta, closing).await {
+            Ok(keep) => keep,
+            Err(e) => {
+                tracing::debug!(peer = %conn.peer, "writing a response failed: {e}");
+                return End::Closed;
+            }
+        };
+        // 5. Keep the connection only when the request body was read whole.
+        let reusable = {
+            let mut g = lock(&io);
+            g.continue_owed = &[];
+            g.body == Framing::Done && !g.eof
+        };
+        if !keep || !reusable {
+            return linger(&io).await;
+        }
+    }
+}
+
+/// Gives the stream back for HTTP/2, with what was read of it.
+fn hand_over<T>(io: Arc<Mutex<Io<T>>>) -> End<T> {
+    match Arc::try_unwrap(io) {
+        Ok(m) => {
+            let io = m.into_inner().unwrap_or_else(PoisonError::into_inner);
+            End::H2c {
+                stream: io.stream,
+                read: io.buf.freeze(),
+            }
+        }
+        // No request exists before the preface, so nothing else holds it.
+        Err(_) => End::Closed,
+    }
+}
+
+/// Closes the write side, then reads and drops what the client still sends
+/// for a moment, so that a response written just before is not destroyed by
+/// a reset (closing with unread data sends RST).
+async fn linger<T: AsyncRead + AsyncWrite + Unpin>(io: &Mutex<Io<T>>) -> End<T> {
+    let shut = std::future::poll_fn(|cx| Pin::new(&mut lock(io).stream).poll_shutdown(cx));
+    if tokio::time::timeout(Duration::from_millis(500), shut)
+        .await
+        .is_err()
+    {
+        return End::Closed;
+    }
+    let drain = async {
+        let mut left = 256 * 1024usize;
+        loop {
+            let r = std::future::poll_fn(|cx| {
+                let mut g = lock(io);
+                g.buf.clear();
+                poll_fill(&mut g, cx)
+            })
+            .await;
+            let g = lock(io);
+            if r.is_err() || g.eof || g.buf.len() >= left {
+                return;
+            }
+            left -= g.buf.len();
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+    End::Closed
+}
+
+/// What the connection loop needs from a request after handing it on.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    version: Version,
+    is_head: bool,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// A parsed request head.
+struct Head {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    framing: Framing,
+    meta: Meta,
+}
+
+/// Where a header field's name and value are in the head.
+#[derive(Clone, Copy)]
+struct Indices {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// A head refused before any request exists.
+#[derive(Debug)]
+struct Refusal {
+    kind: ErrorKind,
+    detail: String,
+    smuggling: bool,
+}
+
+impl Refusal {
+    fn bad(detail: impl Into<String>) -> Self {
+        Refusal {
+            kind: ErrorKind::BadRequest,
+            detail: detail.into(),
+            smuggling: false,
+        }
+    }
+    fn framing(detail: &str) -> Self {
+        Refusal {
+            smuggling: true,
+            ..Refusal::bad(detail)
+        }
+    }
+    fn too_large(detail: String) -> Self {
+        Refusal {
+            kind: ErrorKind::HeadersTooLarge,
+            detail,
+            smuggling: false,
+        }
+    }
+    fn count(&self) {
+        if self.smuggling {
+            metrics::counter!("gateway_smuggling_rejected_total").increment(1);
+        }
+    }
+}
+
+/// Parses a complete head off the front of `buf` (`None`: not complete
+/// yet).
+fn parse(
+    buf: &mut BytesMut,
+    lim: &Limits,
+    indices: &mut Vec<Indices>,
+) -> Result<Option<Head>, Refusal> {
+    let parse_limit = lim.max_headers.max(1);
+    let mut stack =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let slots: &mut [std::mem::MaybeUninit<httparse::Header<'_>>] = if parse_limit <= STACK_HEADERS
+    {
+        &mut stack[..parse_limit]
+    } else {
+        heap.resize_with(parse_limit, std::mem::MaybeUninit::uninit);
+        &mut heap
+    };
+    let mut req = httparse::Request::new(&mut []);
+    let base = buf.as_ptr() as usize;
+    let status = match req.parse_with_uninit_headers(buf, slots) {
+        Ok(s) => s,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::too_large(format!(
+                "request has more than {} header fields",
+                lim.max_headers
+            )));
+        }
+        Err(e) => {
+            if buf.len() > lim.max_head {
+                return Err(head_too_large(lim));
+            }
+            return Err(Refusal::bad(format!("malformed request head: {e}")));
+        }
+    };
+    let len = match status {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => {
+            if buf.len() > lim.max_head {
+                return Err(head_too_large(lim));
+            }
+            return Ok(None);
+        }
+    };
+    if len > lim.max_head {
+        return Err(head_too_large(lim));
+    }
+    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let method = req.method.unwrap_or("");
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| Refusal::bad(format!("invalid method {method:?}")))?;
+    let path = at(req.path.unwrap_or("").as_bytes());
+    let version = if req.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let mut cl: Option<u64> = None;
+    let mut te = 0u32;
+    let mut connection_close = false;
+    let mut connection_keep_alive = false;
+    let mut expect_continue = false;
+    indices.clear();
+    for h in req.headers.iter() {
+        let v = h.value;
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let value = v.trim_ascii();
+            let parsed = if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+            } else {
+                None
+            };
+            match (parsed, cl) {
+                (None, _) => return Err(Refusal::framing("invalid Content-Length")),
+                (Some(n), Some(prev)) if n != prev => {
+                    return Err(Refusal::framing("conflicting Content-Length values"));
+                }
+                (Some(n), _) => cl = Some(n),
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te += 1;
+            if te > 1 || !v.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(Refusal::framing(
+                    "unsupported Transfer-Encoding (only a single \"chunked\" is accepted)",
+                ));
+            }
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for token in v.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                connection_close |= token.eq_ignore_ascii_case(b"close");
+                connection_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            expect_continue = v.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+        indices.push(Indices {
+            name: at(h.name.as_bytes()),
+            value: at(v),
+        });
+    }
+    if cl.is_some() && te > 0 {
+        return Err(Refusal::framing(
+            "request has both Content-Length and Transfer-Encoding",
+        ));
+    }
+    let framing = match (te, cl) {
+        (0, Some(n)) if n > 0 => Framing::Fixed(n),
+        (0, _) => Framing::Done,
+        _ => Framing::Chunked(chunked::Decoder::default()),
+    };
+
+    let head = buf.split_to(len).freeze();
+    let slice = |(at, n): (usize, usize)| head.slice(at..at + n);
+    let uri = Uri::from_maybe_shared(slice(path))
+        .map_err(|e| Refusal::bad(format!("invalid request target: {e}")))?;
+    let mut headers = HeaderMap::with_capacity(indices.len());
+    for i in indices.iter() {
+        let (at, n) = i.name;
+        let name = HeaderName::from_bytes(&head[at..at + n])
+            .map_err(|_| Refusal::bad("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(slice(i.value))
+            .map_err(|_| Refusal::bad(format!("invalid value in header {name}")))?;
+        headers.append(name, value);
+    }
+    let keep_alive = match version {
+        Version::HTTP_10 => connection_keep_alive && !connection_close,
+        _ => !connection_close,
+    };
+    Ok(Some(Head {
+        meta: Meta {
+            version,
+            is_head: method == Method::HEAD,
+            keep_alive,
+            expect_continue: expect_continue && version == Version::HTTP_11,
+        },
+        method,
+        uri,
+        headers,
+        framing,
+    }))
+}
+
+fn head_too_large(lim: &Limits) -> Refusal {
+    Refusal::too_large(format!(
+        "request head exceeds {} bytes",
+        lim.max_header_bytes
+    ))
+}
+
+/// How a response body is framed on the wire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// No body is sent (HEAD, 1xx, 204, 304).
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (HTTP/1.0 without a length).
+    Close,
+}
+
+/// Writes `resp`; says whether the connection may serve another request.
+async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
+    io: &Mutex<Io<T>>,
+    out: &mut Vec<u8>,
+    resp: Response<Body>,
+    meta: &Meta,
+    closing: bool,
+) -> io::Result<bool> {
+    let (parts, body) = resp.into_parts();
+    let mut body = std::pin::pin!(body);
+    let status = parts.status;
+    let h = &parts.headers;
+    let mut keep = !closing
+        && !h
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let declared = h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let no_body_status = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if meta.is_head || no_body_status {
+        Out::None
+    } else if let Some(n) = declared.or(body.size_hint().exact()) {
+        Out::Length(n)
+    } else if meta.version == Version::HTTP_11 {
+        Out::Chunked
+    } else {
+        keep = false;
+        Out::Close
+    };
+
+    out.clear();
+    out.extend_from_slice(if meta.version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    for (name, value) in h {
+        if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            // Kept for HEAD and 304 as the upstream sent it; otherwise
+            // written below from the framing.
+            if !(meta.is_head || status == StatusCode::NOT_MODIFIED) || declared.is_none() {
+                continue;
+            }
+        }
+        has_date |= name == header::DATE;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Out::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Out::None if meta.is_head && declared.is_none() && !no_body_status => {
+            if let Some(n) = body.size_hint().exact() {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        Out::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Out::None | Out::Close => {}
+    }
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        date::append(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if meta.version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    if framing == Out::None {
+        write_all(io, &[&out[..]]).await?;
+        return Ok(keep);
+    }
+    let mut sent: u64 = 0;
+    loop {
+        // Take what the body has ready now; write before waiting for more.
+        let frame = match std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await
+        {
+            Poll::Ready(f) => f,
+            Poll::Pending => {
+                if !out.is_empty() {
+                    write_all(io, &[&out[..]]).await?;
+                    out.clear();
+                }
+                std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+            }
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => {
+                // The response cannot be completed: cut it off.
+                tracing::debug!("response body failed: {e}");
+                if !out.is_empty() {
+                    let _ = write_all(io, &[&out[..]]).await;
+                }
+                return Ok(false);
+            }
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) if !d.is_empty() => d,
+                // Trailers are not passed on over HTTP/1.1.
+                _ => continue,
+            },
+        };
+        let data = match framing {
+            Out::Length(n) => {
+                let room = n - sent;
+                if data.len() as u64 > room {
+                    // More than declared: send what was declared, then close.
+                    let cut = data.slice(..usize::try_from(room).unwrap_or(0));
+                    write_all(io, &[&out[..], &cut[..]]).await?;
+                    return Ok(false);
+                }
+                data
+            }
+            _ => data,
+        };
+        sent += data.len() as u64;
+        if framing == Out::Chunked {
+            let mut size = [0u8; 18];
+            let line = chunk_size_line(&mut size, data.len());
+            if data.len() <= COALESCE {
+                out.extend_from_slice(line);
+                out.extend_from_slice(&data);
+                out.extend_from_slice(b"\r\n");
+            } else {
+                write_all(io, &[&out[..], line, &data[..], &b"\r\n"[..]]).await?;
+                out.clear();
+            }
+        } else if data.len() <= COALESCE {
+            out.extend_from_slice(&data);
+        } else {
+            write_all(io, &[&out[..], &data[..]]).await?;
+            out.clear();
+        }
+    }
+    if framing == Out::Chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    if !out.is_empty() {
+        write_all(io, &[&out[..]]).await?;
+    }
+    if let Out::Length(n) = framing
+        && sent < n
+    {
+        // Shorter than declared: the client must see the connection end.
+        return Ok(false);
+    }
+    Ok(keep && framing != Out::Close)
+}
+
+/// `{size:x}\r\n` into `buf`.
+fn chunk_size_line(buf: &mut [u8; 18], n: usize) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut i = 16;
+    let mut v = n;
+    loop {
+        i -= 1;
+        buf[i] = HEX[v & 0xf];
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    buf[16] = b'\r';
+    buf[17] = b'\n';
+    &buf[i..]
+}
+
+/// Writes all of `bufs` (vectored), then flushes.
+async fn write_all<T: AsyncWrite + Unpin>(io: &Mutex<Io<T>>, bufs: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    while !rest.is_empty() {
+        let n =
+            std::future::poll_fn(|cx| Pin::new(&mut lock(io).stream).poll_write_vectored(cx, rest))
+                .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    std::future::poll_fn(|cx| Pin::new(&mut lock(io).stream).poll_flush(cx)).await
+}
+
+/// The `Date` header value, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHE: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
+    }
+
+    pub fn append(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != secs {
+                let s = httpdate::fmt_http_date(now);
+                if s.len() == 29 {
+                    c.1.copy_from_slice(s.as_bytes());
+                    c.0 = secs;
+                } else {
+                    out.extend_from_slice(s.as_bytes());
+                    return;
+                }
+            }
+            out.extend_from_slice(&c.1);
+        });
+    }
+}
+
+/// A stream with bytes already read from it put back in front (the h2c
+/// preface, for hyper's HTTP/2).
+pub(super) struct Rewind<T> {
+    pre: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub fn new(pre: Bytes, inner: T) -> Self {
+        Rewind { pre, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_head: 8192,
+            max_header_bytes: 4096,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            h2c: true,
+        }
+    }
+
+    /// Parses `bytes` as they would sit in the read buffer.
+    fn parse_all(bytes: &[u8]) -> (Result<Option<Head>, Refusal>, BytesMut) {
+        let mut buf = BytesMut::from(bytes);
+        let r = parse(&mut buf, &limits(), &mut Vec::new());
+        (r, buf)
+    }
+
+    fn refusal(bytes: &[u8]) -> String {
+        match parse_all(bytes).0 {
+            Err(r) => r.detail,
+            Ok(h) => panic!(
+                "{:?} accepted (complete: {})",
+                String::from_utf8_lossy(bytes),
+                h.is_some()
+            ),
+        }
+    }
+
+    #[test]
+    fn refuses_ambiguous_framing() {
+        let cases: [(&[u8], &str); 9] = [
+            (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", "both"),
+            (b"\r\nPOST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n", "both"),
+            (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\n", "conflicting"),
+            (b"POST / HTTP/1.1\r\nContent-Length: 3, 5\r\n\r\n", "invalid"),
+            (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", "invalid"),
+            (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", "invalid"),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "Transfer-Encoding"),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n", "Transfer-Encoding"),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n", "Transfer-Encoding"),
+        ];
+        for (head, want) in cases {
+            let got = refusal(head);
+            assert!(
+                got.contains(want),
+                "{:?}: {got}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn accepts_plain_framing_and_reads_the_head_once_complete() {
+        let cases: [(&[u8], Framing); 4] = [
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked \r\n\r\n",
+                Framing::Chunked(chunked::Decoder::default()),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 7\r\ncontent-length: 7\r\n\r\n",
+                Framing::Fixed(7),
+            ),
+            (
+                b"GET / HTTP/1.1\r\nX-Content-Length: 1\r\n\r\n",
+                Framing::Done,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+                Framing::Done,
+            ),
+        ];
+        for (head, framing) in cases {
+            // Incomplete at every split point, then complete.
+            for at in 0..head.len() {
+                assert!(
+                    matches!(parse_all(&head[..at]).0, Ok(None)),
+                    "split at {at}"
+                );
+            }
+            let with_next = [head, b"GET /next HTTP/1.1\r\n"].concat();
+            let (r, rest) = parse_all(&with_next);
+            let h = r.ok().flatten().expect("complete");
+            assert_eq!(h.framing, framing, "{:?}", String::from_utf8_lossy(head));
+            assert_eq!(
+                &rest[..],
+                b"GET /next HTTP/1.1\r\n",
+                "only the head is taken"
+            );
+        }
+    }
+
+    #[test]
+    fn builds_the_request_from_the_head() {
+        let (r, _) = parse_all(
+            b"PUT /a/b?c=d HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\nX-A: 1\r\nx-a: 2\r\n\r\n",
+        );
+        let h = r.ok().flatten().expect("complete");
+        assert_eq!(h.method, Method::PUT);
+        assert_eq!(h.uri, "/a/b?c=d");
+        assert_eq!(h.meta.version, Version::HTTP_10);
+        assert!(h.meta.keep_alive);
+        let all: Vec<_> = h.headers.get_all("x-a").iter().collect();
+        assert_eq!(all, ["1", "2"]);
+
+        let (r, _) = parse_all(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(
+            !r.ok().flatten().expect("complete").meta.keep_alive,
+            "1.0 closes by default"
+        );
+        let (r, _) = parse_all(b"GET / HTTP/1.1\r\nConnection: foo, Close\r\n\r\n");
+        assert!(!r.ok().flatten().expect("complete").meta.keep_alive);
+        let (r, _) =
+            parse_all(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
+        assert!(r.ok().flatten().expect("complete").meta.expect_continue);
+    }
+
+    #[test]
+    fn refuses_malformed_and_oversized_heads() {
+        assert!(refusal(b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n").contains("malformed"));
+        assert!(
+            refusal(b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n").contains("malformed"),
+            "obs-fold"
+        );
+        let big = [&b"GET / HTTP/1.1\r\nX: "[..], &[b'a'; 9000]].concat();
+        let r = parse_all(&big)
+            .0
+            .err()
+            .expect("refused before the head ends");
+        assert_eq!(r.kind, ErrorKind::HeadersTooLarge);
+        let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+        let r = parse_all(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes())
+            .0
+            .err();
+        assert_eq!(r.map(|r| r.kind), Some(ErrorKind::HeadersTooLarge));
+    }
+
+    /// Reads a whole body framed as `framing` from `bytes` (delivered in
+    /// pieces of `piece` bytes); returns it and what is left buffered.
+    fn read_body(
+        bytes: &[u8],
+        framing: Framing,
+        piece: usize,
+    ) -> (Result<Vec<u8>, String>, Vec<u8>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, server) = tokio::io::duplex(1 << 16);
+            let io = Arc::new(Mutex::new(Io {
+                stream: server,
+                buf: BytesMut::new(),
+                eof: false,
+                body: framing,
+                continue_owed: &[],
+                flush_owed: false,
+            }));
+            let data = bytes.to_vec();
+            let writer = tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut client = client;
+                for c in data.chunks(piece.max(1)) {
+                    client.write_all(c).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+                client
+            });
+            let src: Arc<dyn Source> = io.clone();
+            let mut body = RequestBody {
+                src: Some(src),
+                remaining: None,
+            };
+            let mut got = Vec::new();
+            let out = loop {
+                match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                    None => break Ok(got),
+                    Some(Ok(f)) => got.extend_from_slice(&f.into_data().unwrap()),
+                    Some(Err(e)) => break Err(e.to_string()),
+                }
+            };
+            let _client = writer.await.unwrap();
+            let rest = lock(&io).buf.to_vec();
+            (out, rest)
+        })
+    }
+
+    const NEXT: &[u8] =
+        b"POST /x HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+
+    #[test]
+    fn bodies_end_where_their_framing_says_in_any_piece_size() {
+        let chunked = Framing::Chunked(chunked::Decoder::default());
+        // A smuggling-looking head inside a chunk, or a fixed body, is data.
+        let inside = [
+            format!("{:x}\r\n", NEXT.len()).as_bytes(),
+            NEXT,
+            b"\r\n0\r\n\r\n",
+        ]
+        .concat();
+        let cases: [(&[u8], Framing, &[u8]); 5] = [
+            (b"hello", Framing::Fixed(5), b"hello"),
+            (
+                b"5;ext=1\r\nhello\r\nA \r\n0123456789\r\n0\r\n\r\n",
+                chunked,
+                b"hello0123456789",
+            ),
+            (b"1\r\nx\r\n0\r\nX-Trailer: y\r\n\r\n", chunked, b"x"),
+            (&inside, chunked, NEXT),
+            (NEXT, Framing::Fixed(NEXT.len() as u64), NEXT),
+        ];
+        for (body, framing, want) in cases {
+            for piece in [1, 2, 3, 7, 1000] {
+                let (got, rest) = read_body(&[body, NEXT].concat(), framing, piece);
+                assert_eq!(
+                    got.as_deref(),
+                    Ok(want),
+                    "{:?} in pieces of {piece}",
+                    String::from_utf8_lossy(body)
+                );
+                // What follows the body stays for the next head (all of it
+                // has arrived when the writer is done, except in pieces of 1,
+                // where the reader may stop first).
+                assert!(
+                    NEXT.starts_with(&rest),
+                    "{:?}",
+                    String::from_utf8_lossy(&rest)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_chunked_bodies() {
+        for body in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"12345678901234567\r\n",
+            b"1\r\nxy",
+        ] {
+            let (got, _) = read_body(body, Framing::Chunked(chunked::Decoder::default()), 100);
+            let e = got.expect_err("refused");
+            assert!(
+                e.contains("malformed chunked"),
+                "{:?}: {e}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        let mut b = [0u8; 18];
+        assert_eq!(chunk_size_line(&mut b, 0), b"0\r\n");
+        assert_eq!(chunk_size_line(&mut b, 255), b"ff\r\n");
+        assert_eq!(chunk_size_line(&mut b, usize::MAX), b"ffffffffffffffff\r\n");
+    }
+}
