@@ -309,9 +309,13 @@ where
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut indices: Vec<Indices> = Vec::new();
     let mut first = true;
+    // One timer for the connection's life, re-armed only when it fires
+    // early (a timer per request would cost two timer-wheel updates).
+    let mut idle = std::pin::pin!(tokio::time::sleep(lim.idle_timeout));
+    let mut idle_since = Instant::now();
     loop {
         // 1. Idle until the first byte of the next head.
-        if lock(&io).buf.is_empty() {
+        while lock(&io).buf.is_empty() {
             let read = std::future::poll_fn(|cx| poll_fill(&mut lock(&io), cx));
             tokio::select! {
                 biased;
@@ -320,12 +324,19 @@ where
                         return End::Closed;
                     }
                 }
-                _ = tokio::time::sleep(lim.idle_timeout) => return linger(&io).await,
+                () = idle.as_mut() => {
+                    let due = idle_since + lim.idle_timeout;
+                    if Instant::now() >= due {
+                        return linger(&io).await;
+                    }
+                    idle.as_mut().reset(due);
+                }
                 _ = shutdown.changed() => return linger(&io).await,
             }
         }
-        // 2. The head, within the header read timeout.
-        let deadline = Instant::now() + lim.header_read_timeout;
+        // 2. The head, within the header read timeout (from when the head
+        // is first seen incomplete).
+        let mut deadline = None;
         let head = loop {
             let parsed = {
                 let mut g = lock(&io);
@@ -351,6 +362,8 @@ where
                 }
             }
             let read = std::future::poll_fn(|cx| poll_fill(&mut lock(&io), cx));
+            let deadline =
+                *deadline.get_or_insert_with(|| Instant::now() + lim.header_read_timeout);
             match tokio::time::timeout_at(deadline, read).await {
                 Ok(Ok(())) if !lock(&io).eof => {}
                 Ok(_) => return End::Closed,
@@ -416,6 +429,7 @@ where
         if !keep || !reusable {
             return linger(&io).await;
         }
+        idle_since = Instant::now();
     }
 }
 
@@ -643,7 +657,8 @@ fn parse(
     let slice = |(at, n): (usize, usize)| head.slice(at..at + n);
     let uri = Uri::from_maybe_shared(slice(path))
         .map_err(|e| Refusal::bad(format!("invalid request target: {e}")))?;
-    let mut headers = HeaderMap::with_capacity(indices.len());
+    // Room for the forwarding headers and the request id added upstream.
+    let mut headers = HeaderMap::with_capacity(indices.len() + 6);
     for i in indices.iter() {
         let (at, n) = i.name;
         let name = HeaderName::from_bytes(&head[at..at + n])

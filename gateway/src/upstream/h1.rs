@@ -363,7 +363,8 @@ fn parse_head(
             })
             .collect();
         let head = buf.split_to(len).freeze();
-        let mut map = HeaderMap::with_capacity(spans.len());
+        // Room for what the gateway adds (request id, policy headers).
+        let mut map = HeaderMap::with_capacity(spans.len() + 4);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut close = version == Version::HTTP_10;
