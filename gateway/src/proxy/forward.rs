@@ -26,6 +26,12 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // hashes). Most messages carry none, or only `Connection: keep-alive`.
     let mut present = 0u16;
     for n in h.keys() {
+        // Every hop-by-hop name is 2 (`te`) to 19 bytes long and starts
+        // with one of these letters: most names are ruled out by a byte.
+        let s = n.as_str().as_bytes();
+        if !matches!(s.first(), Some(b'c' | b'k' | b'p' | b't' | b'u')) || s.len() > 19 {
+            continue;
+        }
         if let Some(i) = HOP_BY_HOP.iter().position(|x| x == n) {
             present |= 1 << i;
         } else if *n == PROXY_CONNECTION {

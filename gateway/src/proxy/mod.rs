@@ -324,14 +324,14 @@ async fn call_upstream(
     loop {
         // A copy for the next try, when there may be one.
         let spare = if retries < policy.max_retries {
-            upstream::retry::replayable(&req)
+            upstream::retry::replay_body(req.body())
         } else {
             None
         };
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let per_try = policy.per_try_timeout.map_or(left, |t| t.min(left));
         let (reason, target, failure) = match pool
-            .try_once(req, rp.breaker.as_deref(), hash, avoid, per_try)
+            .try_once(&mut req, rp.breaker.as_deref(), hash, avoid, per_try)
             .await
         {
             Ok(t) => {
@@ -373,7 +373,7 @@ async fn call_upstream(
         avoid = target;
         let pause = upstream::retry::backoff(policy, retries);
         tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline)).await;
-        req = next;
+        *req.body_mut() = next;
     }
 }
 
@@ -514,10 +514,6 @@ fn upstream_request(
     } else {
         path.into()
     };
-    let pq = match parts.uri.query() {
-        Some(q) => format!("{new_path}?{q}"),
-        None => new_path.into_owned(),
-    };
     let original_host = match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
         None => parts
@@ -525,9 +521,17 @@ fn upstream_request(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
-    parts.uri = http::Uri::try_from(pq).map_err(|e| {
-        ProxyError::new(ErrorKind::BadRequest, "cannot build the upstream path").with_source(e)
-    })?;
+    // An origin-form target whose path neither normalization nor the route
+    // changed is sent as it came (no copy, no second parse).
+    if parts.uri.scheme().is_some() || new_path != parts.uri.path() {
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path.into_owned(),
+        };
+        parts.uri = http::Uri::try_from(pq).map_err(|e| {
+            ProxyError::new(ErrorKind::BadRequest, "cannot build the upstream path").with_source(e)
+        })?;
+    }
     let h = &mut parts.headers;
     forward::strip_hop_by_hop(h);
     let via = match parts.version {

@@ -84,19 +84,20 @@ enum Framing {
     Done,
 }
 
-/// Sends `req` on `conn` and reads the response head; the body, once read,
-/// gives `conn` back to `home`. On failure the request comes back when the
-/// upstream cannot have received all of it (its first write failed), so
-/// that it may go out on another connection.
+/// Sends `req` on `conn` (taking its body; the head stays with the caller,
+/// for another try) and reads the response head; the body, once read,
+/// gives `conn` back to `home`. On failure, `true` says the upstream cannot
+/// have received any of the request (its first write failed): the body is
+/// back in `req`, which may go out on another connection.
 pub async fn exchange(
     mut conn: Conn,
-    req: Request<Body>,
+    req: &mut Request<Body>,
     home: super::conn::ReturnTo,
-) -> Result<(Response<()>, H1Body), (Error, Option<Request<Body>>)> {
+) -> Result<(Response<()>, H1Body), (Error, bool)> {
     let head_only = req.method() == Method::HEAD;
-    let (parts, mut body) = req.into_parts();
+    let mut body = std::mem::replace(req.body_mut(), Body::empty());
     let mut out = Vec::with_capacity(512);
-    let framing = encode_head(&parts, &body, &mut out);
+    let framing = encode_head(req, &body, &mut out);
     // A fixed body goes in the same write as the head.
     let mut body_done = true;
     match (&mut body, framing) {
@@ -113,8 +114,8 @@ pub async fn exchange(
     if let Err(e) = conn.io.write_all(&out).await {
         // The upstream never got the whole request: it may go out
         // elsewhere.
-        let req = Request::from_parts(parts, body);
-        return Err((Error::Io(e), Some(req)));
+        *req.body_mut() = body;
+        return Err((Error::Io(e), true));
     }
     let chunked = framing == ReqFraming::Chunked;
     let (mut rd, mut wr) = conn.io.split();
@@ -163,15 +164,15 @@ pub async fn exchange(
                                 .await;
                                 match answered {
                                     Ok(Ok(head)) => break Ok(head),
-                                    _ => return Err((Error::Io(e), None)),
+                                    _ => return Err((Error::Io(e), false)),
                                 }
                             }
                         }
                     }
-                    Some(Err(e)) => return Err((Error::Body(Box::new(e)), None)),
+                    Some(Err(e)) => return Err((Error::Body(Box::new(e)), false)),
                     None => {
                         if chunked {
-                            wr.write_all(b"0\r\n\r\n").await.map_err(|e| (Error::Io(e), None))?;
+                            wr.write_all(b"0\r\n\r\n").await.map_err(|e| (Error::Io(e), false))?;
                         }
                         body_done = true;
                     }
@@ -179,7 +180,7 @@ pub async fn exchange(
             }
         }
     };
-    let (resp, framing, keep_alive) = head.map_err(|e| (e, None))?;
+    let (resp, framing, keep_alive) = head.map_err(|e| (e, false))?;
     drop(body);
     Ok((
         resp,
@@ -202,16 +203,16 @@ enum ReqFraming {
 
 /// Writes the request head into `out`, adding the framing header the body
 /// needs, and says how the body goes out.
-fn encode_head(parts: &http::request::Parts, body: &Body, out: &mut Vec<u8>) -> ReqFraming {
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+fn encode_head(req: &Request<Body>, body: &Body, out: &mut Vec<u8>) -> ReqFraming {
+    out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
-    match parts.uri.path_and_query() {
+    match req.uri().path_and_query() {
         Some(pq) => out.extend_from_slice(pq.as_str().as_bytes()),
         None => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
-    for (name, value) in &parts.headers {
+    let has_length = req.headers().contains_key(header::CONTENT_LENGTH);
+    for (name, value) in req.headers() {
         // A fixed body's length is written below from the body itself.
         if name == header::CONTENT_LENGTH && matches!(body, Body::Full(_)) {
             continue;
@@ -231,7 +232,7 @@ fn encode_head(parts: &http::request::Parts, body: &Body, out: &mut Vec<u8>) -> 
         }
         Body::Full(None) => {
             if !matches!(
-                parts.method,
+                *req.method(),
                 Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
             ) {
                 out.extend_from_slice(b"content-length: 0\r\n");

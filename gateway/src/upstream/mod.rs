@@ -321,7 +321,7 @@ impl Pool {
     /// detection and the breakers.
     pub async fn try_once(
         &self,
-        mut req: Request<Body>,
+        req: &mut Request<Body>,
         route_breaker: Option<&Breaker>,
         hash: Option<u64>,
         avoid: Option<usize>,
@@ -402,11 +402,16 @@ impl Pool {
                 parts.scheme = Some(Scheme::HTTP);
                 parts.authority = Some(target.addr.clone());
                 parts.path_and_query = Some(path);
-                *req.uri_mut() = Uri::from_parts(parts).map_err(|e| {
+                // hyper's client takes the request: a copy of the head, so
+                // that the caller keeps one for another try.
+                let mut r = Request::new(std::mem::replace(req.body_mut(), Body::empty()));
+                *r.method_mut() = req.method().clone();
+                *r.headers_mut() = req.headers().clone();
+                *r.uri_mut() = Uri::from_parts(parts).map_err(|e| {
                     refused(ProxyError::new(ErrorKind::Internal, "bad upstream URI").with_source(e))
                 })?;
-                *req.version_mut() = http::Version::HTTP_2;
-                tokio::time::timeout_at(deadline, client.request(req))
+                *r.version_mut() = http::Version::HTTP_2;
+                tokio::time::timeout_at(deadline, client.request(r))
                     .await
                     .map(|r| {
                         r.map(|resp| resp.map(UpstreamBody::Hyper))
@@ -416,14 +421,23 @@ impl Pool {
             None => {
                 // Origin form on the wire; Host as the client sent it, or
                 // the target's when it sent none (HTTP/1.0).
-                *req.uri_mut() = Uri::from(path);
+                if req.uri().scheme().is_some() {
+                    *req.uri_mut() = Uri::from(path);
+                }
                 *req.version_mut() = http::Version::HTTP_11;
+                let mut host_added = false;
                 if !req.headers().contains_key(http::header::HOST)
                     && let Ok(h) = http::HeaderValue::from_str(target.addr.as_str())
                 {
                     req.headers_mut().insert(http::header::HOST, h);
+                    host_added = true;
                 }
-                tokio::time::timeout_at(deadline, send_h1(&target, req, self.h1)).await
+                let r = tokio::time::timeout_at(deadline, send_h1(&target, req, self.h1)).await;
+                if host_added {
+                    // Another try may go to another target.
+                    req.headers_mut().remove(http::header::HOST);
+                }
+                r
             }
         };
         let (outcome, out) = match result {
@@ -613,7 +627,7 @@ enum TryError {
 /// on a new connection, once.
 async fn send_h1(
     target: &Arc<Target>,
-    req: Request<Body>,
+    req: &mut Request<Body>,
     settings: conn::Settings,
 ) -> Result<Response<UpstreamBody>, TryError> {
     let home = || conn::ReturnTo {
@@ -621,14 +635,14 @@ async fn send_h1(
         settings,
     };
     let done = |(head, body): (Response<()>, h1::H1Body)| head.map(|()| UpstreamBody::H1(body));
-    let req = match conn::checkout(target, settings) {
-        Some(c) => match h1::exchange(c, req, home()).await {
+    if let Some(c) = conn::checkout(target, settings) {
+        match h1::exchange(c, req, home()).await {
             Ok(r) => return Ok(done(r)),
-            Err((_, Some(req))) => req,
-            Err((e, None)) => return Err(TryError::Send(e)),
-        },
-        None => req,
-    };
+            // A stale pooled connection: the request goes on a new one.
+            Err((_, true)) => {}
+            Err((e, false)) => return Err(TryError::Send(e)),
+        }
+    }
     let c = conn::connect(target, settings)
         .await
         .map_err(TryError::Connect)?;

@@ -30,20 +30,14 @@ pub fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// A copy of `req` for another try, if its body can be sent again (empty,
-/// or read whole by an earlier phase). Costs a header map copy, which is
-/// why `max_retries = 0` skips it.
-pub fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
-    let body = match req.body() {
-        Body::Full(b) => Body::Full(b.clone()),
-        _ => return None,
-    };
-    let mut r = Request::new(body);
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.version_mut() = req.version();
-    *r.headers_mut() = req.headers().clone();
-    Some(r)
+/// A copy of a request body for another try, if it can be sent again
+/// (empty, or read whole by an earlier phase). The head needs no copy: a try
+/// takes only the body and leaves the head with the caller.
+pub fn replay_body(body: &Body) -> Option<Body> {
+    match body {
+        Body::Full(b) => Some(Body::Full(b.clone())),
+        _ => None,
+    }
 }
 
 /// With `buffer_body` set, reads a request body of known length up to that
