@@ -48,7 +48,7 @@ const READ_CHUNK: usize = 8 * 1024;
 /// chunk) to go out in the same write.
 const COALESCE: usize = 16 * 1024;
 /// Header fields parsed on the stack; more need a heap array.
-const STACK_HEADERS: usize = 100;
+const STACK_HEADERS: usize = 256;
 
 /// A connection's limits, from its listener.
 pub(super) struct Limits {
@@ -892,10 +892,13 @@ fn chunk_size_line(buf: &mut [u8; 18], n: usize) -> &[u8] {
     &buf[i..]
 }
 
-/// Writes all of `bufs` (vectored), then flushes.
+/// Writes all of `bufs` (vectored; at most four), then flushes.
 async fn write_all<T: AsyncWrite + Unpin>(io: &Mutex<Io<T>>, bufs: &[&[u8]]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    let mut slices = [IoSlice::new(&[]); 4];
+    for (s, b) in slices.iter_mut().zip(bufs) {
+        *s = IoSlice::new(b);
+    }
+    let mut rest: &mut [IoSlice<'_>] = &mut slices[..bufs.len().min(4)];
     while !rest.is_empty() {
         let n =
             std::future::poll_fn(|cx| Pin::new(&mut lock(io).stream).poll_write_vectored(cx, rest))

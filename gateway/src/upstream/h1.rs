@@ -51,6 +51,8 @@ pub enum Error {
 pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
+    /// The request head being written (kept between requests).
+    out: Vec<u8>,
 }
 
 impl Conn {
@@ -58,6 +60,7 @@ impl Conn {
         Conn {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
+            out: Vec::with_capacity(512),
         }
     }
 
@@ -96,7 +99,8 @@ pub async fn exchange(
 ) -> Result<(Response<()>, H1Body), (Error, bool)> {
     let head_only = req.method() == Method::HEAD;
     let mut body = std::mem::replace(req.body_mut(), Body::empty());
-    let mut out = Vec::with_capacity(512);
+    let mut out = std::mem::take(&mut conn.out);
+    out.clear();
     let framing = encode_head(req, &body, &mut out);
     // A fixed body goes in the same write as the head.
     let mut body_done = true;
@@ -111,7 +115,9 @@ pub async fn exchange(
     // CPU then wakes once for several requests instead of once for each
     // (measured: 0.46 against 0.8 upstream wake-ups per request).
     tokio::task::yield_now().await;
-    if let Err(e) = conn.io.write_all(&out).await {
+    let written = conn.io.write_all(&out).await;
+    conn.out = out;
+    if let Err(e) = written {
         // The upstream never got the whole request: it may go out
         // elsewhere.
         *req.body_mut() = body;
