@@ -31,11 +31,31 @@ pub fn skip(why: &str) {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released; the OS does not hand
-/// it out again at once).
+/// A free TCP port on 127.0.0.1 for a process the test starts (the gateway,
+/// Redis), which binds it later.
+///
+/// Taken below the kernel's ephemeral range (32768 and up by default), so
+/// that no outgoing connection (a client's, or the gateway's to an
+/// upstream) can take it between now and the bind, as happened with ports
+/// the kernel handed out for `bind(0)`; never the same one twice in a
+/// process, and each test process starts elsewhere in the range.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = u16::try_from(LOW + n).expect("port range fits u16");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {}", LOW + SPAN);
 }
