@@ -385,7 +385,6 @@ where
 
         // 3. The pipeline.
         let meta = head.meta;
-        let src: Arc<dyn Source> = io.clone();
         let body = {
             let mut g = lock(&io);
             g.body = head.framing;
@@ -393,7 +392,7 @@ where
                 g.continue_owed = b"HTTP/1.1 100 Continue\r\n\r\n";
             }
             RequestBody {
-                src: (head.framing != Framing::Done).then_some(src),
+                src: (head.framing != Framing::Done).then(|| io.clone() as Arc<dyn Source>),
                 remaining: match head.framing {
                     Framing::Fixed(n) => Some(n),
                     _ => None,
@@ -712,6 +711,9 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
     closing: bool,
 ) -> io::Result<bool> {
     let (parts, body) = resp.into_parts();
+    // A body the gateway made itself: for HEAD, its length is the one a
+    // GET would get (an upstream's HEAD answer has no body to measure).
+    let generated = matches!(body, Body::Full(_));
     let mut body = std::pin::pin!(body);
     let status = parts.status;
     let h = &parts.headers;
@@ -771,7 +773,7 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        Out::None if meta.is_head && declared.is_none() && !no_body_status => {
+        Out::None if meta.is_head && generated && declared.is_none() && !no_body_status => {
             if let Some(n) = body.size_hint().exact() {
                 out.extend_from_slice(b"content-length: ");
                 out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
