@@ -64,8 +64,11 @@ pub enum Body {
     Guarded(Box<Guarded>),
     /// An upstream response streamed to the client, holding what the
     /// request holds upstream (the target's in-flight count, connection and
-    /// concurrency slots) until it ends or is dropped.
-    Upstream(UpstreamBody, crate::upstream::Held),
+    /// concurrency slots) until it ends or is dropped. Boxed: it is several
+    /// times the size of the other variants, and a response moves through
+    /// a few futures (measured: fewer instructions per request this way,
+    /// allocation included).
+    Upstream(Box<(UpstreamBody, crate::upstream::Held)>),
 }
 
 /// State of a guarded request body.
@@ -165,7 +168,8 @@ impl http_body::Body for Body {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(inner) => Pin::new(inner).poll_frame(cx),
             Body::Guarded(g) => g.poll_frame(cx),
-            Body::Upstream(inner, held) => {
+            Body::Upstream(up) => {
+                let (inner, held) = &mut **up;
                 let r = Pin::new(inner).poll_frame(cx);
                 if let Poll::Ready(None) = r {
                     *held = Default::default();
@@ -180,7 +184,7 @@ impl http_body::Body for Body {
             Body::Full(b) => b.is_none(),
             Body::Stream(inner) => inner.is_end_stream(),
             Body::Guarded(g) => g.inner.is_end_stream(),
-            Body::Upstream(inner, _) => inner.is_end_stream(),
+            Body::Upstream(up) => up.0.is_end_stream(),
         }
     }
 
@@ -190,7 +194,7 @@ impl http_body::Body for Body {
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Stream(inner) => inner.size_hint(),
             Body::Guarded(g) => g.inner.size_hint(),
-            Body::Upstream(inner, _) => inner.size_hint(),
+            Body::Upstream(up) => up.0.size_hint(),
         }
     }
 }

@@ -285,7 +285,10 @@ async fn process(
     let (mut parts, incoming) = resp.into_parts();
     forward::strip_hop_by_hop(&mut parts.headers);
     route.response_headers.apply(&mut parts.headers);
-    Ok(Response::from_parts(parts, Body::Upstream(incoming, held)))
+    Ok(Response::from_parts(
+        parts,
+        Body::Upstream(Box::new((incoming, held))),
+    ))
 }
 
 /// Phase 6: admission (concurrency slots of the route, then the upstream,
