@@ -103,6 +103,7 @@ pub async fn accept_loop(a: Accept) {
         let conn = Arc::new(Conn {
             listener: a.name.clone(),
             peer,
+            forwarded_for: crate::proxy::forward::client_text(peer.ip()),
             tls: settings.tls.is_some(),
         });
         let shared = a.shared.clone();

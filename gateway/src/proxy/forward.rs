@@ -74,28 +74,35 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Adds the forwarding headers for a request from `client` received over
-/// `tls` (or not) for `host`.
+/// A client address as `X-Forwarded-For` writes it (made once per
+/// connection).
+pub fn client_text(ip: IpAddr) -> HeaderValue {
+    // Hands the string's buffer over instead of copying it (same validation).
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(itoa_ip(ip)))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Adds the forwarding headers for a request from `client` (its
+/// `client_text`) received over `tls` (or not) for `host`.
 pub fn add_forwarding(
     h: &mut HeaderMap,
-    client: IpAddr,
+    client: &HeaderValue,
     tls: bool,
     host: Option<&HeaderValue>,
     via: &'static str,
 ) {
-    let mut ip = itoa_ip(client);
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => {
-            let mut s = String::with_capacity(prev.len() + 2 + ip.len());
-            s.push_str(prev);
-            s.push_str(", ");
-            s.push_str(&ip);
-            s
+            let ip = client.as_bytes();
+            let mut s = Vec::with_capacity(prev.len() + 2 + ip.len());
+            s.extend_from_slice(prev.as_bytes());
+            s.extend_from_slice(b", ");
+            s.extend_from_slice(ip);
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(s)).ok()
         }
-        None => std::mem::take(&mut ip),
+        None => Some(client.clone()),
     };
-    // Hands the string's buffer over instead of copying it (same validation).
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(
@@ -198,7 +205,7 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         add_forwarding(
             &mut h,
-            "127.0.0.1".parse().unwrap(),
+            &client_text("127.0.0.1".parse().unwrap()),
             true,
             None,
             "1.1 gateway",

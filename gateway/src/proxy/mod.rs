@@ -51,6 +51,8 @@ pub struct Shared {
 pub struct Conn {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
+    /// `peer`'s address as `X-Forwarded-For` writes it.
+    pub forwarded_for: HeaderValue,
     pub tls: bool,
 }
 
@@ -542,7 +544,13 @@ fn upstream_request(
         Version::HTTP_10 => "1.0 gateway",
         _ => "1.1 gateway",
     };
-    forward::add_forwarding(h, conn.peer.ip(), conn.tls, original_host.as_ref(), via);
+    forward::add_forwarding(
+        h,
+        &conn.forwarded_for,
+        conn.tls,
+        original_host.as_ref(),
+        via,
+    );
     if !h.contains_key(header::HOST)
         && let Some(host) = original_host
     {

@@ -357,25 +357,33 @@ fn parse_head(
         // Where each field sits in the head, so that the values can share
         // the head's bytes instead of each being copied.
         let base = buf.as_ptr() as usize;
-        let spans: Vec<(usize, usize, usize, usize)> = r
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.as_ptr() as usize - base,
-                    h.name.len(),
-                    h.value.as_ptr() as usize - base,
-                    h.value.len(),
-                )
-            })
-            .collect();
+        let span = |h: &httparse::Header<'_>| {
+            (
+                h.name.as_ptr() as usize - base,
+                h.name.len(),
+                h.value.as_ptr() as usize - base,
+                h.value.len(),
+            )
+        };
+        // On the stack for the usual few fields.
+        let mut few_spans = [(0, 0, 0, 0); FEW_HEADERS];
+        let many_spans: Vec<(usize, usize, usize, usize)>;
+        let spans: &[(usize, usize, usize, usize)] = if r.headers.len() <= FEW_HEADERS {
+            for (s, h) in few_spans.iter_mut().zip(r.headers.iter()) {
+                *s = span(h);
+            }
+            &few_spans[..r.headers.len()]
+        } else {
+            many_spans = r.headers.iter().map(span).collect();
+            &many_spans
+        };
         let head = buf.split_to(len).freeze();
         // Room for what the gateway adds (request id, policy headers).
         let mut map = HeaderMap::with_capacity(spans.len() + 4);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut close = version == Version::HTTP_10;
-        for &(n, nl, v, vl) in &spans {
+        for &(n, nl, v, vl) in spans {
             let name = HeaderName::from_bytes(&head[n..n + nl])
                 .map_err(|_| Error::Protocol("invalid header name"))?;
             let raw = &head[v..v + vl];
