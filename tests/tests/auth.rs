@@ -244,6 +244,22 @@ async fn api_key_in_header_and_query() {
     let r = send(&env.base, "GET", "/other", &[("x-consumer", "mallory")]).await;
     assert_eq!(seen(&r)["x-consumer"], "mallory");
 
+    // Counted: three refused, two let through (by a worker's kept handles,
+    // on whichever worker served them).
+    assert_eq!(
+        metric(
+            &env.gw,
+            "gateway_auth_failures_total",
+            "reason=\"unauthenticated\""
+        )
+        .await,
+        3
+    );
+    assert_eq!(
+        metric(&env.gw, "gateway_auth_success_total", "method=\"api_key\"").await,
+        2
+    );
+
     // The access log names the consumer.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !env.gw.stdout().contains("\"user.name\":\"bob\"") {

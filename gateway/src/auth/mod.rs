@@ -211,16 +211,15 @@ impl RouteAuth {
             Ok(f) => f.identity.method.as_str(),
             Err(_) => "none",
         };
+        use crate::observe::metrics::increment_static;
         let found = found.inspect_err(|_| {
-            metrics::counter!("gateway_auth_failures_total", "reason" => "unauthenticated")
-                .increment(1);
+            increment_static("gateway_auth_failures_total", "reason", "unauthenticated");
         })?;
         self.authorize(&found.identity, req.method())
             .inspect_err(|_| {
-                metrics::counter!("gateway_auth_failures_total", "reason" => "forbidden")
-                    .increment(1);
+                increment_static("gateway_auth_failures_total", "reason", "forbidden");
             })?;
-        metrics::counter!("gateway_auth_success_total", "method" => label).increment(1);
+        increment_static("gateway_auth_success_total", "method", label);
         self.rewrite(&found, req);
         Ok(found.identity)
     }

@@ -240,6 +240,32 @@ struct Cache {
 
 thread_local! {
     static CACHE: RefCell<Cache> = RefCell::default();
+    static STATIC_COUNTERS: RefCell<Vec<(StaticKey, Counter)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A counter's name and one label, all `'static`, by address.
+type StaticKey = (usize, usize, usize);
+
+/// Increments `name{label=value}` where all three are `'static`, keeping
+/// each worker's handles like `record_request` (a `counter!` lookup costs
+/// more than the rest of an API-key check).
+pub fn increment_static(name: &'static str, label: &'static str, value: &'static str) {
+    let key = (
+        name.as_ptr() as usize,
+        label.as_ptr() as usize,
+        value.as_ptr() as usize,
+    );
+    STATIC_COUNTERS.with_borrow_mut(|v| {
+        if let Some((_, c)) = v.iter().find(|(k, _)| *k == key) {
+            c.increment(1);
+            return;
+        }
+        let c = metrics::counter!(name, label => value);
+        c.increment(1);
+        if v.len() < MAX_CACHED {
+            v.push((key, c));
+        }
+    });
 }
 
 fn addr(s: &Arc<str>) -> usize {
