@@ -3,8 +3,8 @@
 //! or timeouts in a row, `consecutive_5xx` 5xx responses in a row, or
 //! `consecutive_slow` response heads slower than `slow_threshold`, eject
 //! the target for `base_ejection × n` (n = ejections in a row, capped at
-//! `max_ejection`). At most `max_ejected_percent` of the pool (and never
-//! all of it) is ejected at once. A target that served requests well for
+//! `max_ejection`). At most `max_ejected_percent` of the pool (but at least
+//! one target when it is above 0, and never all of them) is ejected at once. A target that served requests well for
 //! `max_ejection` after its last ejection starts again from n = 1.
 
 use std::sync::atomic::Ordering;
@@ -68,7 +68,15 @@ pub fn record(
     }
     // The cap: count the targets ejected now (failure path only).
     let ejected = set.iter().filter(|t| t.is_ejected(now)).count();
-    let cap = (set.len() * s.max_ejected_percent as usize / 100).min(set.len().saturating_sub(1));
+    // Like Envoy, any share above 0% lets at least one target go (3
+    // targets at 10% would round to none); never the last one.
+    let share = set.len() * s.max_ejected_percent as usize / 100;
+    let cap = if s.max_ejected_percent > 0 {
+        share.max(1)
+    } else {
+        0
+    }
+    .min(set.len().saturating_sub(1));
     if ejected >= cap {
         tracing::debug!(upstream = name, target = %target.addr, "outlier not ejected: ejection cap reached");
         return false;
@@ -207,5 +215,24 @@ mod tests {
             record("u", Some(&s), &one[0], &one, Outcome::Failure, 10);
         }
         assert!(!one[0].is_ejected(10), "the last target is never ejected");
+
+        // A share that rounds to no target still lets one go; 0% none.
+        let mut s = settings();
+        s.max_ejected_percent = 10;
+        let ts = set(3);
+        for t in &ts {
+            for _ in 0..2 {
+                record("u", Some(&s), t, &ts, Outcome::Status5xx, 10);
+            }
+        }
+        assert_eq!(ts.iter().filter(|t| t.is_ejected(10)).count(), 1);
+        s.max_ejected_percent = 0;
+        let ts = set(3);
+        for t in &ts {
+            for _ in 0..2 {
+                record("u", Some(&s), t, &ts, Outcome::Status5xx, 10);
+            }
+        }
+        assert_eq!(ts.iter().filter(|t| t.is_ejected(10)).count(), 0);
     }
 }
