@@ -167,7 +167,7 @@ async fn http1_and_http2_over_tls_with_both_versions() {
             .send_request(
                 Request::get("/x")
                     .header("host", "b.example.test")
-                    .body(Empty::<Bytes>::new())
+                    .body(http_body_util::Full::new(Bytes::new()))
                     .unwrap(),
             )
             .await
@@ -176,6 +176,20 @@ async fn http1_and_http2_over_tls_with_both_versions() {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["headers"]["x-forwarded-proto"], "https");
+        // The same connection again, with a body over many TLS records.
+        let resp = send
+            .send_request(
+                Request::post("/x")
+                    .header("host", "b.example.test")
+                    .body(http_body_util::Full::new(Bytes::from(vec![b'z'; 60_000])))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["body_len"], 60_000);
 
         // HTTP/2 by ALPN.
         let tls = connect(
