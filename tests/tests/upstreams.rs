@@ -2027,6 +2027,8 @@ async fn scripted_upstream() -> (
                             false,
                         ),
                         "/close" => (b"HTTP/1.0 200 OK\r\n\r\nuntil the end", true),
+                        // A HEAD answer framed as chunked: no body follows.
+                        "/head-chunked" => (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false),
                         "/continue" => (
                             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
                             false,
@@ -2094,6 +2096,25 @@ path_prefix = "/"
     assert!(
         conns.load(Ordering::Relaxed) <= 2,
         "keep-alive connections reused"
+    );
+    // HEAD answered as chunked: the client gets a head with no made-up
+    // length and no body, and the connection goes on.
+    let listen = env.base.trim_start_matches("http://");
+    let raw = client::raw(
+        listen,
+        "HEAD /head-chunked HTTP/1.1\r\nHost: x\r\n\r\nGET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let parts: Vec<&str> = raw.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(parts.len(), 2, "{raw}");
+    assert!(
+        parts[0].starts_with("200") && parts[0].ends_with("\r\n\r\n"),
+        "{raw}"
+    );
+    assert!(!parts[0].contains("content-length"), "{raw}");
+    assert!(!parts[0].contains("transfer-encoding"), "{raw}");
+    assert!(
+        parts[1].starts_with("200") && parts[1].ends_with("ok"),
+        "{raw}"
     );
     // Delimited by the connection's end: read whole, connection not kept.
     let r = env.get("/close").await;
