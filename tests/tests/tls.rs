@@ -176,7 +176,9 @@ async fn http1_and_http2_over_tls_with_both_versions() {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["headers"]["x-forwarded-proto"], "https");
-        // The same connection again, with a body over many TLS records.
+        // The same connection again, with a body over many TLS records
+        // (once hyper's client has taken in the end of the first answer).
+        send.ready().await.expect("the connection stays open");
         let resp = send
             .send_request(
                 Request::post("/x")
