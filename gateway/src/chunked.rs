@@ -145,9 +145,36 @@ impl Decoder {
     }
 }
 
+/// `len` in hex and CRLF, written into `out`: a chunk's size line (the
+/// encoding side, for the server's responses and the client's requests).
+pub fn size_line(len: usize, out: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut i = 16;
+    let mut n = len;
+    loop {
+        i -= 1;
+        out[i] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out[16] = b'\r';
+    out[17] = b'\n';
+    &out[i..]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn size_lines() {
+        let mut b = [0u8; 18];
+        assert_eq!(size_line(0, &mut b), b"0\r\n");
+        assert_eq!(size_line(255, &mut b), b"ff\r\n");
+        assert_eq!(size_line(usize::MAX, &mut b), b"ffffffffffffffff\r\n");
+    }
 
     /// Decodes `wire` fed in pieces of `piece` bytes: the data, whether the
     /// body ended, and how many bytes it took.

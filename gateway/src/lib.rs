@@ -19,4 +19,5 @@ pub mod respond;
 pub mod router;
 pub mod server;
 pub mod upstream;
+pub mod wire;
 pub mod xdp;

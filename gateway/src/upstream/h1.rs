@@ -148,13 +148,13 @@ pub async fn exchange(
                         {
                             let r = if chunked {
                                 let mut line = [0u8; 18];
-                                let size = chunk_size_line(data.len(), &mut line);
+                                let size = crate::chunked::size_line(data.len(), &mut line);
                                 let mut slices = [
                                     std::io::IoSlice::new(size),
                                     std::io::IoSlice::new(&data),
                                     std::io::IoSlice::new(b"\r\n"),
                                 ];
-                                write_all_vectored(&mut wr, &mut slices).await
+                                crate::wire::write_all_vectored(&mut wr, &mut slices).await
                             } else {
                                 wr.write_all(&data).await
                             };
@@ -254,38 +254,6 @@ fn encode_head(req: &Request<Body>, body: &Body, out: &mut Vec<u8>) -> ReqFramin
     };
     out.extend_from_slice(b"\r\n");
     framing
-}
-
-/// `len` in hex and CRLF, written into `out`: a chunk's size line.
-fn chunk_size_line(len: usize, out: &mut [u8; 18]) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut i = 16;
-    let mut n = len;
-    loop {
-        i -= 1;
-        out[i] = HEX[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out[16] = b'\r';
-    out[17] = b'\n';
-    &out[i..]
-}
-
-async fn write_all_vectored(
-    w: &mut (impl tokio::io::AsyncWrite + Unpin),
-    mut slices: &mut [std::io::IoSlice<'_>],
-) -> std::io::Result<()> {
-    while !slices.is_empty() {
-        let n = w.write_vectored(slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        std::io::IoSlice::advance_slices(&mut slices, n);
-    }
-    Ok(())
 }
 
 /// Reads until a final response head is complete; returns it (as a
@@ -390,11 +358,7 @@ fn parse_head(
             let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
                 .map_err(|_| Error::Protocol("invalid header value"))?;
             if name == header::CONTENT_LENGTH {
-                let v = std::str::from_utf8(raw)
-                    .ok()
-                    .map(str::trim)
-                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|v| v.parse::<u64>().ok())
+                let v = crate::wire::content_length(raw)
                     .ok_or(Error::Protocol("invalid Content-Length"))?;
                 if length.is_some_and(|l| l != v) {
                     return Err(Error::Protocol("conflicting Content-Length values"));
@@ -412,14 +376,10 @@ fn parse_head(
                     close = true;
                 }
             } else if name == header::CONNECTION {
-                let v = value.to_str().unwrap_or("");
-                if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
-                    close = true;
-                } else if v
-                    .split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("keep-alive"))
-                {
-                    close = false;
+                match crate::wire::connection_tokens(raw) {
+                    (true, _) => close = true,
+                    (false, true) => close = false,
+                    _ => {}
                 }
             }
             map.append(name, value);
