@@ -2021,7 +2021,18 @@ async fn scripted_upstream() -> (
                     let head = String::from_utf8_lossy(&buf[..end]).to_string();
                     buf.drain(..end);
                     let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    // `/host` answers with the Host the request came with.
+                    let host = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("host: "))
+                        .unwrap_or("")
+                        .to_string();
+                    let host_answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{host}",
+                        host.len()
+                    );
                     let (resp, close): (&[u8], bool) = match path.as_str() {
+                        "/host" => (host_answer.as_bytes(), false),
                         "/chunked" => (
                             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n",
                             false,
@@ -2097,9 +2108,15 @@ path_prefix = "/"
         conns.load(Ordering::Relaxed) <= 2,
         "keep-alive connections reused"
     );
+    // A request without Host (HTTP/1.0) gets the target's on the way
+    // upstream; one with Host keeps it.
+    let listen = env.base.trim_start_matches("http://");
+    let raw = client::raw(listen, "GET /host HTTP/1.0\r\n\r\n");
+    assert!(raw.ends_with(&format!("\r\n\r\n{addr}")), "{raw}");
+    let raw = client::raw(listen, "GET /host HTTP/1.0\r\nHost: example.test\r\n\r\n");
+    assert!(raw.ends_with("\r\n\r\nexample.test"), "{raw}");
     // HEAD answered as chunked: the client gets a head with no made-up
     // length and no body, and the connection goes on.
-    let listen = env.base.trim_start_matches("http://");
     let raw = client::raw(
         listen,
         "HEAD /head-chunked HTTP/1.1\r\nHost: x\r\n\r\nGET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",

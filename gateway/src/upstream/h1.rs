@@ -101,7 +101,7 @@ pub async fn exchange(
     let mut body = std::mem::replace(req.body_mut(), Body::empty());
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
-    let framing = encode_head(req, &body, &mut out);
+    let framing = encode_head(req, &body, home.target.addr.as_str(), &mut out);
     // A fixed body goes in the same write as the head.
     let mut body_done = true;
     match (&mut body, framing) {
@@ -207,9 +207,10 @@ enum ReqFraming {
     Chunked,
 }
 
-/// Writes the request head into `out`, adding the framing header the body
-/// needs, and says how the body goes out.
-fn encode_head(req: &Request<Body>, body: &Body, out: &mut Vec<u8>) -> ReqFraming {
+/// Writes the request head into `out` in origin form, adding the framing
+/// header the body needs and `host` (the target's) when the client sent
+/// none (HTTP/1.0), and says how the body goes out.
+fn encode_head(req: &Request<Body>, body: &Body, host: &str, out: &mut Vec<u8>) -> ReqFraming {
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
     match req.uri().path_and_query() {
@@ -217,15 +218,25 @@ fn encode_head(req: &Request<Body>, body: &Body, out: &mut Vec<u8>) -> ReqFramin
         None => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let has_length = req.headers().contains_key(header::CONTENT_LENGTH);
+    let mut has_length = false;
+    let mut has_host = false;
     for (name, value) in req.headers() {
-        // A fixed body's length is written below from the body itself.
-        if name == header::CONTENT_LENGTH && matches!(body, Body::Full(_)) {
-            continue;
+        has_host |= name == header::HOST;
+        if name == header::CONTENT_LENGTH {
+            has_length = true;
+            // A fixed body's length is written below from the body itself.
+            if matches!(body, Body::Full(_)) {
+                continue;
+            }
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     let framing = match body {

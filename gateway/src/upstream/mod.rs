@@ -384,11 +384,6 @@ impl Pool {
             None => None,
         };
         let in_flight = InFlight::new(target.clone(), conn);
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let slow = self
             .config
             .settings
@@ -398,6 +393,11 @@ impl Pool {
             .map(|(t, _)| tokio::time::Instant::now() + t);
         let result = match &self.h2 {
             Some(client) => {
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/"));
                 let mut parts = http::uri::Parts::default();
                 parts.scheme = Some(Scheme::HTTP);
                 parts.authority = Some(target.addr.clone());
@@ -418,27 +418,10 @@ impl Pool {
                             .map_err(TryError::Legacy)
                     })
             }
-            None => {
-                // Origin form on the wire; Host as the client sent it, or
-                // the target's when it sent none (HTTP/1.0).
-                if req.uri().scheme().is_some() {
-                    *req.uri_mut() = Uri::from(path);
-                }
-                *req.version_mut() = http::Version::HTTP_11;
-                let mut host_added = false;
-                if !req.headers().contains_key(http::header::HOST)
-                    && let Ok(h) = http::HeaderValue::from_str(target.addr.as_str())
-                {
-                    req.headers_mut().insert(http::header::HOST, h);
-                    host_added = true;
-                }
-                let r = tokio::time::timeout_at(deadline, send_h1(&target, req, self.h1)).await;
-                if host_added {
-                    // Another try may go to another target.
-                    req.headers_mut().remove(http::header::HOST);
-                }
-                r
-            }
+            // Origin form and HTTP/1.1 on the wire, Host as the client sent
+            // it or the target's (`h1::encode_head`); the head is not
+            // changed, so another try may go to another target.
+            None => tokio::time::timeout_at(deadline, send_h1(&target, req, self.h1)).await,
         };
         let (outcome, out) = match result {
             Ok(Ok(response)) => {
