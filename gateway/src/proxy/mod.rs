@@ -439,8 +439,8 @@ fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<(), Pr
         )
         .closing());
     }
-    if let Some(len) = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok())
-        && len.parse::<u64>().is_err()
+    if let Some(len) = h.get(header::CONTENT_LENGTH)
+        && crate::wire::content_length(len.as_bytes()).is_none()
     {
         return Err(ProxyError::new(ErrorKind::BadRequest, "invalid Content-Length").closing());
     }
@@ -499,7 +499,7 @@ fn upstream_request(
     if let Some(len) = parts
         .headers
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .and_then(|v| crate::wire::content_length(v.as_bytes()))
         && len > limit
     {
         return Err(ProxyError::new(

@@ -50,7 +50,7 @@ pub async fn buffer_body(req: Request<Body>, limit: u64) -> Result<Request<Body>
     let len = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        .and_then(|v| crate::wire::content_length(v.as_bytes()));
     if len.is_none_or(|l| l > limit) {
         return Ok(req);
     }
