@@ -1,9 +1,14 @@
 //! HTTP/1.1 wire pieces shared by the gateway's server (`listener::h1`) and
 //! its upstream client (`upstream::h1`), so that both sides read framing
 //! headers the same way: `Content-Length` values, `Connection` tokens, and
-//! writing a list of buffers whole.
+//! writing a list of buffers whole; and the header maps and names both
+//! build for every message, kept for reuse.
 
+use std::cell::RefCell;
 use std::io::IoSlice;
+
+use http::HeaderMap;
+use http::header::{HeaderName, InvalidHeaderName};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -29,6 +34,90 @@ pub fn connection_tokens(v: &[u8]) -> (bool, bool) {
     (close, keep_alive)
 }
 
+thread_local! {
+    /// Emptied header maps kept by this worker thread.
+    static SPARE_MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Most maps kept per thread: enough for every message in flight on a busy
+/// worker; beyond that a map is freed.
+const SPARE_MAPS_KEPT: usize = 256;
+
+/// Maps grown past this many fields (a rare large head) are freed rather
+/// than kept, so that the spare maps stay small.
+const SPARE_MAP_MAX_CAPACITY: usize = 48;
+
+/// An empty header map with room for `capacity` fields: one this thread
+/// recycled when it has one (no allocation), otherwise a new one. Every
+/// HTTP/1.1 message the gateway parses takes its map from here.
+pub fn header_map(capacity: usize) -> HeaderMap {
+    let spare = SPARE_MAPS.try_with(|s| s.borrow_mut().pop()).ok().flatten();
+    match spare {
+        Some(mut m) => {
+            if m.capacity() < capacity {
+                m.reserve(capacity);
+            }
+            m
+        }
+        None => HeaderMap::with_capacity(capacity),
+    }
+}
+
+/// Gives a map that is done with back for `header_map` to hand out again
+/// (its fields are dropped now; its allocation is kept).
+pub fn recycle_header_map(mut m: HeaderMap) {
+    if m.capacity() == 0 || m.capacity() > SPARE_MAP_MAX_CAPACITY {
+        return;
+    }
+    m.clear();
+    let _ = SPARE_MAPS.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_MAPS_KEPT {
+            s.push(m);
+        }
+    });
+}
+
+/// Positions in a head whose names are remembered.
+const NAME_SLOTS: usize = 16;
+
+/// The header names last parsed at each position of a head, as they were
+/// spelled on the wire. A peer tends to send the same fields in the same
+/// order, so most names are found by one comparison instead of being
+/// classified and lowercased again.
+pub struct NameCache {
+    slots: [Option<(Box<[u8]>, HeaderName)>; NAME_SLOTS],
+}
+
+impl NameCache {
+    pub const fn new() -> NameCache {
+        NameCache {
+            slots: [const { None }; NAME_SLOTS],
+        }
+    }
+
+    /// The name spelled `raw` at `position` in its head.
+    pub fn name(&mut self, position: usize, raw: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+        let Some(slot) = self.slots.get_mut(position) else {
+            return HeaderName::from_bytes(raw);
+        };
+        if let Some((spelled, name)) = slot
+            && **spelled == *raw
+        {
+            return Ok(name.clone());
+        }
+        let name = HeaderName::from_bytes(raw)?;
+        *slot = Some((raw.into(), name.clone()));
+        Ok(name)
+    }
+}
+
+impl Default for NameCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Writes all of `slices` with vectored writes.
 pub async fn write_all_vectored(
     w: &mut (impl AsyncWrite + Unpin),
@@ -47,6 +136,46 @@ pub async fn write_all_vectored(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_names_match_fresh_ones() {
+        let mut c = NameCache::new();
+        for raw in [
+            &b"Content-Type"[..],
+            b"content-type",
+            b"X-Custom",
+            b"x-custom",
+            b"Content-Type",
+        ] {
+            for pos in [0, 3, NAME_SLOTS, NAME_SLOTS + 5] {
+                let fresh = HeaderName::from_bytes(raw).unwrap();
+                assert_eq!(c.name(pos, raw).unwrap(), fresh);
+                // Found in the cache the second time.
+                assert_eq!(c.name(pos, raw).unwrap(), fresh);
+            }
+        }
+        assert!(c.name(0, b"bad name").is_err());
+        assert_eq!(
+            c.name(0, b"Content-Type").unwrap(),
+            http::header::CONTENT_TYPE
+        );
+    }
+
+    #[test]
+    fn recycled_header_maps_come_back_empty() {
+        let mut m = header_map(8);
+        m.insert(http::header::HOST, http::HeaderValue::from_static("a"));
+        let cap = m.capacity();
+        recycle_header_map(m);
+        let again = header_map(4);
+        assert!(again.is_empty());
+        assert_eq!(again.capacity(), cap);
+        // A map grown large is freed, not kept.
+        let mut big = HeaderMap::with_capacity(SPARE_MAP_MAX_CAPACITY * 2);
+        big.insert(http::header::HOST, http::HeaderValue::from_static("a"));
+        recycle_header_map(big);
+        assert!(header_map(1).capacity() <= SPARE_MAP_MAX_CAPACITY);
+    }
 
     #[test]
     fn content_lengths() {

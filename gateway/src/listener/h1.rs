@@ -28,7 +28,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -538,6 +538,12 @@ impl Refusal {
     }
 }
 
+thread_local! {
+    /// The request header names this worker saw last (see `NameCache`).
+    static REQUEST_NAMES: std::cell::RefCell<crate::wire::NameCache> =
+        const { std::cell::RefCell::new(crate::wire::NameCache::new()) };
+}
+
 /// Parses a complete head off the front of `buf` (`None`: not complete
 /// yet).
 fn parse(
@@ -646,10 +652,11 @@ fn parse(
     let uri = Uri::from_maybe_shared(slice(path))
         .map_err(|e| Refusal::bad(format!("invalid request target: {e}")))?;
     // Room for the forwarding headers and the request id added upstream.
-    let mut headers = HeaderMap::with_capacity(indices.len() + 6);
-    for i in indices.iter() {
+    let mut headers = crate::wire::header_map(indices.len() + 6);
+    for (pos, i) in indices.iter().enumerate() {
         let (at, n) = i.name;
-        let name = HeaderName::from_bytes(&head[at..at + n])
+        let name = REQUEST_NAMES
+            .with_borrow_mut(|c| c.name(pos, &head[at..at + n]))
             .map_err(|_| Refusal::bad("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(slice(i.value))
             .map_err(|_| Refusal::bad(format!("invalid value in header {name}")))?;
@@ -783,6 +790,7 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    crate::wire::recycle_header_map(parts.headers);
 
     if framing == Out::None {
         write_all(io, &[&out[..]]).await?;

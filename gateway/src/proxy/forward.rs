@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies drop.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -91,28 +91,32 @@ pub fn add_forwarding(
     host: Option<&HeaderValue>,
     via: &'static str,
 ) {
-    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => {
-            let ip = client.as_bytes();
-            let mut s = Vec::with_capacity(prev.len() + 2 + ip.len());
-            s.extend_from_slice(prev.as_bytes());
-            s.extend_from_slice(b", ");
-            s.extend_from_slice(ip);
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(s)).ok()
+    // One lookup per name (each hashes it).
+    match h.entry(&X_FORWARDED_FOR) {
+        Entry::Occupied(mut e) => {
+            if let Ok(prev) = e.get().to_str() {
+                let ip = client.as_bytes();
+                let mut s = Vec::with_capacity(prev.len() + 2 + ip.len());
+                s.extend_from_slice(prev.as_bytes());
+                s.extend_from_slice(b", ");
+                s.extend_from_slice(ip);
+                if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(s)) {
+                    e.insert(v);
+                }
+            }
         }
-        None => Some(client.clone()),
-    };
-    if let Some(v) = xff {
-        h.insert(X_FORWARDED_FOR.clone(), v);
+        Entry::Vacant(e) => {
+            e.insert(client.clone());
+        }
     }
     h.insert(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     );
     if let Some(host) = host
-        && !h.contains_key(&X_FORWARDED_HOST)
+        && let Entry::Vacant(e) = h.entry(&X_FORWARDED_HOST)
     {
-        h.insert(X_FORWARDED_HOST.clone(), host.clone());
+        e.insert(host.clone());
     }
     h.append(header::VIA, HeaderValue::from_static(via));
 }

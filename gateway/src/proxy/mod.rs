@@ -276,7 +276,7 @@ async fn process(
     // Phase 6: upstream.
     let timeout = route.timeout.unwrap_or(pool.config.timeout);
     let started = Instant::now();
-    let result = call_upstream(pool, route, conn, upstream_req, timeout).await;
+    let result = call_upstream(pool, route, conn, upstream_req, started, timeout).await;
     crate::observe::metrics::record_upstream(&pool.config.name, started.elapsed());
     let (resp, held) = result.inspect_err(|e| {
         let upstream_label = metrics::SharedString::from(pool.config.name.clone());
@@ -304,26 +304,36 @@ async fn call_upstream(
     route: &RouteConfig,
     conn: &Conn,
     req: Request<Body>,
+    started: Instant,
     timeout: std::time::Duration,
 ) -> Result<(Response<upstream::UpstreamBody>, upstream::Held), ProxyError> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    // The clock is read once for the phase and the first try when nothing
+    // waits in between (a read costs more than the rest of the bookkeeping
+    // here).
+    let deadline = tokio::time::Instant::from_std(started) + timeout;
     let rp = &route.upstream_policy;
     let policy = rp.retry.as_ref().unwrap_or(&pool.config.settings.retry);
     let mut held = upstream::Held::default();
+    // `started` while nothing has waited since it was read.
+    let mut clock = Some(started);
     if let Some(l) = &rp.concurrency {
         held.route_slot = Some(l.acquire().await?);
+        clock = None;
     }
     if let Some(l) = &pool.limiter {
         held.pool_slot = Some(l.acquire().await?);
+        clock = None;
     }
-    pool.budget.deposit();
+    pool.budget.deposit(upstream::window::ms_at(started));
     let hash = pool.request_hash(conn.peer.ip(), req.headers());
     let method = req.method().clone();
-    let mut req = if policy.max_retries > 0 {
+    let mut req = Recycled(if policy.max_retries > 0 {
+        clock = None;
         upstream::retry::buffer_body(req, policy.buffer_body).await?
     } else {
         req
-    };
+    });
+    let req = &mut req.0;
     let mut avoid = None;
     let mut retries = 0;
     loop {
@@ -333,10 +343,11 @@ async fn call_upstream(
         } else {
             None
         };
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let now = clock.take().unwrap_or_else(Instant::now);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::from_std(now));
         let per_try = policy.per_try_timeout.map_or(left, |t| t.min(left));
         let (reason, target, failure) = match pool
-            .try_once(&mut req, rp.breaker.as_deref(), hash, avoid, per_try)
+            .try_once(req, rp.breaker.as_deref(), hash, avoid, now, per_try)
             .await
         {
             Ok(t) => {
@@ -379,6 +390,16 @@ async fn call_upstream(
         let pause = upstream::retry::backoff(policy, retries);
         tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline)).await;
         *req.body_mut() = next;
+    }
+}
+
+/// The upstream request of `call_upstream`, whose header map goes back to
+/// the spare maps (`crate::wire`) when the call is over.
+struct Recycled(Request<Body>);
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        crate::wire::recycle_header_map(std::mem::take(self.0.headers_mut()));
     }
 }
 
@@ -551,10 +572,10 @@ fn upstream_request(
         original_host.as_ref(),
         via,
     );
-    if !h.contains_key(header::HOST)
-        && let Some(host) = original_host
+    if let Some(host) = original_host
+        && let header::Entry::Vacant(e) = h.entry(header::HOST)
     {
-        h.insert(header::HOST, host);
+        e.insert(host);
     }
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
     route.request_headers.apply(h);

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
@@ -267,6 +267,12 @@ fn encode_head(req: &Request<Body>, body: &Body, host: &str, out: &mut Vec<u8>) 
     framing
 }
 
+thread_local! {
+    /// The response header names this worker saw last (see `NameCache`).
+    static RESPONSE_NAMES: std::cell::RefCell<crate::wire::NameCache> =
+        const { std::cell::RefCell::new(crate::wire::NameCache::new()) };
+}
+
 /// Reads until a final response head is complete; returns it (as a
 /// body-less response), how its body is delimited and whether the
 /// connection may be kept. Cancel-safe: bytes read stay in `buf`.
@@ -358,12 +364,13 @@ fn parse_head(
         };
         let head = buf.split_to(len).freeze();
         // Room for what the gateway adds (request id, policy headers).
-        let mut map = HeaderMap::with_capacity(spans.len() + 4);
+        let mut map = crate::wire::header_map(spans.len() + 4);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut close = version == Version::HTTP_10;
-        for &(n, nl, v, vl) in spans {
-            let name = HeaderName::from_bytes(&head[n..n + nl])
+        for (pos, &(n, nl, v, vl)) in spans.iter().enumerate() {
+            let name = RESPONSE_NAMES
+                .with_borrow_mut(|c| c.name(pos, &head[n..n + nl]))
                 .map_err(|_| Error::Protocol("invalid header name"))?;
             let raw = &head[v..v + vl];
             let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))

@@ -325,6 +325,7 @@ impl Pool {
         route_breaker: Option<&Breaker>,
         hash: Option<u64>,
         avoid: Option<usize>,
+        now: std::time::Instant,
         timeout: Duration,
     ) -> Result<Tried, Failed> {
         let refused = |error| Failed {
@@ -341,9 +342,15 @@ impl Pool {
             None => None,
         };
         let set = self.set.load();
-        let now = now_ms();
-        let Some(index) = set.pick(self.config.settings.balance, &self.next, hash, avoid, now)
-        else {
+        let now_ms = window::ms_at(now);
+        let now = tokio::time::Instant::from_std(now);
+        let Some(index) = set.pick(
+            self.config.settings.balance,
+            &self.next,
+            hash,
+            avoid,
+            now_ms,
+        ) else {
             let detail = if set.is_empty() {
                 format!("upstream {:?} has no targets", self.config.name)
             } else {
@@ -352,7 +359,7 @@ impl Pool {
             return Err(refused(ProxyError::new(ErrorKind::NoUpstream, detail)));
         };
         let target = set.targets[index].clone();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = now + timeout;
         let conn = match &target.conns {
             Some(sem) => match sem.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
@@ -390,7 +397,7 @@ impl Pool {
             .outlier
             .as_ref()
             .and_then(|o| o.slow)
-            .map(|(t, _)| tokio::time::Instant::now() + t);
+            .map(|(t, _)| now + t);
         let result = match &self.h2 {
             Some(client) => {
                 let path = req
@@ -477,7 +484,12 @@ impl Pool {
                 &target,
                 &set.targets,
                 o,
-                now_ms(),
+                // Counted at the try's start; a failure, at its end.
+                if o == Outcome::Success {
+                    now_ms
+                } else {
+                    window::now_ms()
+                },
             );
             for (b, adm) in [
                 (route_breaker, route_adm),

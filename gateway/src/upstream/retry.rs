@@ -133,9 +133,9 @@ impl Budget {
         }
     }
 
-    /// Counts one request (not a retry).
-    pub fn deposit(&self) {
-        self.window.add(now_ms(), 1, 0);
+    /// Counts one request (not a retry) made at `now` (`window::now_ms`).
+    pub fn deposit(&self, now: u64) {
+        self.window.add(now, 1, 0);
     }
 
     /// Takes one retry from the budget if there is one left.
@@ -252,7 +252,7 @@ mod tests {
         });
         let mut granted = 0;
         for _ in 0..1000 {
-            b.deposit();
+            b.deposit(now_ms());
             if b.withdraw() {
                 granted += 1;
             }

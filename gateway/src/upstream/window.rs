@@ -15,8 +15,15 @@ static START: OnceLock<Instant> = OnceLock::new();
 
 /// Milliseconds since the first call in this process (never 0 after it).
 pub fn now_ms() -> u64 {
-    let start = START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_millis())
+    ms_at(Instant::now())
+}
+
+/// `now_ms()` as it was at `at`, for a caller that has read the clock
+/// already (an instant before the first call counts as the first
+/// millisecond).
+pub fn ms_at(at: Instant) -> u64 {
+    let start = START.get_or_init(|| at);
+    u64::try_from(at.saturating_duration_since(*start).as_millis())
         .unwrap_or(u64::MAX)
         .saturating_add(1)
 }
