@@ -12,6 +12,7 @@ pub mod error;
 pub mod listener;
 pub mod observe;
 pub mod policy;
+pub mod prehashed;
 
 pub mod proxy;
 pub mod reload;

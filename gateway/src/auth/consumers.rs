@@ -36,7 +36,7 @@ pub struct Consumer {
 pub struct Consumers {
     by_name: HashMap<Arc<str>, Arc<Consumer>>,
     /// SHA-256 of each API key.
-    by_api_key: HashMap<[u8; 32], Arc<Consumer>>,
+    by_api_key: HashMap<[u8; 32], Arc<Consumer>, crate::prehashed::PreHashed>,
     /// Basic user name → consumer and password hash.
     by_user: HashMap<Box<str>, (Arc<Consumer>, PasswordHash)>,
     /// Successful Basic verifications (see `basic`), valid for this set only.

@@ -13,7 +13,7 @@ use dashmap::mapref::entry::Entry;
 #[derive(Debug, Default)]
 pub struct InFlight {
     max: u32,
-    counts: DashMap<u64, u32>,
+    counts: DashMap<u64, u32, crate::prehashed::PreHashed>,
 }
 
 /// One request in flight; dropping it gives the slot back.
@@ -27,7 +27,7 @@ impl InFlight {
     pub fn new(max: u32) -> InFlight {
         InFlight {
             max,
-            counts: DashMap::new(),
+            counts: DashMap::default(),
         }
     }
 

@@ -20,8 +20,12 @@ use governor::{Quota, RateLimiter};
 
 use super::{Decision, WindowSpec};
 use crate::policy::shared::{self, Sweep};
+use crate::prehashed::PreHashed;
 
-type Keyed = RateLimiter<u64, DashMapStateStore<u64>, DefaultClock, StateInformationMiddleware>;
+/// Keys are already keyed hashes (`RateLimit::check`): the map takes their
+/// bits as they are.
+type Keyed =
+    RateLimiter<u64, DashMapStateStore<u64, PreHashed>, DefaultClock, StateInformationMiddleware>;
 
 /// The windows of one route's limit.
 pub struct Local {
@@ -51,8 +55,12 @@ impl Local {
                 let quota = Quota::with_period(w.emission_interval())
                     .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
                     .allow_burst(NonZeroU32::new(w.burst).unwrap_or(NonZeroU32::MIN));
-                let limiter =
-                    RateLimiter::dashmap(quota).with_middleware::<StateInformationMiddleware>();
+                let limiter = RateLimiter::dashmap_with_clock_and_hasher(
+                    quota,
+                    DefaultClock::default(),
+                    PreHashed::default(),
+                )
+                .with_middleware::<StateInformationMiddleware>();
                 (w, limiter)
             })
             .collect();

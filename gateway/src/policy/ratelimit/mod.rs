@@ -470,7 +470,69 @@ pub fn add_headers(d: &Decision, out: &mut HeaderMap) {
     if d.limit == u64::MAX {
         return;
     }
-    out.insert(LIMIT.clone(), HeaderValue::from(d.limit));
+    out.insert(LIMIT.clone(), number(&LAST_LIMIT, d.limit));
     out.insert(REMAINING.clone(), HeaderValue::from(d.remaining));
-    out.insert(RESET.clone(), HeaderValue::from(ceil_secs(d.reset)));
+    out.insert(RESET.clone(), number(&LAST_RESET, ceil_secs(d.reset)));
+}
+
+thread_local! {
+    /// The last `RateLimit-Limit` and `-Reset` values written on this
+    /// thread: the limit of a route rarely changes and the reset is mostly
+    /// the same few seconds, so most responses reuse one instead of
+    /// formatting and allocating it again.
+    static LAST_LIMIT: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+    static LAST_RESET: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `v` as a header value, reused from `last` when it is the same number.
+fn number(
+    last: &'static std::thread::LocalKey<std::cell::RefCell<Option<(u64, HeaderValue)>>>,
+    v: u64,
+) -> HeaderValue {
+    last.try_with(|l| {
+        let mut l = l.borrow_mut();
+        match &*l {
+            Some((n, value)) if *n == v => value.clone(),
+            _ => {
+                let value = HeaderValue::from(v);
+                *l = Some((v, value.clone()));
+                value
+            }
+        }
+    })
+    .unwrap_or_else(|_| HeaderValue::from(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_carry_each_decisions_numbers() {
+        let d = |limit, remaining, reset_ms| Decision {
+            allowed: true,
+            limit,
+            remaining,
+            reset: Duration::from_millis(reset_ms),
+            retry_after: Duration::ZERO,
+            quota: false,
+        };
+        for (limit, remaining, reset_ms, reset) in [
+            (10, 9, 100, "1"),
+            (10, 8, 200, "1"),
+            (20, 8, 2500, "3"),
+            (10, 0, 2500, "3"),
+        ] {
+            let mut h = HeaderMap::new();
+            add_headers(&d(limit, remaining, reset_ms), &mut h);
+            assert_eq!(h[&LIMIT], limit.to_string().as_str());
+            assert_eq!(h[&REMAINING], remaining.to_string().as_str());
+            assert_eq!(h[&RESET], reset);
+        }
+        let mut h = HeaderMap::new();
+        add_headers(&Decision::UNLIMITED, &mut h);
+        assert!(h.is_empty());
+    }
 }

@@ -72,7 +72,7 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 pub struct LocalQuota {
     pub period: Period,
     /// key → (period id, used)
-    used: DashMap<u64, (u64, u64)>,
+    used: DashMap<u64, (u64, u64), crate::prehashed::PreHashed>,
     swept: AtomicBool,
 }
 
@@ -80,7 +80,7 @@ impl LocalQuota {
     pub fn new(period: Period) -> LocalQuota {
         LocalQuota {
             period,
-            used: DashMap::new(),
+            used: DashMap::default(),
             swept: AtomicBool::new(false),
         }
     }
