@@ -22,16 +22,30 @@ pub fn content_length(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
-/// Whether a `Connection` value lists `close`, and whether it lists
-/// `keep-alive`.
-pub fn connection_tokens(v: &[u8]) -> (bool, bool) {
-    let (mut close, mut keep_alive) = (false, false);
+/// What a `Connection` value lists.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionTokens {
+    pub close: bool,
+    pub keep_alive: bool,
+    /// Any token but `close` and `keep-alive`: the names of more
+    /// hop-by-hop fields, or an upgrade.
+    pub other: bool,
+}
+
+/// Reads the tokens of a `Connection` value.
+pub fn connection_tokens(v: &[u8]) -> ConnectionTokens {
+    let mut t = ConnectionTokens::default();
     for token in v.split(|&b| b == b',') {
         let token = token.trim_ascii();
-        close |= token.eq_ignore_ascii_case(b"close");
-        keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        if token.eq_ignore_ascii_case(b"close") {
+            t.close = true;
+        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+            t.keep_alive = true;
+        } else if !token.is_empty() {
+            t.other = true;
+        }
     }
-    (close, keep_alive)
+    t
 }
 
 thread_local! {
@@ -200,8 +214,14 @@ mod tests {
 
     #[test]
     fn connection_values() {
-        assert_eq!(connection_tokens(b"Close"), (true, false));
-        assert_eq!(connection_tokens(b"foo, Keep-Alive"), (false, true));
-        assert_eq!(connection_tokens(b"upgrade"), (false, false));
+        let t = |close, keep_alive, other| ConnectionTokens {
+            close,
+            keep_alive,
+            other,
+        };
+        assert_eq!(connection_tokens(b"Close"), t(true, false, false));
+        assert_eq!(connection_tokens(b"foo, Keep-Alive"), t(false, true, true));
+        assert_eq!(connection_tokens(b"upgrade"), t(false, false, true));
+        assert_eq!(connection_tokens(b" keep-alive , "), t(false, true, false));
     }
 }

@@ -171,6 +171,7 @@ async fn forwards_with_standard_headers() {
         h.get("x-hop").is_none(),
         "headers named in Connection are hop-by-hop"
     );
+    assert!(h.get("connection").is_none(), "Connection is hop-by-hop");
     let rid = r
         .header("x-request-id")
         .expect("request id on the response");

@@ -625,9 +625,15 @@ fn parse(
                 ));
             }
         } else if h.name.eq_ignore_ascii_case("connection") {
-            let (close, keep_alive) = crate::wire::connection_tokens(v);
-            connection_close |= close;
-            connection_keep_alive |= keep_alive;
+            let t = crate::wire::connection_tokens(v);
+            connection_close |= t.close;
+            connection_keep_alive |= t.keep_alive;
+            // Hop-by-hop, and used up here (`Meta::keep_alive`): the
+            // pipeline would only strip it again. One naming other fields
+            // stays for the pipeline to strip those.
+            if !t.other {
+                continue;
+            }
         } else if h.name.eq_ignore_ascii_case("expect") {
             expect_continue = v.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }

@@ -163,7 +163,7 @@ async fn process(
     };
 
     // Phase 2: validate.
-    validate(listener, &req)?;
+    let content_length = validate(listener, &req)?;
     let uri = req.uri().clone();
     let path = router::normalize::normalize(uri.path()).map_err(|e| {
         ProxyError::new(ErrorKind::BadRequest, format!("invalid request path: {e}"))
@@ -270,6 +270,7 @@ async fn process(
         &path,
         &params,
         &ctx.request_id,
+        content_length,
         ctx.policy.buffered_body.take(),
     )?;
 
@@ -426,8 +427,9 @@ pub fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// Phase 2: rejects oversized heads and a malformed `Content-Length`.
-fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<(), ProxyError> {
+/// Phase 2: rejects oversized heads and a malformed `Content-Length`;
+/// returns the length, for phase 5.
+fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
     let h = req.headers();
     // Ambiguous HTTP/1 framing (Content-Length with Transfer-Encoding,
     // conflicting lengths, codings other than one `chunked`) never gets
@@ -460,12 +462,13 @@ fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<(), Pr
         )
         .closing());
     }
-    if let Some(len) = h.get(header::CONTENT_LENGTH)
-        && crate::wire::content_length(len.as_bytes()).is_none()
-    {
-        return Err(ProxyError::new(ErrorKind::BadRequest, "invalid Content-Length").closing());
+    match h.get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => match crate::wire::content_length(v.as_bytes()) {
+            Some(n) => Ok(Some(n)),
+            None => Err(ProxyError::new(ErrorKind::BadRequest, "invalid Content-Length").closing()),
+        },
     }
-    Ok(())
 }
 
 /// The request's host, without port, lowercased (borrowed when it already is).
@@ -502,8 +505,9 @@ fn direct_response(
     resp
 }
 
-/// Phase 5: the request as the upstream will see it. `buffered` replaces the
-/// client's body when a phase-4 step had to read it whole.
+/// Phase 5: the request as the upstream will see it. `content_length` is
+/// the one phase 2 read; `buffered` replaces the client's body when a
+/// phase-4 step had to read it whole.
 #[allow(clippy::too_many_arguments)]
 fn upstream_request(
     req: Request<Incoming>,
@@ -513,14 +517,12 @@ fn upstream_request(
     path: &str,
     params: &router::Params,
     request_id: &HeaderValue,
+    content_length: Option<u64>,
     buffered: Option<Bytes>,
 ) -> Result<Request<Body>, ProxyError> {
     let limit = route.max_body_bytes.unwrap_or(listener.max_body_bytes);
     let (mut parts, incoming) = req.into_parts();
-    if let Some(len) = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| crate::wire::content_length(v.as_bytes()))
+    if let Some(len) = content_length
         && len > limit
     {
         return Err(ProxyError::new(

@@ -394,10 +394,16 @@ fn parse_head(
                     close = true;
                 }
             } else if name == header::CONNECTION {
-                match crate::wire::connection_tokens(raw) {
-                    (true, _) => close = true,
-                    (false, true) => close = false,
-                    _ => {}
+                let t = crate::wire::connection_tokens(raw);
+                if t.close {
+                    close = true;
+                } else if t.keep_alive {
+                    close = false;
+                }
+                // Hop-by-hop, and used up here: the pipeline would only
+                // strip it again (one naming other fields stays for that).
+                if !t.other {
+                    continue;
                 }
             }
             map.append(name, value);
