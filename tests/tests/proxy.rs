@@ -626,6 +626,71 @@ path_prefix = "/hole-short/"
     }
 }
 
+/// Timeouts on a kept upstream connection: each exchange ends by its own
+/// route's deadline, whatever the connection's earlier exchanges had (the
+/// connection keeps one timer for its life).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_exchange_on_a_kept_connection_has_its_own_deadline() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(
+        &b,
+        &b2,
+        r#"
+[[routes]]
+name = "long"
+upstream = "one"
+timeout = "5s"
+strip_prefix = "/long"
+[routes.match]
+hosts = ["127.0.0.1", "x"]
+path_prefix = "/long/"
+[[routes]]
+name = "short"
+upstream = "one"
+timeout = "300ms"
+strip_prefix = "/short"
+[routes.match]
+hosts = ["127.0.0.1", "x"]
+path_prefix = "/short/"
+"#,
+    );
+    // One client connection, so that the gateway's worker reuses its
+    // upstream connection between these requests.
+    let c = client::http1();
+    let get = |path: &str| {
+        let req = Request::get(format!("{}{path}", env.base))
+            .body(Full::default())
+            .unwrap();
+        let c = &c;
+        async move {
+            let t = std::time::Instant::now();
+            let r = client::send(c, req).await;
+            (r, t.elapsed())
+        }
+    };
+    // A short deadline after a long one: 504 by the short one.
+    let (r, _) = get("/long/delay/10").await;
+    assert_eq!(r.status, 200);
+    let (r, took) = get("/short/delay/3000").await;
+    assert_problem(&r, 504);
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(2000),
+        "504 after {took:?}, the route's timeout is 300ms"
+    );
+    // A long deadline after a short one: the answer after the short
+    // deadline would have passed still comes through.
+    let (r, _) = get("/short/delay/10").await;
+    assert_eq!(r.status, 200);
+    let (r, took) = get("/long/delay/700").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(took >= Duration::from_millis(650), "{took:?}");
+    // And once more short: its deadline is its own, not the long one's.
+    let (r, took) = get("/short/delay/3000").await;
+    assert_problem(&r, 504);
+    assert!(took < Duration::from_millis(2000), "504 after {took:?}");
+}
+
 /// Waits (up to 5 s) until `path` holds at least `n` lines; returns them.
 async fn log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
