@@ -123,7 +123,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .unwrap_or(f64::NAN)
     };
     let (pass, deny, ratelimit) = (field("pass"), field("deny"), field("ratelimit"));
+    let ipv6 = format!(
+        "xdp ipv6: pass {:.0} ns, deny {:.0} ns",
+        field("pass6"),
+        field("deny6")
+    );
     if a.no_flood {
+        println!("{ipv6}");
         println!("xdp: pass {pass:.0} ns, deny {deny:.0} ns, ratelimit {ratelimit:.0} ns");
         return Ok(());
     }
@@ -191,6 +197,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         );
         kept[i] = flooded.rps / quiet.rps * 100.0;
     }
+    println!("{ipv6}");
     println!(
         "xdp: pass {pass:.0} ns, deny {deny:.0} ns, ratelimit {ratelimit:.0} ns; flood kept {:.0}% (userspace-only {:.0}%)",
         kept[0], kept[1]
