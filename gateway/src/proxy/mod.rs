@@ -418,14 +418,25 @@ fn identify(req: &Request<Incoming>) -> HeaderValue {
 
 /// A fresh request id: 32 lowercase hex digits.
 pub fn new_request_id() -> HeaderValue {
-    let id = fastrand::u128(..);
+    let id = fastrand::u128(..).to_be_bytes();
     let mut buf = [0u8; 32];
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    for (pair, byte) in buf.chunks_exact_mut(2).zip(id) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
     }
     HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
+
+/// Each byte's two lowercase hex digits.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    t
+};
 
 /// Phase 2: rejects oversized heads and a malformed `Content-Length`;
 /// returns the length, for phase 5.
@@ -618,5 +629,29 @@ fn version_label(v: Version) -> &'static str {
         Version::HTTP_2 => "2",
         Version::HTTP_3 => "3",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_32_lowercase_hex_digits_and_differ() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let id = new_request_id();
+            let s = id.to_str().unwrap();
+            assert_eq!(s.len(), 32);
+            assert!(
+                s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "{s}"
+            );
+            assert!(seen.insert(s.to_string()), "repeated id {s}");
+        }
+        assert_eq!(HEX_PAIRS[0x00], *b"00");
+        assert_eq!(HEX_PAIRS[0x9f], *b"9f");
+        assert_eq!(HEX_PAIRS[0xff], *b"ff");
     }
 }
