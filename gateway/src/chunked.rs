@@ -148,12 +148,11 @@ impl Decoder {
 /// `len` in hex and CRLF, written into `out`: a chunk's size line (the
 /// encoding side, for the server's responses and the client's requests).
 pub fn size_line(len: usize, out: &mut [u8; 18]) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut i = 16;
     let mut n = len;
     loop {
         i -= 1;
-        out[i] = HEX[n & 0xf];
+        out[i] = crate::hex::DIGITS[n & 0xf];
         n >>= 4;
         if n == 0 {
             break;

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod chunked;
 pub mod config;
 pub mod error;
+pub mod hex;
 pub mod listener;
 pub mod observe;
 pub mod policy;

@@ -418,25 +418,10 @@ fn identify(req: &Request<Incoming>) -> HeaderValue {
 
 /// A fresh request id: 32 lowercase hex digits.
 pub fn new_request_id() -> HeaderValue {
-    let id = fastrand::u128(..).to_be_bytes();
     let mut buf = [0u8; 32];
-    for (pair, byte) in buf.chunks_exact_mut(2).zip(id) {
-        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
-    }
+    crate::hex::encode_into(&fastrand::u128(..).to_be_bytes(), &mut buf);
     HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
-
-/// Each byte's two lowercase hex digits.
-static HEX_PAIRS: [[u8; 2]; 256] = {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut t = [[0u8; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
-        i += 1;
-    }
-    t
-};
 
 /// Phase 2: rejects oversized heads and a malformed `Content-Length`;
 /// returns the length, for phase 5.
@@ -650,8 +635,5 @@ mod tests {
             );
             assert!(seen.insert(s.to_string()), "repeated id {s}");
         }
-        assert_eq!(HEX_PAIRS[0x00], *b"00");
-        assert_eq!(HEX_PAIRS[0x9f], *b"9f");
-        assert_eq!(HEX_PAIRS[0xff], *b"ff");
     }
 }

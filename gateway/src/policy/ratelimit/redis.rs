@@ -106,11 +106,10 @@ return {1, limit, remaining, math.ceil(reset), 0, 0}
 
 /// `h:` and the 64 hex digits of `d`.
 fn hex_digest(out: &mut Vec<u8>, d: &[u8; 32]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.extend_from_slice(b"h:");
-    for &b in d {
-        out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
-    }
+    let mut digits = [0u8; 64];
+    crate::hex::encode_into(d, &mut digits);
+    out.extend_from_slice(&digits);
 }
 
 /// A Redis server shared by the routes that use it.
