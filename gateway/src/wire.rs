@@ -95,41 +95,75 @@ pub fn recycle_header_map(mut m: HeaderMap) {
 /// Positions in a head whose names are remembered.
 const NAME_SLOTS: usize = 16;
 
+/// Longest spelling remembered; longer names are classified every time.
+const NAME_MAX: usize = 32;
+
 /// The header names last parsed at each position of a head, as they were
 /// spelled on the wire. A peer tends to send the same fields in the same
 /// order, so most names are found by one comparison instead of being
-/// classified and lowercased again.
-pub struct NameCache {
-    slots: [Option<(Box<[u8]>, HeaderName)>; NAME_SLOTS],
+/// classified and lowercased again. A miss costs no allocation: the
+/// spelling is kept in the slot.
+struct NameCache {
+    slots: [Option<NameSlot>; NAME_SLOTS],
+}
+
+struct NameSlot {
+    spelled: [u8; NAME_MAX],
+    len: u8,
+    name: HeaderName,
 }
 
 impl NameCache {
-    pub const fn new() -> NameCache {
+    const fn new() -> NameCache {
         NameCache {
             slots: [const { None }; NAME_SLOTS],
         }
     }
 
     /// The name spelled `raw` at `position` in its head.
-    pub fn name(&mut self, position: usize, raw: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+    fn name(&mut self, position: usize, raw: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
         let Some(slot) = self.slots.get_mut(position) else {
             return HeaderName::from_bytes(raw);
         };
-        if let Some((spelled, name)) = slot
-            && **spelled == *raw
+        if let Some(s) = slot
+            && s.spelled[..usize::from(s.len)] == *raw
         {
-            return Ok(name.clone());
+            return Ok(s.name.clone());
         }
         let name = HeaderName::from_bytes(raw)?;
-        *slot = Some((raw.into(), name.clone()));
+        if raw.len() <= NAME_MAX {
+            let mut spelled = [0u8; NAME_MAX];
+            spelled[..raw.len()].copy_from_slice(raw);
+            *slot = Some(NameSlot {
+                spelled,
+                len: raw.len() as u8,
+                name: name.clone(),
+            });
+        }
         Ok(name)
     }
 }
 
-impl Default for NameCache {
-    fn default() -> Self {
-        Self::new()
-    }
+thread_local! {
+    /// Request header names this worker parsed last.
+    static REQUEST_NAMES: RefCell<NameCache> = const { RefCell::new(NameCache::new()) };
+    /// Response header names this worker parsed last (from upstreams).
+    static RESPONSE_NAMES: RefCell<NameCache> = const { RefCell::new(NameCache::new()) };
+}
+
+/// The name of the request header field spelled `raw` at `position` of
+/// its head (the server's parser).
+pub fn request_header_name(position: usize, raw: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+    REQUEST_NAMES
+        .try_with(|c| c.borrow_mut().name(position, raw))
+        .unwrap_or_else(|_| HeaderName::from_bytes(raw))
+}
+
+/// The same for response heads (the upstream client's parser).
+pub fn response_header_name(position: usize, raw: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+    RESPONSE_NAMES
+        .try_with(|c| c.borrow_mut().name(position, raw))
+        .unwrap_or_else(|_| HeaderName::from_bytes(raw))
 }
 
 /// Writes all of `slices` with vectored writes.
@@ -160,6 +194,8 @@ mod tests {
             b"X-Custom",
             b"x-custom",
             b"Content-Type",
+            // Longer than a slot keeps: classified every time, still right.
+            b"X-A-Header-Name-Longer-Than-Thirty-Two-Bytes",
         ] {
             for pos in [0, 3, NAME_SLOTS, NAME_SLOTS + 5] {
                 let fresh = HeaderName::from_bytes(raw).unwrap();

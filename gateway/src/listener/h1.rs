@@ -538,12 +538,6 @@ impl Refusal {
     }
 }
 
-thread_local! {
-    /// The request header names this worker saw last (see `NameCache`).
-    static REQUEST_NAMES: std::cell::RefCell<crate::wire::NameCache> =
-        const { std::cell::RefCell::new(crate::wire::NameCache::new()) };
-}
-
 /// Parses a complete head off the front of `buf` (`None`: not complete
 /// yet).
 fn parse(
@@ -661,8 +655,7 @@ fn parse(
     let mut headers = crate::wire::header_map(indices.len() + 6);
     for (pos, i) in indices.iter().enumerate() {
         let (at, n) = i.name;
-        let name = REQUEST_NAMES
-            .with_borrow_mut(|c| c.name(pos, &head[at..at + n]))
+        let name = crate::wire::request_header_name(pos, &head[at..at + n])
             .map_err(|_| Refusal::bad("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(slice(i.value))
             .map_err(|_| Refusal::bad(format!("invalid value in header {name}")))?;

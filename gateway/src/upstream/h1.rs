@@ -267,12 +267,6 @@ fn encode_head(req: &Request<Body>, body: &Body, host: &str, out: &mut Vec<u8>) 
     framing
 }
 
-thread_local! {
-    /// The response header names this worker saw last (see `NameCache`).
-    static RESPONSE_NAMES: std::cell::RefCell<crate::wire::NameCache> =
-        const { std::cell::RefCell::new(crate::wire::NameCache::new()) };
-}
-
 /// Reads until a final response head is complete; returns it (as a
 /// body-less response), how its body is delimited and whether the
 /// connection may be kept. Cancel-safe: bytes read stay in `buf`.
@@ -369,8 +363,7 @@ fn parse_head(
         let mut chunked = false;
         let mut close = version == Version::HTTP_10;
         for (pos, &(n, nl, v, vl)) in spans.iter().enumerate() {
-            let name = RESPONSE_NAMES
-                .with_borrow_mut(|c| c.name(pos, &head[n..n + nl]))
+            let name = crate::wire::response_header_name(pos, &head[n..n + nl])
                 .map_err(|_| Error::Protocol("invalid header name"))?;
             let raw = &head[v..v + vl];
             let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
