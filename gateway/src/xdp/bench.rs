@@ -3,7 +3,7 @@
 //! denied and rate-limited packets, against deny lists and bucket maps of
 //! growing size. Needs root; attaches nothing and pins nothing.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -20,20 +20,22 @@ const PORT: u16 = 8080;
 /// One size's figures, ns per packet.
 #[derive(Debug, Clone, Copy)]
 pub struct Figures {
-    /// Passed, no rate limit configured.
+    /// Passed, no rate limit configured (IPv4).
     pub pass_plain: f64,
+    pub v4: Family,
+    pub v6: Family,
+}
+
+/// One address family's figures, ns per packet.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    /// A SYN through every check, its bucket never running out.
     pub pass: f64,
-    /// Denied by a listed single address (the exact-match table).
+    /// Denied by a listed single address (/32, /128).
     pub deny: f64,
-    /// Denied by a listed /24 (the /24 table alone).
+    /// Denied by a listed prefix (/24: the IPv4 /24 table alone; /48).
     pub deny_prefix: f64,
     pub ratelimit: f64,
-    /// The same over IPv6: passed (a SYN through its /64's bucket), denied
-    /// by a listed /128, denied by a listed /48, rate-limited.
-    pub pass6: f64,
-    pub deny6: f64,
-    pub deny6_prefix: f64,
-    pub ratelimit6: f64,
 }
 
 fn settings(rate: u64, burst: u64) -> XdpSettings {
@@ -58,70 +60,50 @@ fn reserved(a: Ipv4Addr) -> bool {
     (o[0] == 198 && o[1] & 0xfe == 18) || (o[0] == 203 && o[1] == 0 && o[2] == 113)
 }
 
-/// A deny list of `n` entries: four in five single addresses, one in five
-/// /24s, random, plus 203.0.113.7/32 and 198.19.200.0/24 (the probes).
-/// 198.18.0.0/16 is never listed (the passed and rate-limited sources).
+/// A deny list of `n` IPv4 and `n` IPv6 entries: four in five single
+/// addresses, one in five /24s (/48s), random, each family with its two
+/// probes (`V4.deny`, `V4.deny_prefix`, and the same for `V6`).
+/// 198.18.0.0/16 and 2001:db8::/32 are never listed otherwise (the passed
+/// and rate-limited sources).
 pub fn deny_list(n: u32, seed: u64) -> Rules {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut r = Rules::default();
-    let e = Entry {
-        from_config: true,
-        cli_until: 0,
-    };
-    for probe in [DENIED_EXACT, DENIED_PREFIX] {
-        r.set(
-            List::Deny,
-            &probe.parse().unwrap_or_else(|_| unreachable!()),
-            e,
-        );
-    }
-    let mut added = 2;
-    while added < n {
+    add_denied(&mut r, n, &V4, &mut rng, |rng| {
         let a = Ipv4Addr::from(rng.u32(0x0100_0000..0xe000_0000));
-        if reserved(a) {
-            continue;
-        }
         let len = if rng.u8(..5) == 0 { 24 } else { 32 };
-        let net = IpNet::V4(Ipv4Net::new(a, len).unwrap_or_default().trunc());
-        if r.entry(List::Deny, &net).is_present() {
-            continue;
-        }
-        r.set(List::Deny, &net, e);
-        added += 1;
-    }
+        (!reserved(a)).then(|| IpNet::V4(Ipv4Net::new(a, len).unwrap_or_default().trunc()))
+    });
+    add_denied(&mut r, n, &V6, &mut rng, |rng| {
+        let a = Ipv6Addr::from(rng.u128(0x2000_u128 << 112..0x4000_u128 << 112));
+        let len = if rng.u8(..5) == 0 { 48 } else { 128 };
+        (a.segments()[..2] != [0x2001, 0x0db8])
+            .then(|| IpNet::V6(Ipv6Net::new(a, len).unwrap_or_default().trunc()))
+    });
     r
 }
 
-/// The probes of `deny_list`.
-const DENIED_EXACT: &str = "203.0.113.7/32";
-const DENIED_PREFIX: &str = "198.19.200.0/24";
-const DENIED_EXACT6: &str = "2001:db8:7::7/128";
-const DENIED_PREFIX6: &str = "2001:db8:48::/48";
-
-/// Adds `n` IPv6 entries to `r` the same way (four in five /128s, one in
-/// five /48s, random in 2000::/3), plus the two IPv6 probes. 2001:db8::/32
-/// (the probes' and the passed sources' range) is never listed otherwise.
-fn add_deny_list6(r: &mut Rules, n: u32, seed: u64) {
-    let mut rng = fastrand::Rng::with_seed(seed);
+/// Adds `family`'s two denied probes and random entries from `draw` (none:
+/// draw again) to `r`, `n` in all.
+fn add_denied(
+    r: &mut Rules,
+    n: u32,
+    family: &Probes,
+    rng: &mut fastrand::Rng,
+    mut draw: impl FnMut(&mut fastrand::Rng) -> Option<IpNet>,
+) {
     let e = Entry {
         from_config: true,
         cli_until: 0,
     };
-    for probe in [DENIED_EXACT6, DENIED_PREFIX6] {
-        r.set(
-            List::Deny,
-            &probe.parse().unwrap_or_else(|_| unreachable!()),
-            e,
-        );
+    let prefix = IpNet::new(family.deny_prefix, family.deny_prefix_len)
+        .map(|n| n.trunc())
+        .unwrap_or_else(|_| IpNet::from(family.deny_prefix));
+    for net in [IpNet::from(family.deny), prefix] {
+        r.set(List::Deny, &net, e);
     }
     let mut added = 2;
     while added < n {
-        let a = Ipv6Addr::from(rng.u128(0x2000_u128 << 112..0x4000_u128 << 112));
-        if a.segments()[..2] == [0x2001, 0x0db8] {
-            continue;
-        }
-        let len = if rng.u8(..5) == 0 { 48 } else { 128 };
-        let net = IpNet::V6(Ipv6Net::new(a, len).unwrap_or_default().trunc());
+        let Some(net) = draw(rng) else { continue };
         if r.entry(List::Deny, &net).is_present() {
             continue;
         }
@@ -129,6 +111,33 @@ fn add_deny_list6(r: &mut Rules, n: u32, seed: u64) {
         added += 1;
     }
 }
+
+/// One family's probe sources: passed, denied exactly, denied by prefix,
+/// rate-limited.
+struct Probes {
+    pass: IpAddr,
+    deny: IpAddr,
+    /// An address inside the prefix of `deny_prefix_len` that is listed.
+    deny_prefix: IpAddr,
+    deny_prefix_len: u8,
+    limited: IpAddr,
+}
+
+const V4: Probes = Probes {
+    pass: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+    deny: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)),
+    deny_prefix: IpAddr::V4(Ipv4Addr::new(198, 19, 200, 9)),
+    deny_prefix_len: 24,
+    limited: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
+};
+
+const V6: Probes = Probes {
+    pass: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1)),
+    deny: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 7)),
+    deny_prefix: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x48, 9, 0, 0, 0, 9)),
+    deny_prefix_len: 48,
+    limited: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2)),
+};
 
 /// Fills the bucket map with `n` sources (outside 198.18.0.0/15).
 fn fill_buckets(loaded: &mut Loaded, n: u32) -> anyhow::Result<()> {
@@ -166,8 +175,7 @@ fn measure(loaded: &mut Loaded, frame: &[u8], repeat: u32, want: u32) -> anyhow:
 pub fn figures(entries: u32, repeat: u32) -> anyhow::Result<Figures> {
     let max = (entries + entries / 4 + 1024).max(gateway_common::DEFAULT_MAX_RULES);
     let mut loaded = Loaded::load(None, max, max)?;
-    let mut rules = deny_list(entries, 42);
-    add_deny_list6(&mut rules, entries, 43);
+    let rules = deny_list(entries, 42);
     loaded.maps.apply(&Rules::default(), &rules, false)?;
     fill_buckets(&mut loaded, entries)?;
 
@@ -175,78 +183,42 @@ pub fn figures(entries: u32, repeat: u32) -> anyhow::Result<Figures> {
     let mut plain = settings(1, 1);
     plain.rate_limit = None;
     loaded.maps.set_policy(&plain)?;
-    let pass_plain = measure(
-        &mut loaded,
-        &packet::tcp4(Ipv4Addr::new(198, 18, 0, 1), PORT, packet::SYN),
-        repeat,
-        xdp_action::XDP_PASS,
-    )?;
+    let pass_plain = measure(&mut loaded, &syn(V4.pass), repeat, xdp_action::XDP_PASS)?;
+    Ok(Figures {
+        pass_plain,
+        v4: family(&mut loaded, &V4, repeat)?,
+        v6: family(&mut loaded, &V6, repeat)?,
+    })
+}
+
+/// A SYN to the protected port from `src`.
+fn syn(src: IpAddr) -> Vec<u8> {
+    match src {
+        IpAddr::V4(a) => packet::tcp4(a, PORT, packet::SYN),
+        IpAddr::V6(a) => packet::tcp6(a, PORT, packet::SYN),
+    }
+}
+
+/// Measures one family's probes against the loaded lists.
+fn family(loaded: &mut Loaded, p: &Probes, repeat: u32) -> anyhow::Result<Family> {
     // Passed: a SYN that goes through every check, including a bucket update
     // that never runs out.
     loaded
         .maps
         .set_policy(&settings(1_000_000_000, 1_000_000_000))?;
-    let pass = measure(
-        &mut loaded,
-        &packet::tcp4(Ipv4Addr::new(198, 18, 0, 1), PORT, packet::SYN),
-        repeat,
-        xdp_action::XDP_PASS,
-    )?;
-    let deny = measure(
-        &mut loaded,
-        &packet::tcp4(Ipv4Addr::new(203, 0, 113, 7), PORT, packet::SYN),
-        repeat,
-        xdp_action::XDP_DROP,
-    )?;
-    let deny_prefix = measure(
-        &mut loaded,
-        &packet::tcp4(Ipv4Addr::new(198, 19, 200, 9), PORT, packet::SYN),
-        repeat,
-        xdp_action::XDP_DROP,
-    )?;
+    let pass = measure(loaded, &syn(p.pass), repeat, xdp_action::XDP_PASS)?;
+    let deny = measure(loaded, &syn(p.deny), repeat, xdp_action::XDP_DROP)?;
+    let deny_prefix = measure(loaded, &syn(p.deny_prefix), repeat, xdp_action::XDP_DROP)?;
     // Rate-limited: one SYN per second, burst one; the first run passes.
     loaded.maps.set_policy(&settings(1, 1))?;
-    let frame = packet::tcp4(Ipv4Addr::new(198, 18, 0, 2), PORT, packet::SYN);
+    let frame = syn(p.limited);
     loaded.test_run(&frame, 1)?;
-    let ratelimit = measure(&mut loaded, &frame, repeat, xdp_action::XDP_DROP)?;
-
-    // IPv6, with the same lists.
-    loaded
-        .maps
-        .set_policy(&settings(1_000_000_000, 1_000_000_000))?;
-    let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap_or(Ipv6Addr::UNSPECIFIED);
-    let pass6 = measure(
-        &mut loaded,
-        &packet::tcp6(v6("2001:db8:1::1"), PORT, packet::SYN),
-        repeat,
-        xdp_action::XDP_PASS,
-    )?;
-    let deny6 = measure(
-        &mut loaded,
-        &packet::tcp6(v6("2001:db8:7::7"), PORT, packet::SYN),
-        repeat,
-        xdp_action::XDP_DROP,
-    )?;
-    let deny6_prefix = measure(
-        &mut loaded,
-        &packet::tcp6(v6("2001:db8:48:9::9"), PORT, packet::SYN),
-        repeat,
-        xdp_action::XDP_DROP,
-    )?;
-    loaded.maps.set_policy(&settings(1, 1))?;
-    let frame = packet::tcp6(v6("2001:db8:2::2"), PORT, packet::SYN);
-    loaded.test_run(&frame, 1)?;
-    let ratelimit6 = measure(&mut loaded, &frame, repeat, xdp_action::XDP_DROP)?;
-    Ok(Figures {
-        pass_plain,
+    let ratelimit = measure(loaded, &frame, repeat, xdp_action::XDP_DROP)?;
+    Ok(Family {
         pass,
         deny,
         deny_prefix,
         ratelimit,
-        pass6,
-        deny6,
-        deny6_prefix,
-        ratelimit6,
     })
 }
 
@@ -282,7 +254,7 @@ pub fn run(repeat: u32, max_entries: u32) -> anyhow::Result<()> {
         let f = figures(n, repeat).with_context(|| format!("{n} entries"))?;
         println!(
             "{:>10} {:>12.1} {:>8.1} {:>10.1} {:>11.1} {:>10.1}",
-            n, f.pass_plain, f.pass, f.deny, f.deny_prefix, f.ratelimit
+            n, f.pass_plain, f.v4.pass, f.v4.deny, f.v4.deny_prefix, f.v4.ratelimit
         );
         all.push((n, f));
     }
@@ -294,13 +266,13 @@ pub fn run(repeat: u32, max_entries: u32) -> anyhow::Result<()> {
     for (n, f) in &all {
         println!(
             "{:>10} {:>8.1} {:>10.1} {:>11.1} {:>10.1}",
-            n, f.pass6, f.deny6, f.deny6_prefix, f.ratelimit6
+            n, f.v6.pass, f.v6.deny, f.v6.deny_prefix, f.v6.ratelimit
         );
     }
     if let Some((_, f)) = all.last() {
         println!(
             "result pass={:.1} deny={:.1} ratelimit={:.1} pass6={:.1} deny6={:.1}",
-            f.pass, f.deny, f.ratelimit, f.pass6, f.deny6
+            f.v4.pass, f.v4.deny, f.v4.ratelimit, f.v6.pass, f.v6.deny
         );
     }
     Ok(())
