@@ -633,28 +633,17 @@ path_prefix = "/hole-short/"
 async fn each_exchange_on_a_kept_connection_has_its_own_deadline() {
     let b = Backend::start("one").await;
     let b2 = Backend::start("two").await;
-    let env = start(
-        &b,
-        &b2,
-        r#"
-[[routes]]
-name = "long"
-upstream = "one"
-timeout = "5s"
-strip_prefix = "/long"
-[routes.match]
-hosts = ["127.0.0.1", "x"]
-path_prefix = "/long/"
-[[routes]]
-name = "short"
-upstream = "one"
-timeout = "300ms"
-strip_prefix = "/short"
-[routes.match]
-hosts = ["127.0.0.1", "x"]
-path_prefix = "/short/"
-"#,
-    );
+    // /long/... and /short/... both reach upstream "one" as /...
+    let routes: String = [("long", "5s"), ("short", "300ms")]
+        .map(|(name, timeout)| {
+            format!(
+                "[[routes]]\nname = \"{name}\"\nupstream = \"one\"\ntimeout = \"{timeout}\"\n\
+                 strip_prefix = \"/{name}\"\n[routes.match]\nhosts = [\"127.0.0.1\", \"x\"]\n\
+                 path_prefix = \"/{name}/\"\n"
+            )
+        })
+        .concat();
+    let env = start(&b, &b2, &routes);
     // One client connection, so that the gateway's worker reuses its
     // upstream connection between these requests.
     let c = client::http1();
