@@ -218,6 +218,57 @@ async fn sigterm_drains_in_flight_requests() {
     );
 }
 
+/// A kept-alive connection idle between requests is closed at once on
+/// SIGTERM (not left to its idle timeout or the drain limit), and the
+/// request before it was answered in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_keep_alive_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("be").await;
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut gw = Gateway::start(&config(port, &admin, &backend, "v", false), &admin);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /version HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"\r\n\r\nv") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // Idle now; the shutdown must reach it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let signalled = Instant::now();
+    gw.signal(libc::SIGTERM);
+    let n = tokio::time::timeout(Duration::from_secs(4), s.read(&mut buf))
+        .await
+        .expect("the idle connection is closed before the drain limit")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing more is sent: {:?}", &buf[..n]);
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "closed {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+    let status = gw
+        .wait_exit(Duration::from_secs(5))
+        .expect("gateway exited");
+    assert!(status.success(), "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints() {
     let backend = Backend::start("be").await;

@@ -293,7 +293,7 @@ pub(super) async fn serve<T>(
     conn: Arc<Conn>,
     lim: Limits,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> End<T>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -313,6 +313,11 @@ where
     // early (a timer per request would cost two timer-wheel updates).
     let mut idle = std::pin::pin!(tokio::time::sleep(lim.idle_timeout));
     let mut idle_since = Instant::now();
+    // Shutdown is watched by one future for the connection's life: a
+    // `changed()` per request would join and leave the watch's waiter list
+    // every time.
+    let mut watcher = shutdown.clone();
+    let mut shut = std::pin::pin!(async move { watcher.changed().await });
     loop {
         // 1. Idle until the first byte of the next head.
         while lock(&io).buf.is_empty() {
@@ -331,7 +336,7 @@ where
                     }
                     idle.as_mut().reset(due);
                 }
-                _ = shutdown.changed() => return linger(&io).await,
+                _ = shut.as_mut() => return linger(&io).await,
             }
         }
         // 2. The head, within the header read timeout (from when the head
