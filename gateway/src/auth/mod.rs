@@ -471,20 +471,30 @@ impl RouteAuth {
     fn rewrite(&self, found: &Found, req: &mut Request<Incoming>) {
         let id = &found.identity;
         let h = req.headers_mut();
+        // `insert` replaces every value the client sent; without a value of
+        // ours, theirs are removed.
         if let Some(name) = &self.consumer_header {
-            h.remove(name);
             let value = match &id.consumer {
                 Some(c) if c.name == id.name => Ok(c.name_header.clone()),
                 _ => HeaderValue::from_str(&id.name),
             };
-            if let Ok(v) = value {
-                h.insert(name.clone(), v);
+            match value {
+                Ok(v) => {
+                    h.insert(name.clone(), v);
+                }
+                Err(_) => {
+                    h.remove(name);
+                }
             }
         }
         for (name, claim) in &self.claim_headers {
-            h.remove(name);
-            if let Some(v) = id.claim_value(claim) {
-                h.insert(name.clone(), v);
+            match id.claim_value(claim) {
+                Some(v) => {
+                    h.insert(name.clone(), v);
+                }
+                None => {
+                    h.remove(name);
+                }
             }
         }
         for (name, _) in &found.extra {
