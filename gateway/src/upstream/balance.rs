@@ -88,10 +88,13 @@ impl TargetSet {
         let choice = match (&self.plan, hash) {
             // Each skipped turn is used up, so the turns of a missing
             // target go to whoever's turn comes next, not all to the one
-            // after it.
+            // after it. When a heavy target is out its turns run longer
+            // than the search: a draw by weight among the available ones
+            // keeps their shares.
             (Plan::Schedule(s), _) => (0..s.len().min(64))
                 .map(|_| s[next.fetch_add(1, Ordering::Relaxed) % s.len()] as usize)
-                .find(|&i| ok(i)),
+                .find(|&i| ok(i))
+                .or_else(|| weighted_pick(&self.targets, ok)),
             (Plan::Ring(r), Some(h)) => {
                 let start = r.partition_point(|&(p, _)| p < h);
                 (0..r.len())
@@ -144,6 +147,30 @@ fn random_pick(n: usize, ok: impl Fn(usize) -> bool) -> Option<usize> {
         return None;
     }
     (0..n).filter(|&i| ok(i)).nth(fastrand::usize(..available))
+}
+
+/// An available target drawn with probability in proportion to its weight.
+fn weighted_pick(targets: &[Arc<Target>], ok: impl Fn(usize) -> bool) -> Option<usize> {
+    let weight = |i: usize| {
+        if ok(i) {
+            u64::from(targets[i].weight)
+        } else {
+            0
+        }
+    };
+    let total: u64 = (0..targets.len()).map(weight).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut draw = fastrand::u64(..total);
+    (0..targets.len()).find(|&i| {
+        let w = weight(i);
+        if draw < w {
+            return true;
+        }
+        draw -= w;
+        false
+    })
 }
 
 /// Smooth weighted round robin (as nginx), unrolled into a schedule.
@@ -437,6 +464,15 @@ mod tests {
             (Balance::RoundRobin, &[1, 1, 1][..], 1, 600, 300..=300),
             (Balance::WeightedRoundRobin, &[1, 1, 1], 1, 600, 300..=300),
             (Balance::WeightedRoundRobin, &[5, 1, 1], 0, 700, 350..=350),
+            // The out target's turns are longer than the 64-turn search:
+            // the two left still share by weight (1:1), not first-found.
+            (
+                Balance::WeightedRoundRobin,
+                &[1000, 1, 1],
+                0,
+                3000,
+                1350..=1650,
+            ),
             (Balance::Random, &[1, 1, 1], 1, 3000, 1350..=1650),
             (Balance::RingHash, &[1, 1, 1], 1, 3000, 1350..=1650),
         ] {
@@ -456,6 +492,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The draw that replaces a heavy missing target's turns follows the
+    /// weights of those left (1:3 here).
+    #[test]
+    fn a_heavy_missing_targets_turns_go_by_weight() {
+        fastrand::seed(7);
+        let all: Vec<Arc<Target>> = [1000, 1, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let addr = format!("10.0.0.{}:80", i + 1).parse().unwrap();
+                Arc::new(Target::new("t", addr, w, 0))
+            })
+            .collect();
+        let set = TargetSet::new(all.clone(), Balance::WeightedRoundRobin);
+        all[0].healthy.store(false, Ordering::Relaxed);
+        let next = AtomicUsize::new(0);
+        let mut counts = [0; 3];
+        for _ in 0..4000 {
+            let i = set.pick(Balance::WeightedRoundRobin, &next, None, None, 1);
+            counts[i.unwrap()] += 1;
+        }
+        assert_eq!(counts[0], 0, "{counts:?}");
+        assert!((850..=1150).contains(&counts[1]), "{counts:?}");
+        assert!((2850..=3150).contains(&counts[2]), "{counts:?}");
     }
 
     #[test]
