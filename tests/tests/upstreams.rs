@@ -2038,6 +2038,13 @@ async fn scripted_upstream() -> (
                             false,
                         ),
                         "/close" => (b"HTTP/1.0 200 OK\r\n\r\nuntil the end", true),
+                        // Both framings: chunked wins, the length is dropped.
+                        "/chunked-and-length" => (
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                            true,
+                        ),
+                        // A 304's length describes the representation: kept.
+                        "/not-modified" => (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 42\r\n\r\n", false),
                         // A HEAD answer framed as chunked: no body follows.
                         "/head-chunked" => (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false),
                         "/continue" => (
@@ -2133,6 +2140,21 @@ path_prefix = "/"
         parts[1].starts_with("200") && parts[1].ends_with("ok"),
         "{raw}"
     );
+    // Chunked with a Content-Length: read as chunked, sent on without the
+    // upstream's length; a 304 keeps its length and has no body.
+    let raw = client::raw(
+        listen,
+        "GET /chunked-and-length HTTP/1.1\r\nHost: x\r\n\r\nGET /not-modified HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let parts: Vec<&str> = raw.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(parts.len(), 2, "{raw}");
+    assert!(parts[0].starts_with("200"), "{raw}");
+    assert!(!parts[0].contains("content-length: 99"), "{raw}");
+    assert!(parts[0].contains("transfer-encoding: chunked"), "{raw}");
+    assert!(parts[0].ends_with("5\r\nhello\r\n0\r\n\r\n"), "{raw}");
+    assert!(parts[1].starts_with("304"), "{raw}");
+    assert!(parts[1].contains("content-length: 42\r\n"), "{raw}");
+    assert!(parts[1].ends_with("\r\n\r\n"), "{raw}");
     // Delimited by the connection's end: read whole, connection not kept.
     let r = env.get("/close").await;
     assert_eq!(

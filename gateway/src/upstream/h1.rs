@@ -375,6 +375,12 @@ fn parse_head(
                     return Err(Error::Protocol("conflicting Content-Length values"));
                 }
                 length = Some(v);
+                // The body's exact size hint carries the length on (the
+                // server writes it from there); only a HEAD or 304 answer,
+                // which has no body, keeps the field as sent.
+                if !(head_only || status == StatusCode::NOT_MODIFIED) {
+                    continue;
+                }
             } else if name == header::TRANSFER_ENCODING {
                 // Chunked only as the last coding; anything else is read
                 // to the connection's end.
@@ -407,11 +413,10 @@ fn parse_head(
         {
             Framing::Done
         } else if chunked {
-            // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3);
-            // such a message is not reused.
+            // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3;
+            // the field is not in the map); such a message is not reused.
             if length.is_some() {
                 close = true;
-                map.remove(header::CONTENT_LENGTH);
             }
             Framing::Chunked(crate::chunked::Decoder::default())
         } else if let Some(n) = length {
