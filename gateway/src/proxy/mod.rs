@@ -152,7 +152,7 @@ async fn process(
     generation: &Generation,
     conn: &Conn,
     ctx: &mut Ctx,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let config = &generation.config;
     let Some(listener) = config.listeners.iter().find(|l| l.name == conn.listener) else {
@@ -231,7 +231,6 @@ async fn process(
 
     // Phase 4: route IP rules, CORS, authentication and authorization, rate
     // limits, validation (see `policy`).
-    let mut req = req;
     if !route.policy.is_empty()
         && let Some(resp) =
             policy::on_request(&route.policy, conn, &mut ctx.policy, &mut req).await?
