@@ -128,14 +128,23 @@ pub async fn verify(
 
 /// Runs a password verification on the blocking pool, one per core at most.
 async fn run_blocking(f: impl FnOnce() -> bool + Send + 'static) -> bool {
-    static PERMITS: OnceLock<Semaphore> = OnceLock::new();
+    static PERMITS: OnceLock<Arc<Semaphore>> = OnceLock::new();
     let permits = PERMITS.get_or_init(|| {
-        Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        Arc::new(Semaphore::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        ))
     });
-    let Ok(_permit) = permits.acquire().await else {
+    let Ok(permit) = permits.clone().acquire_owned().await else {
         return false;
     };
-    tokio::task::spawn_blocking(f).await.unwrap_or(false)
+    // The permit goes with the job: a client that gives up on its request
+    // (dropping this future) does not free it while the hash still runs.
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// SHA-256 of a per-process random salt, the user, a separator and the
