@@ -13,7 +13,7 @@ use http_body_util::Full;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::jwt::Claims;
+use super::jwt::{Claims, numeric_date};
 use super::oidc::Provider;
 
 /// Introspection settings and cache of one provider.
@@ -115,7 +115,7 @@ pub async fn introspect(
     match check(provider, audiences, &claims, now) {
         Ok(()) => {
             let mut ttl = intro.cache_ttl;
-            if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
+            if let Some(exp) = claims.get("exp").and_then(numeric_date) {
                 ttl = ttl.min(Duration::from_secs(exp.saturating_sub(now)));
             }
             let claims = Arc::new(claims);
@@ -137,6 +137,15 @@ fn until(ttl: Duration) -> Instant {
     Instant::now() + ttl.min(Duration::from_secs(86_400))
 }
 
+/// The claim's NumericDate: `Ok(None)` when absent, `Err` when present but
+/// not a number.
+fn date_claim(claims: &Claims, name: &str) -> Result<Option<u64>, ()> {
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => numeric_date(v).map(Some).ok_or(()),
+    }
+}
+
 /// Checks an introspection answer: active, in time, our issuer and audience.
 fn check(
     provider: &Provider,
@@ -148,14 +157,12 @@ fn check(
         return Err("token is not active");
     }
     let leeway = provider.leeway.as_secs();
-    if let Some(exp) = claims.get("exp").and_then(Value::as_u64)
-        && exp.saturating_add(leeway) < now
-    {
+    let exp = date_claim(claims, "exp").map_err(|()| "exp is not a number")?;
+    if exp.is_some_and(|exp| exp.saturating_add(leeway) < now) {
         return Err("token expired");
     }
-    if let Some(nbf) = claims.get("nbf").and_then(Value::as_u64)
-        && nbf > now.saturating_add(leeway)
-    {
+    let nbf = date_claim(claims, "nbf").map_err(|()| "nbf is not a number")?;
+    if nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
         return Err("token not valid yet");
     }
     if let Some(iss) = claims.get("iss")
@@ -232,6 +239,31 @@ client_secret = "s"
         assert_eq!(
             ok(json!({"active": true, "aud": "api", "nbf": now + 11})),
             Err("token not valid yet")
+        );
+        // Fractional NumericDates count (rounded down); other types refuse.
+        assert_eq!(
+            ok(json!({"active": true, "aud": "api", "exp": now as f64 - 9.5})),
+            Ok(())
+        );
+        assert_eq!(
+            ok(json!({"active": true, "aud": "api", "exp": now as f64 - 10.5})),
+            Err("token expired")
+        );
+        assert_eq!(
+            ok(json!({"active": true, "aud": "api", "nbf": now as f64 + 10.5})),
+            Ok(())
+        );
+        assert_eq!(
+            ok(json!({"active": true, "aud": "api", "exp": "tomorrow"})),
+            Err("exp is not a number")
+        );
+        assert_eq!(
+            ok(json!({"active": true, "aud": "api", "nbf": [1]})),
+            Err("nbf is not a number")
+        );
+        assert_eq!(
+            ok(json!({"active": true, "aud": "api", "exp": -5})),
+            Err("token expired")
         );
         assert_eq!(
             ok(json!({"active": true, "aud": "api", "iss": "http://evil.test"})),

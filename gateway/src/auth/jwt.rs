@@ -20,6 +20,18 @@ use serde_json::{Map, Value};
 /// Claims of a verified token.
 pub type Claims = Map<String, Value>;
 
+/// A JWT NumericDate (`exp`, `nbf`) as whole seconds: an integer, or a
+/// fraction rounded down (so an expiry never moves later); negative is 0.
+/// `None` when the value is not a number.
+pub fn numeric_date(v: &Value) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n);
+    }
+    let f = v.as_f64().filter(|f| f.is_finite())?;
+    // `as` saturates: a huge value is u64::MAX, a negative one 0.
+    Some(f.floor() as u64)
+}
+
 /// A verification key and the one algorithm it verifies.
 pub struct Key {
     key: DecodingKey,

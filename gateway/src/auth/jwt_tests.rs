@@ -287,3 +287,14 @@ fn rs256_verification_cost() {
     );
     assert!(per < std::time::Duration::from_millis(20), "{per:?}");
 }
+
+#[test]
+fn numeric_dates() {
+    use crate::auth::jwt::numeric_date;
+    assert_eq!(numeric_date(&json!(1_700_000_000)), Some(1_700_000_000));
+    assert_eq!(numeric_date(&json!(1_700_000_000.9)), Some(1_700_000_000));
+    assert_eq!(numeric_date(&json!(-3)), Some(0));
+    assert_eq!(numeric_date(&json!(1e300)), Some(u64::MAX));
+    assert_eq!(numeric_date(&json!("1700000000")), None);
+    assert_eq!(numeric_date(&json!(null)), None);
+}

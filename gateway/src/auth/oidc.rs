@@ -296,7 +296,7 @@ impl Provider {
         let claims = Arc::new(self.verify_uncached(token, validations).await?);
         let now = jsonwebtoken::get_current_timestamp();
         let mut ttl = VERIFIED_TTL;
-        if let Some(exp) = claims.get("exp").and_then(serde_json::Value::as_u64) {
+        if let Some(exp) = claims.get("exp").and_then(jwt::numeric_date) {
             ttl = ttl.min(Duration::from_secs(exp.saturating_sub(now)));
         }
         // The version read before verifying: a refresh in between only
