@@ -240,6 +240,22 @@ async fn api_key_in_header_and_query() {
     assert_eq!(v["headers"]["x-consumer"], "bob");
     assert_eq!(v["query"], "a=1&b=2", "key stripped from the query");
 
+    // Every place a key is read from is cleared, not only the one used.
+    let r = send(
+        &env.base,
+        "GET",
+        "/keys/x?api_key=key-bob&z=1",
+        &[("x-api-key", "key-alice"), ("x_consumer", "mallory")],
+    )
+    .await;
+    let v = r.json();
+    assert_eq!(v["headers"]["x-consumer"], "alice");
+    assert_eq!(v["query"], "z=1", "the unused query key is stripped too");
+    assert!(
+        v["headers"].get("x_consumer").is_none(),
+        "underscore spelling of the identity header removed: {v}"
+    );
+
     // An unauthenticated route is untouched, even with a spoofed header.
     let r = send(&env.base, "GET", "/other", &[("x-consumer", "mallory")]).await;
     assert_eq!(seen(&r)["x-consumer"], "mallory");
@@ -257,7 +273,7 @@ async fn api_key_in_header_and_query() {
     );
     assert_eq!(
         metric(&env.gw, "gateway_auth_success_total", "method=\"api_key\"").await,
-        2
+        3
     );
 
     // The access log names the consumer.
@@ -1097,13 +1113,26 @@ async fn forward_auth_passes_on_the_verdict() {
     let admin = format!("127.0.0.1:{}", free_port());
     let config = format!(
         r#"{common}
+[[consumers]]
+name = "alice"
+api_keys = ["sha256:{key}"]
+
 [[routes]]
 name = "fwd"
 upstream = "one"
 [routes.match]
 path_prefix = "/fwd/"
 [routes.auth]
-forward = {{ url = "http://{verdicts}/check", response_headers = ["x-auth-roles", "x-seen-uri", "x-seen-method"], consumer_from = "x-auth-user" }}
+forward = {{ url = "http://{verdicts}/check", response_headers = ["x-auth-roles", "x-auth-extra", "x-seen-uri", "x-seen-method"], consumer_from = "x-auth-user" }}
+
+[[routes]]
+name = "fwd-or-key"
+upstream = "one"
+[routes.match]
+path_prefix = "/either/"
+[routes.auth]
+api_key = {{}}
+forward = {{ url = "http://{verdicts}/check", response_headers = ["x-auth-roles"] }}
 
 [[routes]]
 name = "fwd-dead"
@@ -1115,6 +1144,7 @@ forward = {{ url = "http://127.0.0.1:{dead}/check", timeout = "1s" }}
 "#,
         common = common(&admin, port, &b),
         dead = free_port(),
+        key = sha256_hex("key-alice"),
     );
     let _gw = Gateway::start(&config, &admin);
     let base = format!("http://127.0.0.1:{port}");
@@ -1126,12 +1156,18 @@ forward = {{ url = "http://127.0.0.1:{dead}/check", timeout = "1s" }}
         &[
             ("authorization", "Bearer good"),
             ("x-auth-roles", "spoofed"),
+            ("x_auth_roles", "spoofed"),
+            ("x-auth-extra", "spoofed"),
         ],
     )
     .await;
     let h = seen(&r);
     assert_eq!(h["x-consumer"], "zed");
     assert_eq!(h["x-auth-roles"], "a,b");
+    // Only the service sets its headers: one it did not return is removed,
+    // and so is the underscore spelling.
+    assert!(h.get("x-auth-extra").is_none(), "{h}");
+    assert!(h.get("x_auth_roles").is_none(), "{h}");
     assert_eq!(h["x-seen-uri"], "/fwd/x?q=1");
     assert_eq!(h["x-seen-method"], "POST");
     assert!(h.get("x-not-copied").is_none());
@@ -1148,6 +1184,19 @@ forward = {{ url = "http://127.0.0.1:{dead}/check", timeout = "1s" }}
     let r = send(&base, "GET", "/dead/x", &[("authorization", "Bearer good")]).await;
     problem(&r, 502);
     assert_eq!(b.hits(), 1);
+
+    // Admitted by an API key, the service's headers still cannot be sent
+    // by the client.
+    let r = send(
+        &base,
+        "GET",
+        "/either/x",
+        &[("x-api-key", "key-alice"), ("x-auth-roles", "admin")],
+    )
+    .await;
+    let h = seen(&r);
+    assert_eq!(h["x-consumer"], "alice");
+    assert!(h.get("x-auth-roles").is_none(), "{h}");
     task.abort();
 }
 

@@ -375,7 +375,7 @@ pub fn compile_route(
     } else {
         header_name(&a.consumer_header, problems)
     };
-    let claim_headers = a
+    let claim_headers: Vec<(HeaderName, Box<str>)> = a
         .claim_headers
         .iter()
         .filter_map(|(h, claim)| match HeaderName::from_bytes(h.as_bytes()) {
@@ -397,6 +397,11 @@ pub fn compile_route(
     if problems.len() != before {
         return None;
     }
+    let scrub = scrub_list(
+        consumer_header.iter(),
+        claim_headers.iter().map(|(n, _)| n),
+        forward.iter().flat_map(|f| f.response_headers.iter()),
+    );
     Some(Box::new(RouteAuth {
         consumers: global.consumers.clone(),
         api_key,
@@ -414,6 +419,31 @@ pub fn compile_route(
         claims,
         consumer_header,
         claim_headers,
+        scrub,
         strip_credentials: a.strip_credentials,
     }))
+}
+
+/// Names removed from every authenticated request before the gateway sets
+/// its own: the forward-auth service's response headers (only the service
+/// may set them, whichever credential admitted the request), and the
+/// underscore spelling of every identity header (`x_consumer` for
+/// `x-consumer`), which some frameworks read as the same header.
+fn scrub_list<'a>(
+    consumer: impl Iterator<Item = &'a HeaderName>,
+    claims: impl Iterator<Item = &'a HeaderName>,
+    forward: impl Iterator<Item = &'a HeaderName>,
+) -> Vec<HeaderName> {
+    let forward: Vec<&HeaderName> = forward.collect();
+    let mut out: Vec<HeaderName> = forward.iter().map(|n| (*n).clone()).collect();
+    for n in consumer.chain(claims).chain(forward.iter().copied()) {
+        if n.as_str().contains('-')
+            && let Ok(shadow) = HeaderName::from_bytes(n.as_str().replace('-', "_").as_bytes())
+        {
+            out.push(shadow);
+        }
+    }
+    out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    out.dedup();
+    out
 }

@@ -186,14 +186,14 @@ pub struct RouteAuth {
     claims: Vec<ClaimRule>,
     consumer_header: Option<HeaderName>,
     claim_headers: Vec<(HeaderName, Box<str>)>,
+    /// Removed before identity headers are set (see `compile::scrub_list`).
+    scrub: Vec<HeaderName>,
     strip_credentials: bool,
 }
 
 /// What authentication found, before authorization.
 struct Found {
     identity: Identity,
-    /// API key came from the query string.
-    key_in_query: bool,
     /// Headers a forward-auth service asked to pass on.
     extra: Vec<(HeaderName, HeaderValue)>,
 }
@@ -231,7 +231,6 @@ impl RouteAuth {
     ) -> Result<Found, ProxyError> {
         let found = |identity| Found {
             identity,
-            key_in_query: false,
             extra: Vec::new(),
         };
         if let Some(v) = req.headers().get(AUTHORIZATION) {
@@ -254,11 +253,7 @@ impl RouteAuth {
             if let Some(name) = &k.query
                 && let Some(v) = query_param(req.uri(), name)
             {
-                return self.api_key(&v).map(|identity| Found {
-                    identity,
-                    key_in_query: true,
-                    extra: Vec::new(),
-                });
+                return self.api_key(&v).map(found);
             }
         }
         if let Some(f) = &self.forward {
@@ -273,7 +268,6 @@ impl RouteAuth {
                     claims: None,
                     api_key: None,
                 },
-                key_in_query: false,
                 extra: admitted.headers,
             });
         }
@@ -471,6 +465,9 @@ impl RouteAuth {
     fn rewrite(&self, found: &Found, req: &mut Request<Incoming>) {
         let id = &found.identity;
         let h = req.headers_mut();
+        for name in &self.scrub {
+            h.remove(name);
+        }
         // `insert` replaces every value the client sent; without a value of
         // ours, theirs are removed.
         if let Some(name) = &self.consumer_header {
@@ -497,32 +494,28 @@ impl RouteAuth {
                 }
             }
         }
-        for (name, _) in &found.extra {
-            h.remove(name);
-        }
         for (name, v) in &found.extra {
             h.append(name.clone(), v.clone());
         }
         if !self.strip_credentials {
             return;
         }
-        match id.method {
-            AuthMethod::ApiKey => {
-                if let Some(k) = &self.api_key {
-                    h.remove(&k.header);
-                    if found.key_in_query
-                        && let Some(q) = &k.query
-                        && let Some(uri) = without_query_param(req.uri(), q)
-                    {
-                        *req.uri_mut() = uri;
-                    }
-                }
-            }
-            AuthMethod::Basic
-            | AuthMethod::Jwt
-            | AuthMethod::Introspection
-            | AuthMethod::Forward => {
-                h.remove(AUTHORIZATION);
+        // Every place this route reads a credential from is cleared, not
+        // only the one that admitted the request: a second key in the query
+        // string must not reach the upstream either.
+        if self.basic
+            || self.jwt.is_some()
+            || self.introspection.is_some()
+            || matches!(id.method, AuthMethod::Forward)
+        {
+            h.remove(AUTHORIZATION);
+        }
+        if let Some(k) = &self.api_key {
+            h.remove(&k.header);
+            if let Some(q) = &k.query
+                && let Some(uri) = without_query_param(req.uri(), q)
+            {
+                *req.uri_mut() = uri;
             }
         }
     }
@@ -549,14 +542,19 @@ fn query_param(uri: &Uri, name: &str) -> Option<Vec<u8>> {
 /// `query_param` matches it).
 fn without_query_param(uri: &Uri, name: &str) -> Option<Uri> {
     let q = uri.query()?;
+    let mut all = 0;
     let kept: Vec<&str> = q
         .split('&')
+        .inspect(|_| all += 1)
         .filter(|pair| {
             form_urlencoded::parse(pair.as_bytes())
                 .next()
                 .is_none_or(|(k, _)| k != name)
         })
         .collect();
+    if kept.len() == all {
+        return None;
+    }
     let pq = if kept.is_empty() {
         uri.path().to_string()
     } else {
