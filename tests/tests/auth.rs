@@ -499,6 +499,17 @@ scopes_any = ["read"]
 
 [[consumers]]
 name = "alice"
+
+[[identity_providers]]
+name = "idp2"
+issuer = "http://idp.example"
+min_refresh_interval = "0s"
+
+[[routes]]
+name = "f"
+respond = { status = 200 }
+[routes.auth]
+forward = { url = "http://127.0.0.1:1/", timeout = "0s" }
 "#,
     )
     .expect("write");
@@ -516,6 +527,8 @@ name = "alice"
         format!("{p}:20:12: invalid method \"G E T\""),
         format!("{p}:25:1: [routes.auth] accepts no credentials"),
         format!("{p}:29:8: duplicate consumer name \"alice\""),
+        format!("{p}:32:8: `min_refresh_interval` must be at least 1s"),
+        format!("{p}:40:19: forward auth `timeout` must be positive"),
     ] {
         assert!(out.contains(&want), "missing {want:?} in:\n{out}");
     }

@@ -156,6 +156,12 @@ fn compile_provider(
     if p.timeout.0.is_zero() {
         problems.push(Problem::at(p.name.span(), "`timeout` must be positive"));
     }
+    if p.min_refresh_interval.0 < std::time::Duration::from_secs(1) {
+        problems.push(Problem::at(
+            p.name.span(),
+            "`min_refresh_interval` must be at least 1s (it bounds how often tokens with unknown keys make the gateway fetch the JWKS)",
+        ));
+    }
     if p.leeway.0 > std::time::Duration::from_secs(3600) {
         problems.push(Problem::at(p.name.span(), "`leeway` must be at most 1h"));
     }
@@ -297,6 +303,12 @@ pub fn compile_route(
             .consumer_from
             .as_ref()
             .and_then(|h| header_name(h, problems));
+        if f.timeout.0.is_zero() {
+            problems.push(Problem::at(
+                f.url.span(),
+                "forward auth `timeout` must be positive",
+            ));
+        }
         let client = client::HttpClient::system()
             .map_err(|m| problems.push(Problem::at(f.url.span(), m)))
             .ok()?;
