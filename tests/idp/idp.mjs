@@ -19,7 +19,8 @@
 //                           published unless `?drop=1`. Answers {"kid": ...}.
 //   GET  /__forge?kind=K    a hostile token: none, hs256-confusion, expired,
 //                           wrong-aud, wrong-iss, not-yet-valid, unknown-kid,
-//                           hs256-shared (a good HS256 token).
+//                           hs256-shared (a good HS256 token),
+//                           hs256-numeric-sub (good, but `sub` is 42).
 //                           Answers {"token": ...}.
 
 import { KeyObject, createHmac } from 'node:crypto';
@@ -137,9 +138,12 @@ async function forge(kind) {
       return sign({ ...claims, aud: 'https://other.example' });
     case 'wrong-iss':
       return sign({ ...claims, iss: 'http://evil.example' });
-    case 'hs256-shared': {
-      // Signed with the shared secret of the gateway's HS256 provider (HS256_SECRET in tests/src/idp.rs).
-      const input = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ ...claims, jti: 'hs256-shared' })}`;
+    case 'hs256-shared':
+    case 'hs256-numeric-sub': {
+      // Signed with the shared secret of the gateway's HS256 provider (HS256_SECRET in tests/src/idp.rs);
+      // hs256-numeric-sub has a `sub` that is not a name (and a client_id that is).
+      const c = kind === 'hs256-shared' ? claims : { ...claims, sub: 42, client_id: 'admin' };
+      const input = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ ...c, jti: kind })}`;
       const sig = createHmac('sha256', 'hs256-shared-secret-for-the-tests-0123').update(input).digest('base64url');
       return `${input}.${sig}`;
     }

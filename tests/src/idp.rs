@@ -118,7 +118,8 @@ impl Idp {
 
     /// A hostile token: `none`, `hs256-confusion`, `expired`, `wrong-aud`,
     /// `wrong-iss`, `not-yet-valid`, `unknown-kid`; or `hs256-shared`, a
-    /// valid token signed with `HS256_SECRET`.
+    /// valid token signed with `HS256_SECRET` (`hs256-numeric-sub`: the same
+    /// with `sub: 42` and `client_id: "admin"`).
     pub async fn forge(&self, kind: &str) -> String {
         let r = client::get(&format!("{}/__forge?kind={kind}", self.base)).await;
         assert_eq!(r.status, 200, "forge {kind}: {}", r.text());

@@ -872,6 +872,21 @@ async fn oidc_hostile_tokens_rejected() {
     )
     .await;
     assert_eq!(seen(&r)["x-consumer"], "svc");
+    // A `sub` that is not a name refuses the token: `client_id` does not
+    // stand in for a claim that is present.
+    let token = env.idp.forge("hs256-numeric-sub").await;
+    let r = send(
+        &env.base,
+        "GET",
+        "/jwt-hs/x",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    let v = problem(&r, 401);
+    assert!(
+        v["detail"].as_str().unwrap().contains("names the caller"),
+        "{v}"
+    );
 }
 
 #[tokio::test]

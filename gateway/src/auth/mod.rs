@@ -355,11 +355,16 @@ impl RouteAuth {
                 ));
             }
         }
-        let name = [provider.consumer_claim.as_str(), "client_id"]
-            .iter()
-            .find_map(|c| claims.get(*c).and_then(Value::as_str))
-            .filter(|n| !n.is_empty())
-            .map(Arc::<str>::from);
+        // `client_id` names the caller only when the configured claim is
+        // absent: a present one that is not a name refuses the token rather
+        // than letting another claim decide who the caller is.
+        let name = match claims.get(provider.consumer_claim.as_str()) {
+            None | Some(Value::Null) => claims.get("client_id"),
+            named => named,
+        }
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(Arc::<str>::from);
         let Some(name) = name else {
             return Err(self.unauthorized(
                 format!(
