@@ -146,6 +146,19 @@ impl KeySet {
         self.candidates(kid, alg).next().is_some()
     }
 
+    /// Whether the set names `kid` itself (with a key for `alg`); without a
+    /// `kid`, whether any key verifies `alg`. A token whose `kid` only the
+    /// kid-less keys could match may be signed by a key published since.
+    pub fn knows(&self, kid: Option<&str>, alg: Algorithm) -> bool {
+        match kid {
+            Some(kid) => self
+                .by_kid
+                .get(kid)
+                .is_some_and(|keys| keys.iter().any(|k| k.alg == alg)),
+            None => self.has(None, alg),
+        }
+    }
+
     fn candidates<'a>(
         &'a self,
         kid: Option<&str>,

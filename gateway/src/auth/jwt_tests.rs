@@ -101,6 +101,19 @@ fn jwks_keeps_only_signature_keys_that_fit_their_type() {
 }
 
 #[test]
+fn a_kid_only_kidless_keys_could_match_is_not_known() {
+    let jwks = json!({"keys": [{"kty": "RSA", "n": RSA_N, "e": "AQAB"}]}).to_string();
+    let set = KeySet::from_jwks(jwks.as_bytes(), ALLOWED).unwrap();
+    // Tried for any kid, but a new kid still asks for a refresh first.
+    assert!(set.has(Some("new"), Algorithm::RS256));
+    assert!(!set.knows(Some("new"), Algorithm::RS256));
+    assert!(set.knows(None, Algorithm::RS256));
+    assert!(!set.knows(None, Algorithm::ES256));
+    let token = sign(Algorithm::RS256, "new", &claims());
+    assert!(check(&set, &token, ALLOWED).is_ok());
+}
+
+#[test]
 fn accepts_rs256_es256_eddsa() {
     let set = KeySet::from_jwks(&jwks(), ALLOWED).unwrap();
     for (alg, kid) in [

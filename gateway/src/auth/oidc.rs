@@ -319,9 +319,11 @@ impl Provider {
         }
         let cache = &self.keys;
         let mut keys = cache.keys.load_full();
-        if !keys.has(header.kid.as_deref(), header.alg) {
+        if !keys.knows(header.kid.as_deref(), header.alg) {
             // First use, or a key we have not seen (rotation): refresh now,
-            // rate-limited.
+            // rate-limited. A kid that only kid-less keys could match counts
+            // as unseen too, so they cannot hide a rotation until the next
+            // interval refresh; the kid-less keys are still tried after.
             metrics::counter!("gateway_auth_jwks_unknown_kid_total").increment(1);
             if cache.refresh_and_wait(self.min_refresh_interval).await {
                 keys = cache.keys.load_full();
