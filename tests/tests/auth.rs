@@ -1081,6 +1081,93 @@ async fn introspection_of_opaque_tokens_with_cache() {
     problem(&r, 502);
 }
 
+/// An authorization server for opaque tokens only: its discovery document
+/// names an introspection endpoint and no `jwks_uri`. `token=good` is
+/// active (consumer "opaque-user"), anything else is not.
+async fn start_opaque_only_idp() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use http::Response;
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                    let path = req.uri().path().to_string();
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|c| c.to_bytes())
+                        .unwrap_or_default();
+                    let answer = match path.as_str() {
+                        "/.well-known/openid-configuration" => serde_json::json!({
+                            "issuer": format!("http://{addr}"),
+                            "introspection_endpoint": format!("http://{addr}/introspect"),
+                        }),
+                        "/introspect" if body.split(|b| *b == b'&').any(|p| p == b"token=good") => {
+                            serde_json::json!({"active": true, "sub": "opaque-user"})
+                        }
+                        _ => serde_json::json!({"active": false}),
+                    };
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(answer.to_string())))
+                            .expect("response"),
+                    )
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn introspection_through_discovery_without_jwks() {
+    let b = Backend::start("b").await;
+    let (idp, task) = start_opaque_only_idp().await;
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"{common}
+[[identity_providers]]
+name = "opaque"
+issuer = "http://{idp}"
+[identity_providers.introspection]
+client_id = "gw"
+client_secret = "s"
+
+[[routes]]
+name = "opaque"
+upstream = "one"
+[routes.match]
+path_prefix = "/"
+[routes.auth]
+introspection = {{ provider = "opaque" }}
+"#,
+        common = common(&admin, port, &b),
+    );
+    let _gw = Gateway::start(&config, &admin);
+    let base = format!("http://127.0.0.1:{port}");
+    let r = send(&base, "GET", "/x", &[("authorization", "Bearer good")]).await;
+    assert_eq!(seen(&r)["x-consumer"], "opaque-user");
+    let r = send(&base, "GET", "/x", &[("authorization", "Bearer bad")]).await;
+    let v = problem(&r, 401);
+    assert!(v["detail"].as_str().unwrap().contains("not active"), "{v}");
+    task.abort();
+}
+
 // ---------------------------------------------------------------------------
 // Forward auth.
 

@@ -239,7 +239,8 @@ impl KeyCache {
         #[derive(serde::Deserialize)]
         struct Discovery {
             issuer: String,
-            jwks_uri: String,
+            #[serde(default)]
+            jwks_uri: Option<String>,
             #[serde(default)]
             introspection_endpoint: Option<String>,
         }
@@ -261,7 +262,15 @@ impl KeyCache {
                     Some(e) => Some(client::parse_url(&e)?),
                     None => None,
                 };
-                (client::parse_url(&doc.jwks_uri)?, intro)
+                // Kept at once: opaque tokens can be introspected even when
+                // the provider publishes no keys or its JWKS is down.
+                if let Some(i) = &intro {
+                    self.introspection_endpoint.store(Some(Arc::new(i.clone())));
+                }
+                let Some(jwks) = doc.jwks_uri else {
+                    return Err(format!("{u}: discovery names no jwks_uri"));
+                };
+                (client::parse_url(&jwks)?, intro)
             }
         };
         let body = self.client.get(&jwks_uri, timeout).await?;
