@@ -14,6 +14,9 @@ pub enum ErrorKind {
     BadRequest,
     /// No credentials, or credentials that do not verify (401).
     Unauthorized,
+    /// The forward-auth service sent the client elsewhere (its 3xx, e.g. to
+    /// a login page).
+    AuthRedirect,
     /// Authenticated, but not allowed (403); also route-level IP denies.
     Forbidden,
     /// No route matches.
@@ -58,10 +61,9 @@ impl ErrorKind {
     pub fn side(self) -> Side {
         use ErrorKind::*;
         match self {
-            BadRequest | Unauthorized | Forbidden | NoRoute | MethodNotAllowed | RequestTimeout
-            | PayloadTooLarge | Unprocessable | TooManyRequests | HeadersTooLarge => {
-                Side::Downstream
-            }
+            BadRequest | Unauthorized | AuthRedirect | Forbidden | NoRoute | MethodNotAllowed
+            | RequestTimeout | PayloadTooLarge | Unprocessable | TooManyRequests
+            | HeadersTooLarge => Side::Downstream,
             UpstreamConnect | UpstreamProtocol | NoUpstream | CircuitOpen | Overloaded
             | UpstreamTimeout => Side::Upstream,
             Internal => Side::Internal,
@@ -79,6 +81,7 @@ impl ErrorKind {
         match self {
             BadRequest => "bad_request",
             Unauthorized => "unauthorized",
+            AuthRedirect => "auth_redirect",
             Forbidden => "forbidden",
             NoRoute => "no_route",
             MethodNotAllowed => "method_not_allowed",
@@ -110,6 +113,9 @@ pub struct ProxyError {
     pub extra: Option<serde_json::Map<String, serde_json::Value>>,
     /// Whether the connection must be closed after the response.
     pub close: bool,
+    /// The status when the kind's own does not say it (an `AuthRedirect`'s
+    /// 3xx).
+    pub status: Option<http::StatusCode>,
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
@@ -121,6 +127,7 @@ impl ProxyError {
             headers: Vec::new(),
             extra: None,
             close: false,
+            status: None,
             source: None,
         }
     }

@@ -1173,7 +1173,8 @@ introspection = {{ provider = "opaque" }}
 
 /// A forward-auth service: `Bearer good` → 200 naming consumer "zed" with
 /// roles; `Bearer bad` → 401 with a challenge; `Bearer nope` → 403;
-/// anything else → 500. It answers with what it received in `x-seen-*`.
+/// `Bearer login` → 302 to a login page with a cookie; `Bearer lost` → 302
+/// without a `Location`; anything else → 500. It answers with what it received in `x-seen-*`.
 async fn start_verdicts() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use http::Response;
     use hyper::service::service_fn;
@@ -1202,6 +1203,12 @@ async fn start_verdicts() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>)
                             .status(401)
                             .header("www-authenticate", "Bearer realm=\"fwd\""),
                         Some("Bearer nope") => resp.status(403),
+                        Some("Bearer login") => resp
+                            .status(302)
+                            .header("location", "http://login.test/start?rd=/fwd/x")
+                            .header("set-cookie", "csrf=abc; HttpOnly")
+                            .header("x-not-copied", "1"),
+                        Some("Bearer lost") => resp.status(302),
                         _ => resp.status(500),
                     };
                     for name in ["x-forwarded-method", "x-forwarded-uri", "x-forwarded-host"] {
@@ -1293,6 +1300,18 @@ forward = {{ url = "http://127.0.0.1:{dead}/check", timeout = "1s" }}
     assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"fwd\""));
     let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer nope")]).await;
     problem(&r, 403);
+    // A redirect (a login flow) reaches the client with its Location and
+    // cookie; one without a Location is a broken answer.
+    let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer login")]).await;
+    problem(&r, 302);
+    assert_eq!(
+        r.header("location"),
+        Some("http://login.test/start?rd=/fwd/x")
+    );
+    assert_eq!(r.header("set-cookie"), Some("csrf=abc; HttpOnly"));
+    assert_eq!(r.header("x-not-copied"), None);
+    let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer lost")]).await;
+    problem(&r, 502);
     // Any other answer, or none, fails closed.
     let r = send(&base, "GET", "/fwd/x", &[]).await;
     problem(&r, 502);

@@ -3,13 +3,15 @@
 //! `-Host`, `-For`, `-Proto`. A 2xx answer admits the request (its chosen
 //! headers are copied onto the upstream request, one of them may name the
 //! consumer); 401 and 403 are passed on to the client (with the service's
-//! `WWW-Authenticate`); anything else, or no answer, fails closed with 502.
+//! `WWW-Authenticate`), and so are redirects (301, 302, 303, 307, 308 with
+//! their `Location` and `Set-Cookie`: a login flow); anything else, or no
+//! answer, fails closed with 502.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proxy::body::Incoming;
-use http::header::{HeaderName, HeaderValue, WWW_AUTHENTICATE};
+use http::header::{HeaderName, HeaderValue, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
 use http::{Request, StatusCode, Uri};
 use http_body_util::Full;
 
@@ -111,6 +113,25 @@ impl ForwardAuth {
                 ErrorKind::Forbidden,
                 "the forward-auth service denied the request",
             ),
+            StatusCode::MOVED_PERMANENTLY
+            | StatusCode::FOUND
+            | StatusCode::SEE_OTHER
+            | StatusCode::TEMPORARY_REDIRECT
+            | StatusCode::PERMANENT_REDIRECT
+                if resp.headers().contains_key(LOCATION) =>
+            {
+                let mut e = ProxyError::new(
+                    ErrorKind::AuthRedirect,
+                    "the forward-auth service redirected the request",
+                );
+                e.status = Some(status);
+                for name in [&LOCATION, &SET_COOKIE] {
+                    for v in resp.headers().get_all(name) {
+                        e = e.with_header(name.clone(), v.clone());
+                    }
+                }
+                e
+            }
             s => ProxyError::new(
                 ErrorKind::UpstreamProtocol,
                 format!("the forward-auth service answered {s}"),
