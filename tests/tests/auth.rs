@@ -256,6 +256,20 @@ async fn api_key_in_header_and_query() {
         "underscore spelling of the identity header removed: {v}"
     );
 
+    // A `Connection` that names the identity header cannot remove it: hop-by-
+    // hop headers go before the gateway sets its own.
+    let r = send(
+        &env.base,
+        "GET",
+        "/keys/x",
+        &[
+            ("x-api-key", "key-alice"),
+            ("connection", "keep-alive, x-consumer"),
+        ],
+    )
+    .await;
+    assert_eq!(seen(&r)["x-consumer"], "alice");
+
     // An unauthenticated route is untouched, even with a spoofed header.
     let r = send(&env.base, "GET", "/other", &[("x-consumer", "mallory")]).await;
     assert_eq!(seen(&r)["x-consumer"], "mallory");
@@ -273,7 +287,7 @@ async fn api_key_in_header_and_query() {
     );
     assert_eq!(
         metric(&env.gw, "gateway_auth_success_total", "method=\"api_key\"").await,
-        3
+        4
     );
 
     // The access log names the consumer.

@@ -51,7 +51,12 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
                 if token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
                     continue;
                 }
-                if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                // The message's framing and target are not the sender's to
+                // drop this way.
+                if let Ok(n) = HeaderName::from_bytes(token.as_bytes())
+                    && n != header::CONTENT_LENGTH
+                    && n != header::HOST
+                {
                     named.push(n);
                 }
             }

@@ -162,8 +162,13 @@ async fn process(
         ));
     };
 
-    // Phase 2: validate.
+    // Phase 2: validate. Hop-by-hop headers (and those `Connection` names)
+    // go now, before routing and policy look at the request: a header the
+    // upstream will not see must not be the one a route matched or a rule
+    // checked, and `Connection: x-consumer` must not remove what phase 4
+    // sets.
     let content_length = validate(listener, &req)?;
+    forward::strip_hop_by_hop(req.headers_mut());
     let uri = req.uri().clone();
     let path = router::normalize::normalize(uri.path()).map_err(|e| {
         ProxyError::new(ErrorKind::BadRequest, format!("invalid request path: {e}"))
@@ -556,7 +561,6 @@ fn upstream_request(
         })?;
     }
     let h = &mut parts.headers;
-    forward::strip_hop_by_hop(h);
     let via = match parts.version {
         Version::HTTP_2 => "2 gateway",
         Version::HTTP_10 => "1.0 gateway",
