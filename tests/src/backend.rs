@@ -233,6 +233,16 @@ async fn echo(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<By
     } else if let Some(n) = path.strip_prefix("/bytes/") {
         body_override = Some(Bytes::from(vec![b'x'; n.parse().unwrap_or(0)]));
     }
+    // `x-respond-header: name=value` asks for that header on the response.
+    let asked: Vec<(http::HeaderName, http::HeaderValue)> = req
+        .headers()
+        .get_all("x-respond-header")
+        .iter()
+        .filter_map(|v| {
+            let (n, v) = v.to_str().ok()?.split_once('=')?;
+            Some((n.parse().ok()?, v.parse().ok()?))
+        })
+        .collect();
     let method = req.method().to_string();
     let version = format!("{:?}", req.version());
     let query = req.uri().query().map(str::to_string);
@@ -278,6 +288,9 @@ async fn echo(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<By
         "x-backend-secret",
         http::HeaderValue::from_static("hunter2"),
     );
+    for (n, v) in asked {
+        resp.headers_mut().append(n, v);
+    }
     Ok(resp)
 }
 

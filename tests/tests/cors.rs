@@ -61,6 +61,15 @@ path_prefix = "/dead/"
 [routes.cors]
 allow_origins = ["https://app.example.com"]
 [[routes]]
+name = "walled"
+upstream = "one"
+[routes.match]
+path_prefix = "/walled/"
+[routes.access]
+allow = ["10.0.0.0/8"]
+[routes.cors]
+allow_origins = ["https://app.example.com"]
+[[routes]]
 name = "public"
 upstream = "one"
 [routes.match]
@@ -187,6 +196,30 @@ async fn actual_requests_get_cors_headers_only_for_allowed_origins() {
     assert!(r.header("access-control-allow-origin").is_none());
     assert!(r.header("access-control-allow-credentials").is_none());
 
+    assert!(
+        r.header("vary").is_some_and(|v| v.contains("Origin")),
+        "a cache must not serve this answer to another origin"
+    );
+
+    // The route's CORS is the gateway's: an upstream reflecting every
+    // origin with credentials does not widen it.
+    let r = send(
+        Method::GET,
+        &url,
+        &[
+            ("origin", "https://evil.example.com"),
+            (
+                "x-respond-header",
+                "access-control-allow-origin=https://evil.example.com",
+            ),
+            ("x-respond-header", "access-control-allow-credentials=true"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("access-control-allow-origin").is_none());
+    assert!(r.header("access-control-allow-credentials").is_none());
+
     let r = send(Method::GET, &url, &[]).await;
     assert!(r.header("access-control-allow-origin").is_none());
     // A plain OPTIONS (not a preflight) is routed as usual: to the
@@ -216,6 +249,18 @@ async fn error_responses_carry_cors_headers() {
         r.header("access-control-allow-origin"),
         Some("https://app.example.com")
     );
+    // So does a route's access refusal, the first step of phase 4.
+    let r = send(
+        Method::GET,
+        &format!("{}/walled/x", env.base),
+        &[("origin", "https://app.example.com")],
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,6 +276,20 @@ async fn global_cors_applies_where_a_route_has_none() {
     assert_eq!(r.header("access-control-allow-origin"), Some("*"));
     assert!(r.header("access-control-allow-credentials").is_none());
     let r = send(
+        Method::GET,
+        &format!("{}/anything", env.base),
+        &[
+            ("origin", "https://whoever.test"),
+            ("x-respond-header", "access-control-allow-credentials=true"),
+        ],
+    )
+    .await;
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert!(
+        r.header("access-control-allow-credentials").is_none(),
+        "an upstream's credentials flag does not survive a `*` policy"
+    );
+    let r = send(
         Method::OPTIONS,
         &format!("{}/anything", env.base),
         &[
@@ -245,5 +304,5 @@ async fn global_cors_applies_where_a_route_has_none() {
         r.header("access-control-allow-methods"),
         Some("GET, HEAD, POST")
     );
-    assert_eq!(b.hits(), 1);
+    assert_eq!(b.hits(), 2, "the preflight did not reach the upstream");
 }

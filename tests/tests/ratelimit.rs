@@ -674,6 +674,9 @@ limits = [{ requests = 10, per = "1h" }]
         let r = get(&format!("{}{path}", env.base), &[("x-api-key", "kg")]).await;
         assert_eq!(r.status, 429, "{path}");
         assert!(num(&r, "retry-after") >= 1);
+        // The refusal reports the limit that refused, not the route's.
+        assert_eq!(num(&r, "ratelimit-limit"), 3, "{path}");
+        assert_eq!(num(&r, "ratelimit-remaining"), 0, "{path}");
     }
     // Consumers without their own limit have only the routes'.
     for _ in 0..5 {

@@ -113,6 +113,14 @@ path_prefix = "/resp-ok/"
 schema = '{"type": "object", "required": ["backend", "path"]}'
 on_violation = "reject"
 [[routes]]
+name = "small"
+upstream = "one"
+max_body_bytes = 64
+[routes.match]
+path_prefix = "/small"
+[routes.validate]
+schema = '{"type": "object"}'
+[[routes]]
 name = "slow-body"
 upstream = "one"
 [routes.match]
@@ -294,6 +302,26 @@ async fn response_validation_logs_or_rejects() {
     )
     .await;
     assert_eq!(r.status, 404, "{}", r.text());
+    // Responses without a body to check pass: HEAD, 204, and bodies in a
+    // content coding only the client decodes.
+    let r = send(Method::HEAD, &format!("{}/resp-ok/x", env.base), &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(
+        Method::GET,
+        &format!("{}/resp-reject/status/204", env.base),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = send(
+        Method::GET,
+        &format!("{}/resp-reject/x", env.base),
+        &[("x-respond-header", "content-encoding=gzip")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
     let m = gateway_tests::client::raw(
         &env.gw.admin,
         "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
@@ -395,4 +423,33 @@ async fn number_parameters_and_a_body_that_never_arrives() {
         "answered after {took:?}"
     );
     assert_eq!(b.hits(), hits);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_body_limit_holds_for_validated_bodies_without_a_length() {
+    let b = Backend::start("one").await;
+    let env = start(&b);
+    let addr = env.base.trim_start_matches("http://");
+    let doc = format!("{{\"pad\": \"{}\"}}", "x".repeat(500));
+    let raw = format!(
+        "POST /small HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{doc}\r\n0\r\n\r\n",
+        doc.len()
+    );
+    let resp = gateway_tests::client::raw(addr, &raw);
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    assert!(resp.contains("application/problem+json"), "{resp}");
+    assert_eq!(
+        b.hits(),
+        0,
+        "nothing over the route's limit reaches the upstream"
+    );
+    // Within the limit, it passes.
+    let r = send(
+        Method::POST,
+        &format!("{}/small", env.base),
+        &[("content-type", "application/json")],
+        "{\"a\": 1}",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
 }

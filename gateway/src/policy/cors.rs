@@ -231,11 +231,33 @@ impl Cors {
         Some(resp)
     }
 
-    /// Phase 7 for an actual request whose origin is allowed.
-    pub fn apply(&self, origin: HeaderValue, out: &mut HeaderMap) {
-        self.set_origin(out, &origin);
-        if let Some(v) = &self.expose_value {
-            out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+    /// Phase 7 for an actual request: the route's CORS headers replace any
+    /// the upstream sent (the gateway owns CORS on this route, so an
+    /// upstream that reflects every origin cannot widen it); `origin` is
+    /// the request's when allowed. Every answer varies by `Origin` unless
+    /// it is the same `*` for all.
+    pub fn respond(&self, origin: Option<HeaderValue>, out: &mut HeaderMap) {
+        for name in [
+            &header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            &header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            &header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            &header::ACCESS_CONTROL_ALLOW_METHODS,
+            &header::ACCESS_CONTROL_ALLOW_HEADERS,
+            &header::ACCESS_CONTROL_MAX_AGE,
+        ] {
+            out.remove(name);
+        }
+        match origin {
+            Some(origin) => {
+                self.set_origin(out, &origin);
+                if let Some(v) = &self.expose_value {
+                    out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+                }
+            }
+            None if self.any_origin && !self.credentials => {}
+            None => {
+                out.append(header::VARY, HeaderValue::from_static("Origin"));
+            }
         }
     }
 

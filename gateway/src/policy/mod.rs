@@ -48,6 +48,10 @@ pub struct RoutePolicy {
 /// Per-request state shared by the phase-4 steps and phase 7.
 #[derive(Debug, Default)]
 pub struct PolicyCtx {
+    /// The request is a HEAD (its response has no body to validate).
+    pub head: bool,
+    /// 4b answered a CORS preflight (its headers are final).
+    pub preflight: bool,
     /// A request body a step had to read whole (validation); sent upstream
     /// instead of the client's stream.
     pub buffered_body: Option<Bytes>,
@@ -188,16 +192,21 @@ pub async fn on_request(
     ctx: &mut PolicyCtx,
     req: &mut Request<Incoming>,
 ) -> Result<Option<Response<Body>>, ProxyError> {
+    // The allowed origin first: every answer, a 4a refusal included,
+    // carries the CORS headers a browser needs to show it.
+    if let Some(c) = &policy.cors {
+        ctx.cors_origin = c.allowed_origin(req);
+    }
     // 4a.
     if let Some(a) = &policy.access {
         a.check(conn.peer.ip())?;
     }
     // 4b.
-    if let Some(c) = &policy.cors {
-        if let Some(resp) = c.preflight(req) {
-            return Ok(Some(resp));
-        }
-        ctx.cors_origin = c.allowed_origin(req);
+    if let Some(c) = &policy.cors
+        && let Some(resp) = c.preflight(req)
+    {
+        ctx.preflight = true;
+        return Ok(Some(resp));
     }
     // 4c: authentication and authorization.
     if let Some(auth) = &policy.auth {
@@ -218,13 +227,19 @@ pub async fn on_request(
     if let Some(c) = ctx.identity.as_ref().and_then(|i| i.consumer.as_deref())
         && let Some(rl) = &c.rate_limit
     {
-        let (decision, permit) = rl.check(ratelimit::Key::Named(c.name.as_bytes())).await?;
+        let (decision, permit) = rl
+            .check(ratelimit::Key::Named(c.name.as_bytes()))
+            .await
+            // The refusal carries the consumer limit's headers; the route's
+            // decision must not overwrite them in phase 7.
+            .inspect_err(|_| ctx.rate = None)?;
         if rl.headers {
             ctx.rate = Some(ctx.rate.map_or(decision, |d| d.tighter(decision)));
         }
         ctx.consumer_permit = permit;
     }
     // 4e.
+    ctx.head = req.method() == http::Method::HEAD;
     if let Some(v) = &policy.validate
         && let Some(body) = v.check(req).await?
     {
@@ -244,14 +259,17 @@ pub async fn on_response(
 ) {
     if let Some(v) = &policy.validate
         && v.checks_responses()
+        && !ctx.head
         && let Err(e) = v.check_response(resp).await
     {
         *resp = crate::respond::error_response(&e, request_id.to_str().unwrap_or(""));
     }
     ctx.permit = None;
     ctx.consumer_permit = None;
-    if let (Some(c), Some(origin)) = (&policy.cors, ctx.cors_origin.take()) {
-        c.apply(origin, resp.headers_mut());
+    if let Some(c) = &policy.cors
+        && !ctx.preflight
+    {
+        c.respond(ctx.cors_origin.take(), resp.headers_mut());
     }
     if let Some(d) = &ctx.rate {
         ratelimit::add_headers(d, resp.headers_mut());

@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::proxy::body::Incoming;
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -354,7 +354,19 @@ impl Validate {
         let small = http_body::Body::size_hint(resp.body())
             .upper()
             .is_some_and(|n| n <= rc.max_body);
-        if !is_json || !small || !resp.status().is_success() {
+        // No body to check (204, 205), or one only the client decodes.
+        let encoded = resp
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        let status = resp.status();
+        if !is_json
+            || !small
+            || encoded
+            || !status.is_success()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::RESET_CONTENT
+        {
             return Ok(());
         }
         let body = std::mem::replace(resp.body_mut(), Body::empty());

@@ -581,6 +581,15 @@ fn upstream_request(
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
     route.request_headers.apply(h);
     let body = if let Some(b) = buffered {
+        // Read whole by validation up to its own limit: the route's still
+        // holds for a body that came without a length (chunked, HTTP/2).
+        if b.len() as u64 > limit {
+            return Err(ProxyError::new(
+                ErrorKind::PayloadTooLarge,
+                format!("request body is over the limit of {limit} bytes"),
+            )
+            .closing());
+        }
         Body::full(b)
     } else if incoming_is_empty(&incoming) {
         Body::empty()
