@@ -226,6 +226,38 @@ async fn header_query_and_content_type_violations_are_listed_together() {
         "{e:?}"
     );
     assert!(has(&e, "query", "/query/dry_run"));
+
+    // A copy that does not decode is not skipped beside a valid one.
+    let r = send(
+        Method::GET,
+        &format!(
+            "{}/orders?dry_run=true&limit=5&limit=1%20OR%201%FF",
+            env.base
+        ),
+        &GOOD_HEADERS[1..],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let e = errors(&r);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(has(&e, "query", "/query/limit"), "{e:?}");
+
+    // Two content types: which one counts is the upstream parser's guess.
+    let r = send(
+        Method::POST,
+        &format!("{}/orders?dry_run=true", env.base),
+        &[
+            ("content-type", "application/json"),
+            ("content-type", "text/xml"),
+            ("x-tenant", "acme"),
+        ],
+        r#"{"item": "book", "qty": 2}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let e = errors(&r);
+    assert!(has(&e, "header", "/headers/content-type"), "{e:?}");
     assert_eq!(b.hits(), 0);
 }
 
@@ -265,6 +297,23 @@ async fn body_violations() {
     assert_eq!(r.status, 400);
     let e = errors(&r);
     assert!(e[0]["message"].as_str().unwrap().contains("not valid JSON"));
+    // Duplicate keys: which copy an upstream reads is its parser's choice.
+    let r = send(
+        Method::POST,
+        &url,
+        GOOD_HEADERS,
+        r#"{"item": "book", "qty": 1, "qty": 0}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let e = errors(&r);
+    assert!(
+        e[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key \"qty\""),
+        "{e:?}"
+    );
     // Over the size limit: 413.
     let big = format!(r#"{{"item": "{}", "qty": 1}}"#, "x".repeat(400));
     let r = send(Method::POST, &url, GOOD_HEADERS, &big).await;

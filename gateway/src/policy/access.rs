@@ -91,11 +91,23 @@ pub fn cidrs(list: &[Spanned<String>], problems: &mut Vec<Problem>) -> Vec<IpNet
 }
 
 /// `10.0.0.0/8`, `2001:db8::/32` or a single address.
+///
+/// An IPv4-mapped net (`::ffff:192.0.2.7`, `::ffff:10.0.0.0/104`) becomes
+/// the IPv4 net it maps, since peers are matched as `canonical` addresses.
 pub fn parse_cidr(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>()
+    let net = s
+        .parse::<IpNet>()
         .ok()
-        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
-        .map(|n| n.trunc())
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))?
+        .trunc();
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && let Ok(n) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return Some(IpNet::V4(n));
+    }
+    Some(net)
 }
 
 #[cfg(test)]
@@ -131,6 +143,20 @@ mod tests {
         let open = access(&[], &["192.0.2.7"]);
         assert!(open.admits("192.0.2.8".parse().unwrap()));
         assert!(!open.admits("192.0.2.7".parse().unwrap()));
+    }
+
+    #[test]
+    fn ipv4_mapped_rules_match_ipv4_peers() {
+        let a = access(&[], &["::ffff:192.0.2.7", "::ffff:10.0.0.0/104"]);
+        assert!(!a.admits("192.0.2.7".parse().unwrap()));
+        assert!(!a.admits("::ffff:192.0.2.7".parse().unwrap()));
+        assert!(!a.admits("10.9.9.9".parse().unwrap()));
+        assert!(a.admits("192.0.2.8".parse().unwrap()));
+        assert_eq!(
+            parse_cidr("::ffff:10.0.0.0/104").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(parse_cidr("::/0").unwrap().to_string(), "::/0");
     }
 
     #[test]

@@ -212,13 +212,18 @@ impl Validate {
         let mut errors = Vec::new();
         let has_body = !http_body::Body::is_end_stream(req.body());
         if !self.content_types.is_empty() && has_body {
-            let ct = req
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
+            let mut all = req.headers().get_all(header::CONTENT_TYPE).iter();
+            let ct = all.next().and_then(|v| v.to_str().ok()).unwrap_or("");
             let media = ct.split(';').next().unwrap_or("").trim();
-            if !self.content_types.iter().any(|a| media_matches(a, media)) {
+            if all.next().is_some() {
+                // Which one the upstream reads is its parser's choice.
+                errors.push(json!({
+                    "in": "header",
+                    "name": "content-type",
+                    "pointer": "/headers/content-type",
+                    "message": "more than one content type",
+                }));
+            } else if !self.content_types.iter().any(|a| media_matches(a, media)) {
                 errors.push(json!({
                     "in": "header",
                     "name": "content-type",
@@ -247,13 +252,23 @@ impl Validate {
             let q = req.uri().query().unwrap_or("");
             for p in &self.query {
                 let mut seen = false;
-                for (k, v) in q.split('&').filter_map(|kv| {
+                for kv in q.split('&') {
                     let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    Some((decode(k)?, decode(v)?))
-                }) {
-                    if k == p.name {
-                        seen = true;
-                        p.check("query", &v, &mut errors);
+                    // A pair that does not decode (bad UTF-8) is judged by
+                    // its lossy name: skipping it would let a checked
+                    // parameter through beside a valid copy.
+                    let name = decode(k);
+                    let named = match &name {
+                        Some(n) => *n == p.name,
+                        None => String::from_utf8_lossy(&decode_bytes(k)) == p.name,
+                    };
+                    if !named {
+                        continue;
+                    }
+                    seen = true;
+                    match name.and(decode(v)) {
+                        Some(v) => p.check("query", &v, &mut errors),
+                        None => errors.push(violation("query", &p.name, "is not valid UTF-8")),
                     }
                 }
                 if !seen && p.required {
@@ -310,8 +325,8 @@ impl Validate {
                 .closing());
             }
         };
-        let value: Value = match serde_json::from_slice(&bytes) {
-            Ok(v) => v,
+        let value = match serde_json::from_slice::<UniqueKeys>(&bytes) {
+            Ok(UniqueKeys(v)) => v,
             Err(e) => {
                 return Err(invalid(
                     ErrorKind::BadRequest,
@@ -487,9 +502,77 @@ fn is_uuid(v: &str) -> bool {
         })
 }
 
+/// A JSON document whose objects have no duplicate keys. Parsers differ on
+/// which copy wins (serde_json keeps the last, others the first), so a body
+/// with duplicates could pass the schema as one document and reach the
+/// upstream as another: it is refused instead.
+struct UniqueKeys(Value);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(UniqueKeys)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(UniqueKeys(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let UniqueKeys(v) = map.next_value()?;
+            if out.contains_key(&k) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key {k:?}"
+                )));
+            }
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 /// Percent-decodes a query component (`+` is a space); `None` if it is not
 /// UTF-8.
 fn decode(s: &str) -> Option<String> {
+    String::from_utf8(decode_bytes(s)).ok()
+}
+
+/// `s` form-decoded (`+` is a space, `%XX` a byte), as bytes.
+fn decode_bytes(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -510,7 +593,7 @@ fn decode(s: &str) -> Option<String> {
         }
         i += 1;
     }
-    String::from_utf8(out).ok()
+    out
 }
 
 fn params(list: &[Spanned<ParamSection>], header: bool, problems: &mut Vec<Problem>) -> Vec<Param> {
@@ -605,6 +688,19 @@ fn load_schema(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        let parse = |t: &str| serde_json::from_slice::<UniqueKeys>(t.as_bytes()).map(|u| u.0);
+        assert_eq!(
+            parse(r#"{"a": [1, {"b": null}], "c": 1.5}"#).unwrap(),
+            json!({"a": [1, {"b": null}], "c": 1.5})
+        );
+        let e = parse(r#"{"role": "admin", "role": "user"}"#).unwrap_err();
+        assert!(e.to_string().contains("duplicate key \"role\""), "{e}");
+        assert!(parse(r#"[{"x": {"y": 1, "y": 2}}]"#).is_err());
+        assert!(parse(r#"{"a": 1} trailing"#).is_err());
+    }
 
     #[test]
     fn helpers() {
