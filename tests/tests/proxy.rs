@@ -447,6 +447,32 @@ async fn oversized_headers_are_431() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_target_authority_is_the_one_host() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    // Routed by the target's authority, forwarded with it: the Host the
+    // client also sent is ignored (RFC 9112 §3.2.2).
+    let resp = client::raw(
+        &env.listen,
+        "GET http://x/abs HTTP/1.1\r\nHost: private.example\r\nConnection: close\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let body = &resp[resp.find("\r\n\r\n").expect("head end") + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).expect("json");
+    assert_eq!(v["headers"]["host"], "x", "{v}");
+    assert_eq!(v["headers"]["x-forwarded-host"], "x", "{v}");
+    assert_eq!(v["path"], "/abs");
+    // An authority no route serves is not rescued by a Host that one does.
+    let resp = client::raw(
+        &env.listen,
+        "GET http://private.example/abs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    assert_eq!(b.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_attempts_are_rejected_and_closed() {
     let b = Backend::start("one").await;
     let b2 = Backend::start("two").await;
@@ -462,6 +488,12 @@ async fn smuggling_attempts_are_rejected_and_closed() {
         "POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
         // A Content-Length that is not a number
         "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nabcde",
+        // Two hosts (routing and the upstream could read different ones)
+        "GET /x HTTP/1.1\r\nHost: x\r\nHost: private.example\r\n\r\n",
+        // HTTP/1.1 without a host
+        "GET /x HTTP/1.1\r\nAccept: */*\r\n\r\n",
+        // User information in the request target
+        "GET http://u:p@x/x HTTP/1.1\r\nHost: x\r\n\r\n",
     ];
     for a in attempts {
         // A second request follows on the same connection; it must not be served.

@@ -169,6 +169,7 @@ async fn process(
     // sets.
     let content_length = validate(listener, &req)?;
     forward::strip_hop_by_hop(req.headers_mut());
+    one_host(&mut req)?;
     let uri = req.uri().clone();
     let path = router::normalize::normalize(uri.path()).map_err(|e| {
         ProxyError::new(ErrorKind::BadRequest, format!("invalid request path: {e}"))
@@ -469,6 +470,45 @@ fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<Option
             None => Err(ProxyError::new(ErrorKind::BadRequest, "invalid Content-Length").closing()),
         },
     }
+}
+
+/// Phase 2: one host per request, the same for routing and the upstream.
+/// Several `Host` fields, or none in HTTP/1.1, are refused (RFC 9112
+/// §3.2); a request target with an authority (absolute form, HTTP/2
+/// `:authority`) sets `Host`, whatever the client sent in it (§3.2.2), so
+/// a route chosen for one host never forwards to another.
+fn one_host(req: &mut Request<Incoming>) -> Result<(), ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(
+            ProxyError::new(ErrorKind::BadRequest, "request has several Host fields").closing(),
+        );
+    }
+    let Some(a) = req.uri().authority() else {
+        if first.is_none() && req.version() == Version::HTTP_11 {
+            return Err(ProxyError::new(
+                ErrorKind::BadRequest,
+                "request without Host (required since HTTP 1.1)",
+            )
+            .closing());
+        }
+        return Ok(());
+    };
+    if first.is_some_and(|h| h.as_bytes() == a.as_str().as_bytes()) {
+        return Ok(());
+    }
+    if a.as_str().contains('@') {
+        return Err(ProxyError::new(
+            ErrorKind::BadRequest,
+            "request target carries user information",
+        )
+        .closing());
+    }
+    let v = HeaderValue::from_str(a.as_str())
+        .map_err(|_| ProxyError::new(ErrorKind::BadRequest, "invalid request authority"))?;
+    req.headers_mut().insert(header::HOST, v);
+    Ok(())
 }
 
 /// The request's host, without port, lowercased (borrowed when it already is).
