@@ -897,6 +897,51 @@ path_prefix = "/"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_breaking_off_uploads_do_not_count_against_the_target() {
+    use std::io::Write;
+    let a = Backend::start("a").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "fragile"
+targets = ["{a}"]
+[upstreams.breaker]
+consecutive_failures = 2
+open_for = "30s"
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "all"
+upstream = "fragile"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr
+    ));
+    let addr = env.base.trim_start_matches("http://").to_string();
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nonly a start",
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        drop(s);
+    }
+    eventually(
+        Duration::from_secs(3),
+        "the uploads reached the backend",
+        || async { a.hits() == 3 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let circuit = env.upstream("fragile").await["circuit"].clone();
+    assert_eq!(circuit["state"], "closed", "{circuit}");
+    assert_eq!(circuit["window_failures"], 0, "{circuit}");
+    assert_eq!(env.get("/x").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_opens_after_consecutive_failures_well_below_min_requests() {
     let a = Backend::start("a").await;
     let env = Env::start(&format!(

@@ -99,6 +99,22 @@ pub enum BodyError {
 }
 
 impl BodyError {
+    /// The answer owed to a client whose request body failed while it was
+    /// being sent upstream: `client_error`, or, for a body the client broke
+    /// off (closed, reset, truncated), a closing 400. Either way the
+    /// failure is the client's, never the target's (so it counts against
+    /// no breaker or outlier streak).
+    pub fn request_error(&self) -> crate::error::ProxyError {
+        use crate::error::{ErrorKind, ProxyError};
+        self.client_error().unwrap_or_else(|| {
+            ProxyError::new(
+                ErrorKind::BadRequest,
+                format!("the client's request body broke off: {self}"),
+            )
+            .closing()
+        })
+    }
+
     /// The answer owed to a client whose request body failed this way
     /// (`413` over the limit, `408` too slow, connection closed after it);
     /// `None` for failures that are not the client's.

@@ -650,12 +650,12 @@ async fn send_h1(
 /// Maps a failed try to the error kind it means and whether it may be
 /// retried.
 fn classify(name: &str, target: &Authority, e: TryError) -> (ProxyError, Option<Reason>) {
-    // The client's body failing (over its limit, too slow) is the client's
-    // problem: the own client says so directly, hyper's in its source chain.
-    if let TryError::Send(h1::Error::Body(b)) = &e
-        && let Some(answer) = b.client_error()
-    {
-        return (answer, None);
+    // The client's body failing (over its limit, too slow, broken off) is
+    // the client's problem: the own client says so directly, hyper's in its
+    // source chain. Any body error here is the request's (the response has
+    // not begun).
+    if let TryError::Send(h1::Error::Body(b)) = &e {
+        return (b.request_error(), None);
     }
     let (is_connect, source): (bool, Box<dyn std::error::Error + Send + Sync>) = match e {
         TryError::Legacy(e) => (e.is_connect(), Box::new(e)),
@@ -664,11 +664,8 @@ fn classify(name: &str, target: &Authority, e: TryError) -> (ProxyError, Option<
     };
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&*source);
     while let Some(s) = src {
-        if let Some(answer) = s
-            .downcast_ref::<BodyError>()
-            .and_then(BodyError::client_error)
-        {
-            return (answer, None);
+        if let Some(b) = s.downcast_ref::<BodyError>() {
+            return (b.request_error(), None);
         }
         src = s.source();
     }

@@ -19,7 +19,7 @@ use http::{Method, Request};
 
 use super::config::{BudgetSettings, RetrySettings};
 use super::window::{Window, now_ms};
-use crate::error::{ErrorKind, ProxyError};
+use crate::error::ProxyError;
 use crate::proxy::body::{Body, BodyError};
 
 /// Whether `m` is idempotent (RFC 9110 §9.2.2).
@@ -57,13 +57,7 @@ pub async fn buffer_body(req: Request<Body>, limit: u64) -> Result<Request<Body>
     let (parts, body) = req.into_parts();
     let bytes = http_body_util::BodyExt::collect(body)
         .await
-        .map_err(|e: BodyError| {
-            e.client_error().unwrap_or_else(|| {
-                ProxyError::new(ErrorKind::BadRequest, "cannot read the request body")
-                    .with_source(e)
-                    .closing()
-            })
-        })?
+        .map_err(|e: BodyError| e.request_error())?
         .to_bytes();
     Ok(Request::from_parts(parts, Body::full(bytes)))
 }
