@@ -51,12 +51,22 @@ impl Limiter {
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             return Ok(p);
         }
+        // The place in the queue is given back however the wait ends,
+        // also when the request is dropped while waiting (a client that
+        // hangs up or resets its stream).
+        struct Place<'a>(&'a AtomicUsize);
+        impl Drop for Place<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let place = Place(&self.waiting);
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            drop(place);
             return Err(self.overloaded("and its queue is full"));
         }
         let r = tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        drop(place);
         match r {
             Ok(Ok(p)) => Ok(p),
             _ => Err(self.overloaded("and no slot freed up in time")),
@@ -89,6 +99,29 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_waiter_dropped_in_the_queue_gives_its_place_back() {
+        let l = Limiter::new(
+            "t".into(),
+            &ConcurrencySettings {
+                max: 1,
+                queue: 1,
+                queue_timeout: Duration::from_secs(10),
+            },
+        );
+        let _held = l.acquire().await.unwrap();
+        for _ in 0..3 {
+            let wait = l.acquire();
+            // Polled once (queued), then dropped, as hyper drops a handler.
+            assert!(
+                tokio::time::timeout(Duration::from_millis(10), wait)
+                    .await
+                    .is_err()
+            );
+            assert_eq!(l.status()["queued"], 0);
+        }
+    }
 
     #[tokio::test]
     async fn queue_then_reject() {
