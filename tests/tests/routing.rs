@@ -355,6 +355,8 @@ async fn hostile_paths_are_rejected() {
         "/admin%00",
         "/%zz",
         "/admin%",
+        "/public/..;/admin",
+        "/;x/admin",
     ] {
         let (status, route, _) = env.raw(target).await;
         assert_eq!(status, 400, "{target}");

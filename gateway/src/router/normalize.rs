@@ -12,8 +12,11 @@
 //!
 //! It is an error (the gateway answers 400) for the path to contain an
 //! encoded slash (`%2F`), an encoded backslash (`%5C`), an encoded or raw
-//! control byte (including `%00`), a raw backslash, a malformed escape, or a
-//! `..` that climbs above the root. Normalizing is idempotent, and a path
+//! control byte (including `%00`), a raw backslash, a malformed escape, a
+//! `..` that climbs above the root, or a segment that is empty, `.` or `..`
+//! before `;` parameters (`/..;/admin`, `/;x/admin`): servlet containers
+//! drop the parameters and then resolve such a segment, so the gateway
+//! and the upstream would see different paths. Normalizing is idempotent, and a path
 //! that is already canonical is returned borrowed, without allocating.
 
 use std::borrow::Cow;
@@ -37,6 +40,8 @@ pub enum NormalizeError {
     ControlByte(u8),
     #[error("'..' climbs above the root")]
     AboveRoot,
+    #[error("a segment that is empty, '.' or '..' before ';' parameters")]
+    DotSegmentParams,
 }
 
 /// What to do with one input byte (or escape).
@@ -135,6 +140,8 @@ fn is_canonical(b: &[u8]) -> Result<bool, NormalizeError> {
                         canonical = false;
                     }
                     seg_start = i + 1;
+                } else if b[i] == b';' && matches!(&b[seg_start..i], b"" | b"." | b"..") {
+                    return Err(NormalizeError::DotSegmentParams);
                 }
                 i += 1;
             }
@@ -172,6 +179,11 @@ fn rebuild(path: &str) -> Result<String, NormalizeError> {
         let mark = out.len();
         out.push('/');
         decode_segment(seg, &mut out)?;
+        if let Some((head, _)) = out[mark + 1..].split_once(';')
+            && matches!(head, "" | "." | "..")
+        {
+            return Err(NormalizeError::DotSegmentParams);
+        }
         match &out[mark + 1..] {
             "" | "." => {
                 out.truncate(mark);

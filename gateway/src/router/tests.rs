@@ -123,6 +123,13 @@ fn normalize_keeps_canonical_paths_borrowed() {
 }
 
 #[test]
+fn normalize_keeps_path_parameters_of_named_segments() {
+    assert_eq!(normalize("/a;x=1/b").unwrap(), "/a;x=1/b");
+    assert_eq!(normalize("/a/b;jsessionid=2").unwrap(), "/a/b;jsessionid=2");
+    assert_eq!(normalize("/a/..x;y").unwrap(), "/a/..x;y");
+}
+
+#[test]
 fn normalize_rewrites() {
     for (input, want) in [
         // Unreserved escapes decoded, others uppercased.
@@ -190,6 +197,12 @@ fn normalize_rejects_hostile_paths() {
         ("/%2e%2e/x", AboveRoot),
         ("/.%2E", AboveRoot),
         ("//../x", AboveRoot),
+        ("/public/..;/admin", DotSegmentParams),
+        ("/public/.;x/admin", DotSegmentParams),
+        ("/%2e%2e;/admin", DotSegmentParams),
+        ("/;jsessionid=1/admin", DotSegmentParams),
+        ("/a//;x", DotSegmentParams),
+        ("/..;", DotSegmentParams),
     ] {
         assert_eq!(normalize(input), Err(want), "{input:?}");
     }
