@@ -1,5 +1,6 @@
 //! Connection-level limits: header read timeout (408), request body read
-//! timeout (408), idle keep-alive timeout, max connections per listener.
+//! timeout (408), idle keep-alive timeout, send timeout (a client that
+//! stops reading), max connections per listener.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -25,6 +26,7 @@ listen = "127.0.0.1:{port}"
 header_read_timeout = "400ms"
 body_read_timeout = "400ms"
 idle_timeout = "1s"
+send_timeout = "1s"
 max_connections = 3
 [[upstreams]]
 name = "be"
@@ -124,4 +126,41 @@ async fn connections_beyond_the_limit_are_refused() {
         resp.starts_with("HTTP/1.1 200"),
         "served once others closed: {resp}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
+    let backend = Backend::start("be").await;
+    let (gw, addr) = start(&backend);
+    let metrics = || {
+        gateway_tests::client::raw(
+            &gw.admin,
+            "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+    };
+    let mut s = TcpStream::connect(&addr).unwrap();
+    // A small receive buffer, so the gateway's writes stall soon.
+    socket2::SockRef::from(&s)
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    s.write_all(b"GET /bytes/67108864 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    // Not reading: the gateway's writes stall, and after send_timeout (1 s)
+    // it gives up on the connection (what its kernel already holds still
+    // trickles out, so the client is not read to the end here).
+    let started = Instant::now();
+    let mut m = metrics();
+    while !m.contains("gateway_send_timeouts_total 1") && started.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        m = metrics();
+    }
+    assert!(m.contains("gateway_send_timeouts_total 1"), "{m}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "cut off after {took:?}");
+    assert!(
+        m.contains("gateway_active_connections{listener=\"main\"} 0"),
+        "the connection is gone: {m}"
+    );
+    drop(s);
 }

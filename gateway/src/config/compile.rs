@@ -288,6 +288,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             header_read_timeout: l.header_read_timeout.0,
             idle_timeout: l.idle_timeout.0,
             body_read_timeout: l.body_read_timeout.0,
+            send_timeout: l.send_timeout.0,
 
             max_header_bytes,
             max_headers: l.max_headers,

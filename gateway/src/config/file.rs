@@ -171,6 +171,9 @@ pub struct Listener {
     /// Longest pause allowed between two chunks of a request body.
     #[serde(default = "default_body_read_timeout")]
     pub body_read_timeout: Secs,
+    /// Longest pause allowed while the client takes a response (HTTP/1.1).
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: Secs,
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: ByteSize,
     #[serde(default = "default_max_headers")]
@@ -389,6 +392,9 @@ fn default_header_read_timeout() -> Secs {
     Secs(Duration::from_secs(10))
 }
 fn default_idle_timeout() -> Secs {
+    Secs(Duration::from_secs(60))
+}
+fn default_send_timeout() -> Secs {
     Secs(Duration::from_secs(60))
 }
 fn default_body_read_timeout() -> Secs {

@@ -63,6 +63,8 @@ pub struct ListenerConfig {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// Longest an HTTP/1.1 response write waits for the client.
+    pub send_timeout: Duration,
 
     pub max_header_bytes: usize,
     pub max_headers: usize,

@@ -63,6 +63,8 @@ pub(super) struct Limits {
     pub max_headers: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Longest a response write may wait for the client to take data.
+    pub send_timeout: Duration,
     /// Hand an h2c prior-knowledge connection back to the caller.
     pub h2c: bool,
 }
@@ -362,7 +364,7 @@ where
                 Err(refusal) => {
                     refusal.count();
                     let resp = crate::respond::raw_error(refusal.kind, &refusal.detail);
-                    let _ = write_all(&io, &[&resp[..]]).await;
+                    let _ = write_all(&io, lim.send_timeout, &[&resp[..]]).await;
                     return linger(&io).await;
                 }
             }
@@ -381,7 +383,7 @@ where
                             lim.header_read_timeout
                         ),
                     );
-                    let _ = write_all(&io, &[&resp[..]]).await;
+                    let _ = write_all(&io, lim.send_timeout, &[&resp[..]]).await;
                     return linger(&io).await;
                 }
             }
@@ -417,7 +419,7 @@ where
         let closing = !meta.keep_alive
             || shutdown.has_changed().unwrap_or(true)
             || lock(&io).body != Framing::Done;
-        let keep = match respond(&io, &mut out, resp, &meta, closing).await {
+        let keep = match respond(&io, &mut out, resp, &meta, closing, lim.send_timeout).await {
             Ok(keep) => keep,
             Err(e) => {
                 tracing::debug!(peer = %conn.peer, "writing a response failed: {e}");
@@ -709,6 +711,7 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
     resp: Response<Body>,
     meta: &Meta,
     closing: bool,
+    send_timeout: Duration,
 ) -> io::Result<bool> {
     let (parts, body) = resp.into_parts();
     // A body the gateway made itself: for HEAD, its length is the one a
@@ -797,7 +800,7 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
     crate::wire::recycle_header_map(parts.headers);
 
     if framing == Out::None {
-        write_all(io, &[&out[..]]).await?;
+        write_all(io, send_timeout, &[&out[..]]).await?;
         return Ok(keep);
     }
     let mut sent: u64 = 0;
@@ -808,7 +811,7 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
             Poll::Ready(f) => f,
             Poll::Pending => {
                 if !out.is_empty() {
-                    write_all(io, &[&out[..]]).await?;
+                    write_all(io, send_timeout, &[&out[..]]).await?;
                     out.clear();
                 }
                 std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
@@ -820,7 +823,7 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
                 // The response cannot be completed: cut it off.
                 tracing::debug!("response body failed: {e}");
                 if !out.is_empty() {
-                    let _ = write_all(io, &[&out[..]]).await;
+                    let _ = write_all(io, send_timeout, &[&out[..]]).await;
                 }
                 return Ok(false);
             }
@@ -836,7 +839,7 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
                 if data.len() as u64 > room {
                     // More than declared: send what was declared, then close.
                     let cut = data.slice(..usize::try_from(room).unwrap_or(0));
-                    write_all(io, &[&out[..], &cut[..]]).await?;
+                    write_all(io, send_timeout, &[&out[..], &cut[..]]).await?;
                     return Ok(false);
                 }
                 data
@@ -852,13 +855,19 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
                 out.extend_from_slice(&data);
                 out.extend_from_slice(b"\r\n");
             } else {
-                write_all(io, &[&out[..], line, &data[..], &b"\r\n"[..]]).await?;
+                write_all(io, send_timeout, &[&out[..], line, &data[..], &b"\r\n"[..]]).await?;
                 out.clear();
             }
         } else if data.len() <= COALESCE {
             out.extend_from_slice(&data);
         } else {
-            write_all(io, &[&out[..], &data[..]]).await?;
+            write_all(io, send_timeout, &[&out[..], &data[..]]).await?;
+            out.clear();
+        }
+        // A body whose frames are always ready (HTTP/2 upstream data in
+        // hyper's buffer) is still written as it goes, not gathered whole.
+        if out.len() >= COALESCE {
+            write_all(io, send_timeout, &[&out[..]]).await?;
             out.clear();
         }
     }
@@ -866,7 +875,7 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
         out.extend_from_slice(b"0\r\n\r\n");
     }
     if !out.is_empty() {
-        write_all(io, &[&out[..]]).await?;
+        write_all(io, send_timeout, &[&out[..]]).await?;
     }
     if let Out::Length(n) = framing
         && sent < n
@@ -878,14 +887,34 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Writes all of `bufs` (vectored; at most four), then flushes.
-async fn write_all<T: AsyncWrite + Unpin>(io: &Mutex<Io<T>>, bufs: &[&[u8]]) -> io::Result<()> {
+/// A client that takes none of it for `limit` (a zero receive window: a
+/// slow-read attack, or a client gone without a word) is cut off, as by
+/// nginx's `send_timeout`, so it cannot hold the upstream slots its
+/// response keeps.
+async fn write_all<T: AsyncWrite + Unpin>(
+    io: &Mutex<Io<T>>,
+    limit: Duration,
+    bufs: &[&[u8]],
+) -> io::Result<()> {
     let mut slices = [IoSlice::new(&[]); 4];
     for (s, b) in slices.iter_mut().zip(bufs) {
         *s = IoSlice::new(b);
     }
     let mut w = Locked(io);
-    crate::wire::write_all_vectored(&mut w, &mut slices[..bufs.len().min(4)]).await?;
-    w.flush().await
+    let write = async {
+        crate::wire::write_all_vectored(&mut w, &mut slices[..bufs.len().min(4)]).await?;
+        w.flush().await
+    };
+    match tokio::time::timeout(limit, write).await {
+        Ok(r) => r,
+        Err(_) => {
+            metrics::counter!("gateway_send_timeouts_total").increment(1);
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client took no response data for {limit:?}"),
+            ))
+        }
+    }
 }
 
 /// The connection's write side, locked for each poll only.
@@ -1012,6 +1041,7 @@ mod tests {
             max_headers: 100,
             header_read_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
+            send_timeout: Duration::from_secs(5),
             h2c: true,
         }
     }

@@ -122,6 +122,7 @@ struct Settings {
     http2: bool,
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    send_timeout: Duration,
     max_header_bytes: usize,
     max_headers: usize,
 }
@@ -133,6 +134,7 @@ impl From<&ListenerConfig> for Settings {
             http2: c.http2,
             header_read_timeout: c.header_read_timeout,
             idle_timeout: c.idle_timeout,
+            send_timeout: c.send_timeout,
             max_header_bytes: c.max_header_bytes,
             max_headers: c.max_headers,
         }
@@ -154,6 +156,7 @@ impl Settings {
             max_headers: self.max_headers.saturating_mul(2).max(100),
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
+            send_timeout: self.send_timeout,
             h2c,
         }
     }
