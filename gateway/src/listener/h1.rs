@@ -344,6 +344,10 @@ where
         // 2. The head, within the header read timeout (from when the head
         // is first seen incomplete).
         let mut deadline = None;
+        // After a partial head: how far the buffer has been searched for
+        // its end. Parsing again only once new bytes may end it keeps a head
+        // sent a byte at a time from costing a parse per byte (quadratic).
+        let mut searched: Option<usize> = None;
         let head = loop {
             let parsed = {
                 let mut g = lock(&io);
@@ -354,8 +358,16 @@ where
                         return hand_over(io);
                     }
                     Ok(None)
+                } else if let Some(from) = searched
+                    && g.buf.len() <= lim.max_head
+                    && !may_end_head(&g.buf, from)
+                {
+                    searched = Some(g.buf.len());
+                    Ok(None)
                 } else {
-                    parse(&mut g.buf, &lim, &mut indices)
+                    let r = parse(&mut g.buf, &lim, &mut indices);
+                    searched = Some(g.buf.len());
+                    r
                 }
             };
             match parsed {
@@ -416,9 +428,13 @@ where
         // 4. The response.
         // A request body not read to its end by now (answered without it,
         // or the upstream answered early) ends the connection: say so.
-        let closing = !meta.keep_alive
-            || shutdown.has_changed().unwrap_or(true)
-            || lock(&io).body != Framing::Done;
+        let closing = {
+            let mut g = lock(&io);
+            // Once the response starts, a `100 Continue` would land inside
+            // it: a body still unread is not asked for any more.
+            g.continue_owed = &[];
+            !meta.keep_alive || shutdown.has_changed().unwrap_or(true) || g.body != Framing::Done
+        };
         let keep = match respond(&io, &mut out, resp, &meta, closing, lim.send_timeout).await {
             Ok(keep) => keep,
             Err(e) => {
@@ -635,6 +651,21 @@ fn parse(
             if !t.other {
                 continue;
             }
+        } else if matches!(h.name.len(), 14 | 17)
+            && h.name.contains('_')
+            && ["content-length", "transfer-encoding"].iter().any(|f| {
+                h.name
+                    .bytes()
+                    .zip(f.bytes())
+                    .all(|(a, b)| a.to_ascii_lowercase() == b || (a == b'_' && b == b'-'))
+                    && h.name.len() == f.len()
+            })
+        {
+            // `Content_Length`: servers that read `_` as `-` (CGI-style)
+            // would frame the message by it, the gateway would not.
+            return Err(Refusal::framing(
+                "a framing header spelled with '_' (Content_Length, Transfer_Encoding)",
+            ));
         } else if h.name.eq_ignore_ascii_case("expect") {
             expect_continue = v.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
@@ -669,7 +700,10 @@ fn parse(
         headers.append(name, value);
     }
     let keep_alive = match version {
-        Version::HTTP_10 => connection_keep_alive && !connection_close,
+        // HTTP/1.0 has no chunked framing: a 1.0 message that uses it may
+        // be read differently by another hop, so its connection ends after
+        // it (RFC 9112 §6.1).
+        Version::HTTP_10 => connection_keep_alive && !connection_close && te == 0,
         _ => !connection_close,
     };
     Ok(Some(Head {
@@ -684,6 +718,16 @@ fn parse(
         headers,
         framing,
     }))
+}
+
+/// Whether `buf` holds an empty line (`\n\r\n` or `\n\n`) that starts
+/// at or after `from - 2` (the bytes before were searched already).
+fn may_end_head(buf: &[u8], from: usize) -> bool {
+    let start = from.saturating_sub(2);
+    memchr::memchr_iter(b'\n', &buf[start.min(buf.len())..]).any(|i| {
+        let rest = &buf[start + i + 1..];
+        rest.first() == Some(&b'\n') || rest.starts_with(b"\r\n")
+    })
 }
 
 fn head_too_large(lim: &Limits) -> Refusal {
@@ -1065,6 +1109,21 @@ mod tests {
     }
 
     #[test]
+    fn the_end_of_a_head_is_found_across_reads() {
+        let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        // Not before it has arrived; then, with at least its last byte new,
+        // whatever was searched before.
+        assert!(!may_end_head(&head[..head.len() - 1], 0));
+        for from in 0..head.len() {
+            assert!(may_end_head(head, from), "from {from}");
+        }
+        assert!(may_end_head(b"GET / HTTP/1.0\n\n", 15));
+        assert!(!may_end_head(b"GET / HTTP/1.1\r\nX: a\r\n", 0));
+        assert!(!may_end_head(b"", 0));
+        assert!(!may_end_head(b"\n", 5));
+    }
+
+    #[test]
     fn refuses_ambiguous_framing() {
         let cases: [(&[u8], &str); 9] = [
             (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", "both"),
@@ -1150,6 +1209,19 @@ mod tests {
         let (r, _) =
             parse_all(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
         assert!(r.ok().flatten().expect("complete").meta.expect_continue);
+        for spelled in ["Content_Length: 5", "transfer_encoding: chunked"] {
+            let (r, _) = parse_all(format!("POST / HTTP/1.1\r\n{spelled}\r\n\r\n").as_bytes());
+            assert!(r.is_err(), "{spelled}");
+        }
+        let (r, _) = parse_all(b"GET / HTTP/1.1\r\nif_modified_since: x\r\n\r\n");
+        assert!(r.is_ok_and(|h| h.is_some()));
+        let (r, _) = parse_all(
+            b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        assert!(
+            !r.ok().flatten().expect("complete").meta.keep_alive,
+            "chunked in 1.0 ends the connection"
+        );
     }
 
     #[test]
