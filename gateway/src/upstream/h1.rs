@@ -362,6 +362,11 @@ fn parse_head(
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut close = version == Version::HTTP_10;
+        // A `close` token or a non-chunked coding ends the connection
+        // whatever else the head says (a later `keep-alive` does not undo
+        // it); `keep-alive` only lifts HTTP/1.0's default.
+        let mut must_close = false;
+        let mut coded = false;
         for (pos, &(n, nl, v, vl)) in spans.iter().enumerate() {
             let name = crate::wire::response_header_name(pos, &head[n..n + nl])
                 .map_err(|_| Error::Protocol("invalid header name"))?;
@@ -389,13 +394,14 @@ fn parse_head(
                     .ok()
                     .and_then(|v| v.rsplit(',').next())
                     .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+                coded = true;
                 if !chunked {
-                    close = true;
+                    must_close = true;
                 }
             } else if name == header::CONNECTION {
                 let t = crate::wire::connection_tokens(raw);
                 if t.close {
-                    close = true;
+                    must_close = true;
                 } else if t.keep_alive {
                     close = false;
                 }
@@ -419,14 +425,16 @@ fn parse_head(
                 close = true;
             }
             Framing::Chunked(crate::chunked::Decoder::default())
+        } else if coded {
+            // A coding other than a final chunked: read to the end of the
+            // connection, whatever Content-Length says (RFC 9112 §6.3).
+            Framing::Close
         } else if let Some(n) = length {
             if n == 0 {
                 Framing::Done
             } else {
                 Framing::Fixed(n)
             }
-        } else if map.contains_key(header::TRANSFER_ENCODING) {
-            Framing::Close
         } else {
             close = true;
             Framing::Close
@@ -435,7 +443,7 @@ fn parse_head(
         *resp.status_mut() = status;
         *resp.version_mut() = version;
         *resp.headers_mut() = map;
-        return Ok(Some((resp, framing, !close)));
+        return Ok(Some((resp, framing, !(close || must_close))));
     }
 }
 
@@ -632,6 +640,29 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+        // A close is not undone by a later keep-alive; a coding other than
+        // chunked is read to the end, whatever Content-Length says.
+        let (_, f, keep) = head(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((f, keep), (Framing::Fixed(2), false));
+        let (_, f, keep) = head(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((f, keep), (Framing::Close, false));
+        let (_, f, keep) = head(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((f, keep), (Framing::Fixed(2), true), "1.0 keep-alive");
         for bad in [
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
