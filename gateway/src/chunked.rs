@@ -6,9 +6,11 @@
 //!
 //! Accepted: hex sizes of up to 16 digits, optional whitespace and
 //! extensions (`;name=value`) after the size, CRLF or a bare LF as line
-//! ends, trailer fields (skipped). Refused: a size line without digits,
-//! control characters in an extension, chunk data not followed by a line
-//! end.
+//! ends, trailer fields (skipped). Refused: a size line without digits, a
+//! CR not followed by LF in it, anything but whitespace or `;` after the
+//! digits (`1 0`), control characters in an extension, chunk data not
+//! followed by a line end — each a way two parsers could disagree on a
+//! chunk's size.
 
 /// Where a chunked body is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,12 +20,14 @@ pub struct Decoder {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// A chunk-size line: the size so far, its hex digits, and whether
-    /// whitespace or an extension has begun.
+    /// A chunk-size line: the size so far, its hex digits, what follows
+    /// them (`DIGITS`, `SPACE`, `EXTENSION`), and whether a CR was just
+    /// read (only LF may follow).
     Size {
         size: u64,
         digits: u8,
-        after: bool,
+        after: u8,
+        cr: bool,
     },
     /// Chunk data still to come.
     Data(u64),
@@ -46,10 +50,15 @@ pub struct Step {
     pub data: usize,
 }
 
+const DIGITS: u8 = 0;
+const SPACE: u8 = 1;
+const EXTENSION: u8 = 2;
+
 const SIZE: State = State::Size {
     size: 0,
     digits: 0,
-    after: false,
+    after: DIGITS,
+    cr: false,
 };
 
 impl Default for Decoder {
@@ -103,28 +112,44 @@ impl Decoder {
                 size,
                 digits,
                 after,
+                cr,
             } => match b {
                 b'\n' if digits == 0 => return Err("invalid chunk size"),
                 b'\n' if size == 0 => State::Trailer { empty: true },
                 b'\n' => State::Data(size),
-                b'\r' => self.state,
-                _ if after => {
-                    // Whitespace, then only an extension (`;name=value`).
+                _ if cr => return Err("a CR in a chunk size line not followed by LF"),
+                b'\r' => State::Size {
+                    size,
+                    digits,
+                    after,
+                    cr: true,
+                },
+                _ if after == EXTENSION => {
+                    // `;name=value`: printable text.
                     if b.is_ascii_control() && b != b'\t' {
                         return Err("invalid chunk extension");
                     }
                     self.state
                 }
-                b' ' | b'\t' | b';' if digits > 0 => State::Size {
+                b' ' | b'\t' if digits > 0 => State::Size {
                     size,
                     digits,
-                    after: true,
+                    after: SPACE,
+                    cr: false,
                 },
+                b';' if digits > 0 => State::Size {
+                    size,
+                    digits,
+                    after: EXTENSION,
+                    cr: false,
+                },
+                _ if after == SPACE => return Err("invalid chunk size"),
                 _ => match (b as char).to_digit(16) {
                     Some(d) if digits < 16 => State::Size {
                         size: size << 4 | u64::from(d),
                         digits: digits + 1,
-                        after: false,
+                        after: DIGITS,
+                        cr: false,
                     },
                     _ => return Err("invalid chunk size"),
                 },
@@ -195,7 +220,7 @@ mod tests {
 
     #[test]
     fn decodes_sizes_extensions_trailers_in_any_pieces() {
-        let wire = b"5;x=y\r\nhello\r\nA \r\n0123456789\n1\r\n!\r\n0\r\nT: v\r\n\r\nNEXT";
+        let wire = b"5;x=y\r\nhello\r\nA \r\n0123456789\n1 \t;e\r\n!\r\n0\r\nT: v\r\n\r\nNEXT";
         for piece in 1..wire.len() {
             let (data, done, used) = decode(wire, piece).unwrap();
             assert_eq!(data, b"hello0123456789!", "pieces of {piece}");
@@ -212,6 +237,12 @@ mod tests {
             b"12345678901234567\r\n",
             b"1\r\nxy",
             b"1;a\x01\r\n",
+            // Read as 0x10 by a parser that drops CRs, as 1 by one that
+            // stops at whitespace: refused.
+            b"1\r0\r\n",
+            b"1 0\r\n",
+            b"1 x\r\n",
+            b"1\r\r\n",
         ] {
             assert!(
                 decode(bad, bad.len()).is_err(),
