@@ -1971,7 +1971,12 @@ targets = ["127.0.0.1:3"]
     );
 
     let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replace("\"sideways\"", "\"maglev\"")).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("\"sideways\"", "\"maglev\"")
+            + "[upstreams.health]\npath = \"/health check\"\n",
+    )
+    .unwrap();
     let (code, out, _) = gateway_tests::gateway::run_cli(&["check", "-c", path.to_str().unwrap()]);
     let lines: Vec<String> = out.lines().map(|l| l.replace(&p, "F")).collect();
     assert_eq!(code, 2);
@@ -1984,6 +1989,7 @@ targets = ["127.0.0.1:3"]
             "F:13:14: error_rate must be above 0 and at most 1",
             "F:15:14: invalid status 999",
             "F:17:7: concurrency max must be at least 1",
+            "F:23:8: health check path \"/health check\" is not a valid request target (escape spaces and the like)",
         ]
     );
 }

@@ -122,6 +122,16 @@ impl Rewrite {
                 Part::Param(i) => out.push_str(value(*i)),
             }
         }
+        // An empty `{rest...}` between two slashes would leave `//`, which
+        // some upstreams read as the start of an authority: merged.
+        if out.contains("//") {
+            let mut prev = false;
+            out.retain(|c| {
+                let dup = c == '/' && prev;
+                prev = c == '/';
+                !dup
+            });
+        }
         out
     }
 }

@@ -765,6 +765,13 @@ fn rewrite_substitutes_params() {
     assert_eq!(rw.apply(target, &params), "/v2/a/b.txt/of/42");
     let lit = rewrite(r#"path_prefix = "/old/""#, "/new").expect("compile");
     assert_eq!(lit.apply("/old/x", &Params::default()), "/new");
+    // An empty rest parameter between slashes leaves no `//`.
+    let r = router(&[r#"path = "/files/{p...}""#]);
+    let Outcome::Matched { params, .. } = req("/files/").find(&r) else {
+        panic!("no match for /files/");
+    };
+    let rw = rewrite(r#"path = "/files/{p...}""#, "/{p}/meta").expect("compile");
+    assert_eq!(rw.apply("/files/", &params), "/meta");
 }
 
 #[test]

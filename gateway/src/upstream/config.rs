@@ -512,6 +512,14 @@ pub fn compile_upstream(
                 h.path.span(),
                 "health check path must start with '/'",
             ));
+        } else if h.path.get_ref().parse::<http::uri::PathAndQuery>().is_err() {
+            problems.push(Problem::at(
+                h.path.span(),
+                format!(
+                    "health check path {:?} is not a valid request target (escape spaces and the like)",
+                    h.path.get_ref()
+                ),
+            ));
         }
         let mut expected = Vec::new();
         for s in &h.expected_statuses {

@@ -72,15 +72,29 @@ pub async fn resolve(r: &TokioResolver, src: &Source) -> Result<Vec<(Authority, 
             })
             .collect();
         let best = records.iter().map(|s| s.priority).min();
+        // A target that does not resolve (a pod gone, the "." of "no
+        // service") is skipped, so one stale record cannot freeze the set;
+        // only when none resolves does the round fail (and the last good
+        // set stays).
+        let mut failed = None;
         for s in records.iter().filter(|s| Some(s.priority) == best) {
-            let ips = r
-                .lookup_ip(s.target.clone())
-                .await
-                .map_err(|e| format!("{}: {e}", s.target))?;
+            let ips = match r.lookup_ip(s.target.clone()).await {
+                Ok(ips) => ips,
+                Err(e) => {
+                    tracing::debug!(srv = %src.name, target = %s.target, "SRV target does not resolve: {e}");
+                    failed = Some(format!("{}: {e}", s.target));
+                    continue;
+                }
+            };
             let weight = u32::from(s.weight).clamp(1, MAX_WEIGHT);
             for ip in ips.iter() {
                 push(&mut out, ip, s.port, weight);
             }
+        }
+        if out.is_empty()
+            && let Some(e) = failed
+        {
+            return Err(e);
         }
     } else {
         let ips = r
