@@ -4,7 +4,9 @@
 //! `consecutive_slow` response heads slower than `slow_threshold`, eject
 //! the target for `base_ejection × n` (n = ejections in a row, capped at
 //! `max_ejection`). At most `max_ejected_percent` of the pool (but at least
-//! one target when it is above 0, and never all of them) is ejected at once. A target that served requests well for
+//! one target when it is above 0, and never the last target available,
+//! whatever took the others out) is ejected at once; an ejection that
+//! concurrent ones pushed over the cap is taken back. A target that served requests well for
 //! `max_ejection` after its last ejection starts again from n = 1.
 
 use std::sync::atomic::Ordering;
@@ -77,7 +79,10 @@ pub fn record(
         0
     }
     .min(set.len().saturating_sub(1));
-    if ejected >= cap {
+    // Nor the last target available (health checks may have taken the
+    // others out).
+    let last_available = || set.iter().filter(|t| t.available(now)).count() <= 1;
+    if ejected >= cap || last_available() {
         tracing::debug!(upstream = name, target = %target.addr, "outlier not ejected: ejection cap reached");
         return false;
     }
@@ -96,6 +101,21 @@ pub fn record(
         .is_err()
     {
         // Another thread ejected it first.
+        return false;
+    }
+    // Workers ejecting other targets at the same moment may each have seen
+    // room under the cap: counted again now that this one is out, the
+    // ejection is taken back if the pool went over it (or has no target
+    // left).
+    let ejected = set.iter().filter(|t| t.is_ejected(now)).count();
+    if ejected > cap || set.iter().all(|t| !t.available(now)) {
+        let _ = target.ejected_until.compare_exchange(
+            until,
+            previous_until,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        target.ejections.fetch_sub(1, Ordering::Relaxed);
         return false;
     }
     target.consecutive_failures.store(0, Ordering::Relaxed);
@@ -234,5 +254,20 @@ mod tests {
             }
         }
         assert_eq!(ts.iter().filter(|t| t.is_ejected(10)).count(), 0);
+    }
+
+    #[test]
+    fn the_last_available_target_is_kept_whatever_took_the_others_out() {
+        let s = settings();
+        let ts = set(3);
+        // Two out by active health checks; under the 50% cap (1) there is
+        // room for an ejection, but not of the only target left.
+        ts[0].healthy.store(false, Ordering::Relaxed);
+        ts[1].healthy.store(false, Ordering::Relaxed);
+        for _ in 0..5 {
+            record("u", Some(&s), &ts[2], &ts, Outcome::Failure, 10);
+        }
+        assert!(!ts[2].is_ejected(10));
+        assert!(ts[2].available(10));
     }
 }
