@@ -36,7 +36,12 @@ impl Generation {
                 previous
                     .and_then(|p| p.upstreams.iter().find(|pool| pool.config == *u))
                     .cloned()
-                    .unwrap_or_else(|| Pool::new(u))
+                    .unwrap_or_else(|| {
+                        let old = previous.and_then(|p| {
+                            p.upstreams.iter().find(|pool| pool.config.name == u.name)
+                        });
+                        Pool::replacing(u, old.map(|p| &**p))
+                    })
             })
             .collect();
         crate::auth::activate(&config.auth);

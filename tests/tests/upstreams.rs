@@ -1626,6 +1626,57 @@ path_prefix = "/"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_dns_pool_keeps_its_targets_while_dns_is_down() {
+    let dns = DnsServer::start().await;
+    let a = Backend::start("a").await;
+    dns.set("api.test", vec![Record::A("127.0.0.1".parse().unwrap())]);
+    let body = |timeout: &str| {
+        format!(
+            r#"
+[[upstreams]]
+name = "api"
+timeout = "{timeout}"
+[upstreams.dns]
+name = "api.test."
+port = {port}
+resolver = "{resolver}"
+interval = "200ms"
+[[routes]]
+name = "all"
+upstream = "api"
+[routes.match]
+path_prefix = "/"
+"#,
+            port = a.addr.port(),
+            resolver = dns.addr
+        )
+    };
+    let env = Env::start(&body("10s"));
+    assert_eq!(env.get("/x").await.status, 200);
+    // DNS goes down; a reload changes the pool (a new one is built).
+    dns.fail(true);
+    let port: u16 = env.base.rsplit(':').next().unwrap().parse().unwrap();
+    env.gw
+        .write_config(&Env::config(port, &env.gw.admin, &body("9s")));
+    env.gw.signal(libc::SIGHUP);
+    eventually(Duration::from_secs(5), "the reload", || async {
+        env.metrics()
+            .await
+            .contains("gateway_config_reloads_total{result=\"ok\"} 1")
+    })
+    .await;
+    let r = env.get("/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        env.upstream("api").await["targets"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_discovery_adds_and_removes_targets() {
     let dns = DnsServer::start().await;
     // Two backends on one port, at two loopback addresses.

@@ -155,6 +155,15 @@ impl Pool {
     /// targets were validated at load; a file source is read now; a DNS
     /// source is resolved now, waiting at most a few seconds.
     pub fn new(config: &UpstreamConfig) -> Arc<Pool> {
+        Self::replacing(config, None)
+    }
+
+    /// A pool for `config` that replaces `previous` (the pool of the same
+    /// name in the last generation). When both discover their targets the
+    /// same way, the new pool starts from the targets the old one found, so
+    /// a reload that changes another setting does not leave it empty while
+    /// discovery answers again (or if it cannot).
+    pub fn replacing(config: &UpstreamConfig, previous: Option<&Pool>) -> Arc<Pool> {
         let s = &config.settings;
         let h2 = (config.protocol == UpstreamProtocol::Http2).then(|| {
             let mut connector = HttpConnector::new();
@@ -212,6 +221,18 @@ impl Pool {
             },
             config: config.clone(),
         });
+        if s.discovery != Discovery::Static
+            && let Some(prev) = previous
+            && prev.config.settings.discovery == s.discovery
+        {
+            let found: Vec<(Authority, u32)> = prev
+                .targets()
+                .targets
+                .iter()
+                .map(|t| (t.addr.clone(), t.weight))
+                .collect();
+            let _ = pool.set_targets(found);
+        }
         pool.metrics.targets.set(pool.set.load().len() as f64);
         if s.discovery != Discovery::Static {
             discovery::start(&pool);
