@@ -897,6 +897,51 @@ path_prefix = "/"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_buffered_for_retries_must_arrive_within_the_timeout() {
+    use std::io::{Read, Write};
+    let a = Backend::start("a").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "one"
+targets = ["{a}"]
+timeout = "500ms"
+[upstreams.retry]
+max_retries = 1
+buffer_body = "1KiB"
+[upstreams.concurrency]
+max = 1
+queue = 0
+[[routes]]
+name = "all"
+upstream = "one"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr
+    ));
+    let addr = env.base.trim_start_matches("http://").to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"PUT /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        .unwrap();
+    // While it trickles, the pool's only slot is free for others.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(env.get("/other").await.status, 200);
+    let started = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.hits(), 1, "only /other reached the backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_breaking_off_uploads_do_not_count_against_the_target() {
     use std::io::Write;
     let a = Backend::start("a").await;

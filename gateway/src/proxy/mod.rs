@@ -322,6 +322,29 @@ async fn call_upstream(
     let mut held = upstream::Held::default();
     // `started` while nothing has waited since it was read.
     let mut clock = Some(started);
+    // A body kept for retries is read before any slot is taken, within the
+    // request's own deadline: a client trickling it holds neither.
+    let req = if policy.max_retries > 0 {
+        clock = None;
+        let deadline = tokio::time::Instant::from_std(started + timeout);
+        match tokio::time::timeout_at(
+            deadline,
+            upstream::retry::buffer_body(req, policy.buffer_body),
+        )
+        .await
+        {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(ProxyError::new(
+                    ErrorKind::RequestTimeout,
+                    format!("the request body did not arrive within {timeout:?}"),
+                )
+                .closing());
+            }
+        }
+    } else {
+        req
+    };
     if let Some(l) = &rp.concurrency {
         held.route_slot = Some(l.acquire().await?);
         clock = None;
@@ -333,12 +356,7 @@ async fn call_upstream(
     pool.budget.deposit(upstream::window::ms_at(started));
     let hash = pool.request_hash(conn.peer.ip(), req.headers());
     let method = req.method().clone();
-    let mut req = Recycled(if policy.max_retries > 0 {
-        clock = None;
-        upstream::retry::buffer_body(req, policy.buffer_body).await?
-    } else {
-        req
-    });
+    let mut req = Recycled(req);
     let req = &mut req.0;
     let mut avoid = None;
     let mut retries = 0;

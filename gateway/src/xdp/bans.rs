@@ -20,8 +20,15 @@ pub struct Bans {
 impl Bans {
     /// Bans `ip` for `ttl` (extending a shorter ban in force).
     pub fn insert(&self, ip: IpAddr, ttl: Duration) {
-        let until = Instant::now() + ttl;
+        let now = Instant::now();
+        let until = now + ttl;
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Expired bans of sources that never came back go here, so many
+        // sources banned once (rotating IPv6 addresses) cannot grow the
+        // table past the bans in force by more than it had.
+        if m.len() >= 64 {
+            m.retain(|_, u| *u > now);
+        }
         let e = m.entry(ip).or_insert(until);
         *e = (*e).max(until);
         self.len.store(m.len(), Ordering::Relaxed);
@@ -61,5 +68,26 @@ impl Bans {
         let mut v: Vec<_> = m.iter().map(|(ip, u)| (*ip, *u - now)).collect();
         v.sort();
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expired_bans_of_absent_sources_are_purged_as_bans_arrive() {
+        let b = Bans::default();
+        for i in 0..200u32 {
+            b.insert(IpAddr::from(i.to_be_bytes()), Duration::ZERO);
+        }
+        assert!(
+            b.len.load(Ordering::Relaxed) <= 64,
+            "{}",
+            b.len.load(Ordering::Relaxed)
+        );
+        b.insert("192.0.2.1".parse().unwrap(), Duration::from_secs(60));
+        assert!(b.contains("192.0.2.1".parse().unwrap()));
+        assert!(!b.contains(IpAddr::from(5u32.to_be_bytes())));
     }
 }
