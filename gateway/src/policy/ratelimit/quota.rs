@@ -73,14 +73,26 @@ pub struct LocalQuota {
     pub period: Period,
     /// key → (period id, used)
     used: DashMap<u64, (u64, u64), crate::prehashed::PreHashed>,
+    /// Entries in `used` (kept by `take` and the sweep; `DashMap::len`
+    /// would lock every shard).
+    keys: std::sync::atomic::AtomicUsize,
+    max_keys: usize,
     swept: AtomicBool,
 }
+
+/// Distinct keys one quota counts per gateway (about 50 MB). A quota keyed
+/// by something clients choose (`ip` over IPv6, a header) would otherwise
+/// grow without bound until its period ends; beyond this, new keys are
+/// refused until the sweep finds room.
+pub const MAX_KEYS: usize = 1_000_000;
 
 impl LocalQuota {
     pub fn new(period: Period) -> LocalQuota {
         LocalQuota {
             period,
             used: DashMap::default(),
+            keys: std::sync::atomic::AtomicUsize::new(0),
+            max_keys: MAX_KEYS,
             swept: AtomicBool::new(false),
         }
     }
@@ -95,7 +107,25 @@ impl LocalQuota {
         let now = unix_now();
         let (id, end) = period_of(self.period, now);
         let reset = Duration::from_secs(end.saturating_sub(now));
-        let mut e = self.used.entry(key).or_insert((id, 0));
+        let mut e = match self.used.entry(key) {
+            dashmap::Entry::Occupied(e) => e.into_ref(),
+            dashmap::Entry::Vacant(v) => {
+                if self.keys.load(Ordering::Relaxed) >= self.max_keys {
+                    drop(v);
+                    full_once();
+                    return Decision {
+                        allowed: false,
+                        limit,
+                        remaining: 0,
+                        reset,
+                        retry_after: reset.min(Duration::from_secs(60)),
+                        quota: true,
+                    };
+                }
+                self.keys.fetch_add(1, Ordering::Relaxed);
+                v.insert((id, 0))
+            }
+        };
         if e.0 != id {
             *e = (id, 0);
         }
@@ -131,14 +161,50 @@ impl LocalQuota {
 impl Sweep for LocalQuota {
     fn sweep(&self) {
         let (id, _) = period_of(self.period, unix_now());
-        self.used.retain(|_, v| v.0 == id);
+        // Past periods, and keys that used nothing (every request refunded).
+        self.used.retain(|_, v| v.0 == id && v.1 > 0);
         self.used.shrink_to_fit();
+        self.keys.store(self.used.len(), Ordering::Relaxed);
+    }
+}
+
+/// Counts a refusal for lack of room, and says so in the log once a minute.
+fn full_once() {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    metrics::counter!("gateway_quota_keys_full_total").increment(1);
+    let now = unix_now();
+    let last = LAST.load(Ordering::Relaxed);
+    if now >= last + 60
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            max = MAX_KEYS,
+            "a quota counts as many keys as it may; new keys are refused until its period ends"
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_keys_are_refused_when_the_table_is_full_and_sweeps_make_room() {
+        let mut q = LocalQuota::new(Period::Day);
+        q.max_keys = 2;
+        let q = Arc::new(q);
+        assert!(q.take(1, 10).allowed);
+        assert!(q.take(2, 10).allowed);
+        let d = q.take(3, 10);
+        assert!(!d.allowed && d.quota, "{d:?}");
+        assert!(q.take(1, 10).allowed, "known keys still count");
+        // A key whose requests were all refunded frees its place.
+        q.refund(2);
+        q.sweep();
+        assert!(q.take(3, 10).allowed);
+    }
 
     #[test]
     fn calendar_periods() {
