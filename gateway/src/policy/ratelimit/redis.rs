@@ -302,9 +302,16 @@ impl Redis {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
                 let Some(mut conn) = me.conn() else { continue };
-                let cmd = redis::cmd("PING");
-                let ping = cmd.query_async::<String>(&mut conn);
-                if let Ok(Ok(_)) = tokio::time::timeout(me.timeout, ping).await {
+                // A write, as the limit script makes: a read-only replica or
+                // a server out of memory answers PING but refuses writes, and
+                // would otherwise flip down and up every few milliseconds.
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(format!("{}probe", me.prefix))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(1000);
+                let probe = cmd.query_async::<()>(&mut conn);
+                if let Ok(Ok(())) = tokio::time::timeout(me.timeout, probe).await {
                     me.down.store(false, Ordering::Release);
                     me.reported_up.store(true, Ordering::Relaxed);
                     metrics::gauge!("gateway_ratelimit_redis_up").set(1.0);
