@@ -28,7 +28,10 @@ pub struct Generation {
 impl Generation {
     /// Builds pools for `config`, reusing those of `previous` whose settings
     /// did not change, so their keep-alive connections survive the reload.
-    pub fn new(config: Config, previous: Option<&Generation>) -> Generation {
+    pub fn new(mut config: Config, previous: Option<&Generation>) -> Generation {
+        if let Some(p) = previous {
+            keep_route_state(&mut config, &p.config);
+        }
         let upstreams = config
             .upstreams
             .iter()
@@ -46,6 +49,29 @@ impl Generation {
             .collect();
         crate::auth::activate(&config.auth);
         Generation { config, upstreams }
+    }
+}
+
+/// A route's breaker and concurrency limiter carry over a reload that
+/// keeps their settings (as pools do): an open breaker stays open, and the
+/// slots of requests still in flight stay counted, instead of a fresh
+/// limiter letting `max` more in beside them.
+fn keep_route_state(config: &mut Config, previous: &Config) {
+    for route in &mut config.routes {
+        let Some(old) = previous.routes.iter().find(|r| r.name == route.name) else {
+            continue;
+        };
+        let (new, old) = (&mut route.upstream_policy, &old.upstream_policy);
+        if let (Some(n), Some(o)) = (&new.breaker, &old.breaker)
+            && n.same_settings(o)
+        {
+            new.breaker = Some(o.clone());
+        }
+        if let (Some(n), Some(o)) = (&new.concurrency, &old.concurrency)
+            && n.same_settings(o)
+        {
+            new.concurrency = Some(o.clone());
+        }
     }
 }
 

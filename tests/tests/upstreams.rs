@@ -1044,6 +1044,55 @@ path_prefix = "/"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_breaker_stays_open_across_a_reload_that_keeps_it() {
+    let a = Backend::start("a").await;
+    let body = |extra: &str| {
+        format!(
+            r#"
+[[upstreams]]
+name = "shared"
+targets = ["{a}"]
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "fragile"
+upstream = "shared"
+[routes.match]
+path_prefix = "/"
+[routes.breaker]
+consecutive_failures = 2
+open_for = "30s"
+{extra}"#,
+            a = a.addr
+        )
+    };
+    let env = Env::start(&body(""));
+    for _ in 0..2 {
+        assert_eq!(env.get("/status/500").await.status, 500);
+    }
+    assert_eq!(env.get("/x").await.status, 503, "open");
+    // A reload that adds a route rebuilds the routes; this breaker's
+    // settings did not change, so it is the same breaker, still open.
+    let port: u16 = env.base.rsplit(':').next().unwrap().parse().unwrap();
+    let extra =
+        "[[routes]]\nname = \"more\"\nupstream = \"shared\"\n[routes.match]\npath = \"/more\"\n";
+    env.gw
+        .write_config(&Env::config(port, &env.gw.admin, &body(extra)));
+    env.gw.signal(libc::SIGHUP);
+    eventually(Duration::from_secs(5), "the reload", || async {
+        env.metrics()
+            .await
+            .contains("gateway_config_reloads_total{result=\"ok\"} 1")
+    })
+    .await;
+    assert_eq!(env.get("/more").await.status, 200, "the new config serves");
+    let hits = a.hits();
+    let r = env.get("/x").await;
+    assert_eq!(r.status, 503, "still open after the reload: {}", r.text());
+    assert_eq!(a.hits(), hits);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_breaker_opens_for_its_route_only() {
     let a = Backend::start("a").await;
     let env = Env::start(&format!(

@@ -55,6 +55,12 @@ pub enum Admission {
 }
 
 impl Breaker {
+    /// Whether `other` runs with the same settings (so a reload may keep
+    /// this one, with its state, in its place).
+    pub fn same_settings(&self, other: &Breaker) -> bool {
+        self.settings == other.settings
+    }
+
     pub fn new(name: Arc<str>, settings: BreakerSettings) -> Breaker {
         let gauge = metrics::gauge!("gateway_circuit_state", "upstream" => name.to_string());
         gauge.set(0.0);

@@ -414,7 +414,8 @@ pub struct UpstreamSettings {
 }
 
 /// A route's own upstream policy: overrides and per-route state (built per
-/// config load, so a reload resets a route's breaker and queue).
+/// config load; `reload` keeps the previous breaker and limiter when their
+/// settings did not change).
 #[derive(Debug, Default)]
 pub struct RouteUpstream {
     pub retry: Option<RetrySettings>,

@@ -46,6 +46,14 @@ impl Limiter {
         }
     }
 
+    /// Whether `other` runs with the same settings (so a reload may keep
+    /// this one in its place, with the slots its requests in flight hold).
+    pub fn same_settings(&self, other: &Limiter) -> bool {
+        self.max == other.max
+            && self.queue == other.queue
+            && self.queue_timeout == other.queue_timeout
+    }
+
     /// A slot, at once or after queueing; 503 `Overloaded` otherwise.
     pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, ProxyError> {
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
