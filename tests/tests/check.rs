@@ -72,6 +72,22 @@ fn wrong_type() {
 }
 
 #[test]
+fn zero_listener_timeouts() {
+    let (code, out) = check(&BASE.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\nsend_timeout = \"0s\"\nidle_timeout = \"0s\"",
+    ));
+    assert_eq!(code, 2, "{out:?}");
+    assert_eq!(
+        out,
+        [
+            "F:2:8: listener \"main\": idle_timeout must be positive",
+            "F:2:8: listener \"main\": send_timeout must be positive",
+        ]
+    );
+}
+
+#[test]
 fn bad_duration_and_size() {
     let (_, out) = check(&BASE.replace("targets =", "timeout = \"soon\"\ntargets ="));
     assert!(

@@ -278,6 +278,19 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             })
             .filter_map(|(i, (_, m))| m.clone().map(|m| (i, m)))
             .collect();
+        for (key, d) in [
+            ("header_read_timeout", l.header_read_timeout.0),
+            ("idle_timeout", l.idle_timeout.0),
+            ("body_read_timeout", l.body_read_timeout.0),
+            ("send_timeout", l.send_timeout.0),
+        ] {
+            if d.is_zero() {
+                problems.push(Problem::at(
+                    l.name.span(),
+                    format!("listener {name:?}: {key} must be positive"),
+                ));
+            }
+        }
         let max_header_bytes = usize::try_from(l.max_header_bytes.0).unwrap_or(usize::MAX);
         listeners.push(ListenerConfig {
             name: name.into(),
