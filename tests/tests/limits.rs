@@ -11,6 +11,10 @@ use gateway_tests::free_port;
 use gateway_tests::gateway::Gateway;
 
 fn start(backend: &Backend) -> (Gateway, String) {
+    start_to(&backend.addr.to_string())
+}
+
+fn start_to(upstream: &str) -> (Gateway, String) {
     let port = free_port();
     let admin = format!("127.0.0.1:{}", free_port());
     let config = format!(
@@ -35,7 +39,7 @@ targets = ["{b}"]
 name = "all"
 upstream = "be"
 "#,
-        b = backend.addr
+        b = upstream
     );
     (Gateway::start(&config, &admin), format!("127.0.0.1:{port}"))
 }
@@ -163,4 +167,37 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
         "the connection is gone: {m}"
     );
     drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stalls_mid_body_is_cut_off_after_send_timeout() {
+    // An upstream that sends a head and 3 of 100 bytes, then nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().take(4) {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc");
+            held.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let (gw, addr) = start_to(&upstream);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (resp, took) = read_all(&mut s, Duration::from_secs(5));
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("abc"), "what came, then the end: {resp}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "cut off after {took:?}"
+    );
+    let m = gateway_tests::client::raw(
+        &gw.admin,
+        "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(m.contains("gateway_response_stalls_total 1"), "{m}");
 }

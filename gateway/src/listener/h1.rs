@@ -858,7 +858,23 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
                     write_all(io, send_timeout, &[&out[..]]).await?;
                     out.clear();
                 }
-                std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+                // An upstream that stops mid-body holds its slots as a slow
+                // reader would: the same bound on no progress applies.
+                match tokio::time::timeout(
+                    send_timeout,
+                    std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)),
+                )
+                .await
+                {
+                    Ok(f) => f,
+                    Err(_) => {
+                        metrics::counter!("gateway_response_stalls_total").increment(1);
+                        tracing::debug!(
+                            "the response body made no progress for {send_timeout:?}; cut off"
+                        );
+                        return Ok(false);
+                    }
+                }
             }
         };
         let data = match frame {
