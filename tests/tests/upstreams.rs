@@ -2119,7 +2119,7 @@ targets = ["127.0.0.1:3"]
     std::fs::write(
         &path,
         text.replace("\"sideways\"", "\"maglev\"")
-            + "[upstreams.health]\npath = \"/health check\"\n",
+            + "[upstreams.health]\npath = \"/health check\"\nhost = \"bad host\"\n",
     )
     .unwrap();
     let (code, out, _) = gateway_tests::gateway::run_cli(&["check", "-c", path.to_str().unwrap()]);
@@ -2135,6 +2135,7 @@ targets = ["127.0.0.1:3"]
             "F:15:14: invalid status 999",
             "F:17:7: concurrency max must be at least 1",
             "F:23:8: health check path \"/health check\" is not a valid request target (escape spaces and the like)",
+            "F:24:8: health check host \"bad host\" is not a host name or host:port",
         ]
     );
 }

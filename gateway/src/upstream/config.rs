@@ -90,7 +90,7 @@ pub struct Health {
     pub kind: HealthKind,
     pub path: Spanned<String>,
     /// `Host` header of the check; the target's address when absent.
-    pub host: Option<String>,
+    pub host: Option<Spanned<String>>,
     pub interval: Secs,
     pub timeout: Secs,
     /// Statuses that count as healthy; empty means 200–399.
@@ -522,6 +522,18 @@ pub fn compile_upstream(
                 ),
             ));
         }
+        if let Some(host) = &h.host
+            && (host.get_ref().is_empty()
+                || host.get_ref().parse::<http::uri::Authority>().is_err())
+        {
+            problems.push(Problem::at(
+                host.span(),
+                format!(
+                    "health check host {:?} is not a host name or host:port",
+                    host.get_ref()
+                ),
+            ));
+        }
         let mut expected = Vec::new();
         for s in &h.expected_statuses {
             if !(100..=599).contains(s.get_ref()) {
@@ -541,7 +553,7 @@ pub fn compile_upstream(
         HealthSettings {
             kind: h.kind,
             path: h.path.get_ref().clone(),
-            host: h.host.clone(),
+            host: h.host.as_ref().map(|h| h.get_ref().clone()),
             interval: h.interval.0.max(super::health::MIN_INTERVAL),
             timeout: h.timeout.0,
             expected_statuses: expected,
