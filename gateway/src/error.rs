@@ -14,9 +14,9 @@ pub enum ErrorKind {
     BadRequest,
     /// No credentials, or credentials that do not verify (401).
     Unauthorized,
-    /// The forward-auth service sent the client elsewhere (its 3xx, e.g. to
-    /// a login page).
-    AuthRedirect,
+    /// The forward-auth service sent the client elsewhere with this 3xx
+    /// (e.g. to a login page).
+    AuthRedirect(http::StatusCode),
     /// Authenticated, but not allowed (403); also route-level IP denies.
     Forbidden,
     /// No route matches.
@@ -61,7 +61,7 @@ impl ErrorKind {
     pub fn side(self) -> Side {
         use ErrorKind::*;
         match self {
-            BadRequest | Unauthorized | AuthRedirect | Forbidden | NoRoute | MethodNotAllowed
+            BadRequest | Unauthorized | AuthRedirect(_) | Forbidden | NoRoute | MethodNotAllowed
             | RequestTimeout | PayloadTooLarge | Unprocessable | TooManyRequests
             | HeadersTooLarge => Side::Downstream,
             UpstreamConnect | UpstreamProtocol | NoUpstream | CircuitOpen | Overloaded
@@ -81,7 +81,7 @@ impl ErrorKind {
         match self {
             BadRequest => "bad_request",
             Unauthorized => "unauthorized",
-            AuthRedirect => "auth_redirect",
+            AuthRedirect(_) => "auth_redirect",
             Forbidden => "forbidden",
             NoRoute => "no_route",
             MethodNotAllowed => "method_not_allowed",
@@ -113,9 +113,6 @@ pub struct ProxyError {
     pub extra: Option<serde_json::Map<String, serde_json::Value>>,
     /// Whether the connection must be closed after the response.
     pub close: bool,
-    /// The status when the kind's own does not say it (an `AuthRedirect`'s
-    /// 3xx).
-    pub status: Option<http::StatusCode>,
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
@@ -127,7 +124,6 @@ impl ProxyError {
             headers: Vec::new(),
             extra: None,
             close: false,
-            status: None,
             source: None,
         }
     }

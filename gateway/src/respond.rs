@@ -18,7 +18,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         BadRequest => StatusCode::BAD_REQUEST,
         Unauthorized => StatusCode::UNAUTHORIZED,
-        AuthRedirect => StatusCode::FOUND,
+        AuthRedirect(s) => s,
         Forbidden => StatusCode::FORBIDDEN,
         NoRoute => StatusCode::NOT_FOUND,
         MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -39,7 +39,7 @@ fn title_of(kind: ErrorKind) -> &'static str {
     match kind {
         BadRequest => "Bad Request",
         Unauthorized => "Unauthorized",
-        AuthRedirect => "Redirect",
+        AuthRedirect(_) => "Redirect",
         Forbidden => "Forbidden",
         NoRoute => "Not Found",
         MethodNotAllowed => "Method Not Allowed",
@@ -58,7 +58,6 @@ fn title_of(kind: ErrorKind) -> &'static str {
 /// The problem+json body for an error of `kind`.
 fn problem_body(
     kind: ErrorKind,
-    status: StatusCode,
     detail: &str,
     request_id: &str,
     extra: Option<&serde_json::Map<String, serde_json::Value>>,
@@ -73,7 +72,7 @@ fn problem_body(
         .into(),
     );
     m.insert("title".into(), title_of(kind).into());
-    m.insert("status".into(), status.as_u16().into());
+    m.insert("status".into(), status_of(kind).as_u16().into());
     m.insert("detail".into(), detail.into());
     m.insert("request_id".into(), request_id.into());
     if let Some(extra) = extra {
@@ -86,14 +85,8 @@ fn problem_body(
 
 /// The problem+json response for `err`, tagged with `request_id`.
 pub fn error_response(err: &ProxyError, request_id: &str) -> Response<Body> {
-    let status = err.status.unwrap_or_else(|| status_of(err.kind));
-    let body = problem_body(
-        err.kind,
-        status,
-        &err.detail,
-        request_id,
-        err.extra.as_ref(),
-    );
+    let status = status_of(err.kind);
+    let body = problem_body(err.kind, &err.detail, request_id, err.extra.as_ref());
     let mut resp = Response::new(Body::full(Bytes::from(body)));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -113,8 +106,8 @@ pub fn error_response(err: &ProxyError, request_id: &str) -> Response<Body> {
 pub fn raw_error(kind: ErrorKind, detail: &str) -> Vec<u8> {
     let id = crate::proxy::new_request_id();
     let id = id.to_str().unwrap_or("");
+    let body = problem_body(kind, detail, id, None);
     let status = status_of(kind);
-    let body = problem_body(kind, status, detail, id, None);
     let mut out = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: {PROBLEM_JSON}\r\ncontent-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n",
         status.as_u16(),
@@ -137,13 +130,7 @@ mod tests {
         let r = error_response(&e, "abc");
         assert_eq!(r.status(), 404);
         assert_eq!(r.headers()[CONTENT_TYPE], PROBLEM_JSON);
-        let body = problem_body(
-            ErrorKind::NoRoute,
-            StatusCode::NOT_FOUND,
-            "d",
-            "abc",
-            e.extra.as_ref(),
-        );
+        let body = problem_body(ErrorKind::NoRoute, "d", "abc", e.extra.as_ref());
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["status"], 404);
         assert_eq!(v["request_id"], "abc");

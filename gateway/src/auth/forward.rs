@@ -121,10 +121,9 @@ impl ForwardAuth {
                 if resp.headers().contains_key(LOCATION) =>
             {
                 let mut e = ProxyError::new(
-                    ErrorKind::AuthRedirect,
+                    ErrorKind::AuthRedirect(status),
                     "the forward-auth service redirected the request",
                 );
-                e.status = Some(status);
                 for name in [&LOCATION, &SET_COOKIE] {
                     for v in resp.headers().get_all(name) {
                         e = e.with_header(name.clone(), v.clone());
