@@ -61,9 +61,9 @@ impl ErrorKind {
     pub fn side(self) -> Side {
         use ErrorKind::*;
         match self {
-            BadRequest | Unauthorized | AuthRedirect(_) | Forbidden | NoRoute | MethodNotAllowed
-            | RequestTimeout | PayloadTooLarge | Unprocessable | TooManyRequests
-            | HeadersTooLarge => Side::Downstream,
+            BadRequest | Unauthorized | AuthRedirect(_) | Forbidden | NoRoute
+            | MethodNotAllowed | RequestTimeout | PayloadTooLarge | Unprocessable
+            | TooManyRequests | HeadersTooLarge => Side::Downstream,
             UpstreamConnect | UpstreamProtocol | NoUpstream | CircuitOpen | Overloaded
             | UpstreamTimeout => Side::Upstream,
             Internal => Side::Internal,

@@ -48,8 +48,6 @@ pub struct RoutePolicy {
 /// Per-request state shared by the phase-4 steps and phase 7.
 #[derive(Debug, Default)]
 pub struct PolicyCtx {
-    /// The request is a HEAD (its response has no body to validate).
-    pub head: bool,
     /// 4b answered a CORS preflight (its headers are final).
     pub preflight: bool,
     /// A request body a step had to read whole (validation); sent upstream
@@ -239,7 +237,6 @@ pub async fn on_request(
         ctx.consumer_permit = permit;
     }
     // 4e.
-    ctx.head = req.method() == http::Method::HEAD;
     if let Some(v) = &policy.validate
         && let Some(body) = v.check(req).await?
     {
@@ -250,16 +247,18 @@ pub async fn on_request(
 
 /// Phase-7 hook, for every response of a routed request (errors included):
 /// checks the response (validation), adds the response headers the steps
-/// owe and releases what they hold.
+/// owe and releases what they hold. `head`: the request was a HEAD (its
+/// answer has no body to validate).
 pub async fn on_response(
     policy: &RoutePolicy,
     ctx: &mut PolicyCtx,
+    head: bool,
     resp: &mut Response<Body>,
     request_id: &HeaderValue,
 ) {
     if let Some(v) = &policy.validate
         && v.checks_responses()
-        && !ctx.head
+        && !head
         && let Err(e) = v.check_response(resp).await
     {
         *resp = crate::respond::error_response(&e, request_id.to_str().unwrap_or(""));

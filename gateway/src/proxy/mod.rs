@@ -104,7 +104,14 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
     if let Some(route) = ctx.route_id.and_then(|i| generation.config.routes.get(i))
         && !route.policy.is_empty()
     {
-        policy::on_response(&route.policy, &mut ctx.policy, &mut resp, &ctx.request_id).await;
+        policy::on_response(
+            &route.policy,
+            &mut ctx.policy,
+            method == "HEAD",
+            &mut resp,
+            &ctx.request_id,
+        )
+        .await;
     }
     policy::autoban::on_status(
         &generation.config,
@@ -324,7 +331,7 @@ async fn call_upstream(
     let mut clock = Some(started);
     // A body kept for retries is read before any slot is taken, within the
     // request's own deadline: a client trickling it holds neither.
-    let req = if policy.max_retries > 0 {
+    let req = if policy.max_retries > 0 && policy.buffer_body > 0 {
         clock = None;
         let deadline = tokio::time::Instant::from_std(started + timeout);
         match tokio::time::timeout_at(
@@ -600,13 +607,8 @@ fn upstream_request(
     } else {
         path.into()
     };
-    let original_host = match parts.headers.get(header::HOST) {
-        Some(h) => Some(h.clone()),
-        None => parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    };
+    // Phase 2 (`one_host`) made `Host` the request's one host.
+    let original_host = parts.headers.get(header::HOST).cloned();
     // An origin-form target whose path neither normalization nor the route
     // changed is sent as it came (no copy, no second parse).
     if parts.uri.scheme().is_some() || new_path != parts.uri.path() {
@@ -631,11 +633,6 @@ fn upstream_request(
         original_host.as_ref(),
         via,
     );
-    if let Some(host) = original_host
-        && let header::Entry::Vacant(e) = h.entry(header::HOST)
-    {
-        e.insert(host);
-    }
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
     route.request_headers.apply(h);
     let body = if let Some(b) = buffered {
