@@ -1800,6 +1800,14 @@ async fn dns_discovery_adds_and_removes_targets() {
                 port: 1,
                 target: "backup.test".into(),
             },
+            // Same priority, but its target does not resolve: skipped, the
+            // others still count.
+            Record::Srv {
+                priority: 1,
+                weight: 1,
+                port: 1,
+                target: "gone.test".into(),
+            },
         ],
     );
     dns.set("three.test", vec![Record::A("127.0.0.1".parse().unwrap())]);
@@ -1850,7 +1858,8 @@ path_prefix = "/"
     ));
     assert_eq!(count_backends(&env, "/x", 4).await.get("one"), Some(&4));
 
-    // SRV: port and weight from the records; the priority-9 record unused.
+    // SRV: port and weight from the records; the priority-9 record unused,
+    // the one whose target is gone skipped.
     let srv = env.upstream("srv").await;
     let mut targets: Vec<(String, u64)> = srv["targets"]
         .as_array()
