@@ -1099,7 +1099,34 @@ async fn introspection_of_opaque_tokens_with_cache() {
 /// names an introspection endpoint and no `jwks_uri`. `token=good` is
 /// active (consumer "opaque-user"), anything else is not.
 async fn start_opaque_only_idp() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    use http::Response;
+    serve_fn(|addr, head, body| {
+        let answer = match head.uri.path() {
+            "/.well-known/openid-configuration" => serde_json::json!({
+                "issuer": format!("http://{addr}"),
+                "introspection_endpoint": format!("http://{addr}/introspect"),
+            }),
+            "/introspect" if body.split(|b| *b == b'&').any(|p| p == b"token=good") => {
+                serde_json::json!({"active": true, "sub": "opaque-user"})
+            }
+            _ => serde_json::json!({"active": false}),
+        };
+        http::Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(answer.to_string())))
+            .expect("response")
+    })
+    .await
+}
+
+/// Serves `answer` (given the server's address, a request's head and its
+/// whole body) on an ephemeral 127.0.0.1 port until the task is aborted.
+async fn serve_fn<F>(answer: F) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(std::net::SocketAddr, http::request::Parts, Bytes) -> http::Response<Full<Bytes>>
+        + Send
+        + Sync
+        + 'static,
+{
     use http_body_util::BodyExt;
     use hyper::service::service_fn;
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -1107,36 +1134,25 @@ async fn start_opaque_only_idp() -> (std::net::SocketAddr, tokio::task::JoinHand
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let answer = std::sync::Arc::new(answer);
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            let answer = answer.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<hyper::body::Incoming>| async move {
-                    let path = req.uri().path().to_string();
-                    let body = req
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|c| c.to_bytes())
-                        .unwrap_or_default();
-                    let answer = match path.as_str() {
-                        "/.well-known/openid-configuration" => serde_json::json!({
-                            "issuer": format!("http://{addr}"),
-                            "introspection_endpoint": format!("http://{addr}/introspect"),
-                        }),
-                        "/introspect" if body.split(|b| *b == b'&').any(|p| p == b"token=good") => {
-                            serde_json::json!({"active": true, "sub": "opaque-user"})
-                        }
-                        _ => serde_json::json!({"active": false}),
-                    };
-                    Ok::<_, std::convert::Infallible>(
-                        Response::builder()
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from(answer.to_string())))
-                            .expect("response"),
-                    )
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let answer = answer.clone();
+                    async move {
+                        let (head, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        Ok::<_, std::convert::Infallible>(answer(addr, head, body))
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
@@ -1190,55 +1206,36 @@ introspection = {{ provider = "opaque" }}
 /// `Bearer login` → 302 to a login page with a cookie; `Bearer lost` → 302
 /// without a `Location`; anything else → 500. It answers with what it received in `x-seen-*`.
 async fn start_verdicts() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    use http::Response;
-    use hyper::service::service_fn;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let h = req.headers();
-                    let auth = h.get("authorization").and_then(|v| v.to_str().ok());
-                    let mut resp = Response::builder();
-                    resp = match auth {
-                        Some("Bearer good") => resp
-                            .status(200)
-                            .header("x-auth-user", "zed")
-                            .header("x-auth-roles", "a,b")
-                            .header("x-not-copied", "1"),
-                        Some("Bearer bad") => resp
-                            .status(401)
-                            .header("www-authenticate", "Bearer realm=\"fwd\""),
-                        Some("Bearer nope") => resp.status(403),
-                        Some("Bearer login") => resp
-                            .status(302)
-                            .header("location", "http://login.test/start?rd=/fwd/x")
-                            .header("set-cookie", "csrf=abc; HttpOnly")
-                            .header("x-not-copied", "1"),
-                        Some("Bearer lost") => resp.status(302),
-                        _ => resp.status(500),
-                    };
-                    for name in ["x-forwarded-method", "x-forwarded-uri", "x-forwarded-host"] {
-                        if let Some(v) = h.get(name) {
-                            resp = resp.header(format!("x-seen-{}", &name[12..]), v.clone());
-                        }
-                    }
-                    resp.body(Full::<Bytes>::default())
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+    serve_fn(|_, head, _| {
+        let h = &head.headers;
+        let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+        let mut resp = http::Response::builder();
+        resp = match auth {
+            Some("Bearer good") => resp
+                .status(200)
+                .header("x-auth-user", "zed")
+                .header("x-auth-roles", "a,b")
+                .header("x-not-copied", "1"),
+            Some("Bearer bad") => resp
+                .status(401)
+                .header("www-authenticate", "Bearer realm=\"fwd\""),
+            Some("Bearer nope") => resp.status(403),
+            Some("Bearer login") => resp
+                .status(302)
+                .header("location", "http://login.test/start?rd=/fwd/x")
+                .header("set-cookie", "csrf=abc; HttpOnly")
+                .header("x-not-copied", "1"),
+            Some("Bearer lost") => resp.status(302),
+            _ => resp.status(500),
+        };
+        for name in ["x-forwarded-method", "x-forwarded-uri", "x-forwarded-host"] {
+            if let Some(v) = h.get(name) {
+                resp = resp.header(format!("x-seen-{}", &name[12..]), v.clone());
+            }
         }
-    });
-    (addr, task)
+        resp.body(Full::<Bytes>::default()).expect("response")
+    })
+    .await
 }
 
 #[tokio::test]
