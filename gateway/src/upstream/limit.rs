@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use http::HeaderValue;
 use http::header::RETRY_AFTER;
@@ -16,9 +15,7 @@ use crate::error::{ErrorKind, ProxyError};
 
 pub struct Limiter {
     name: Arc<str>,
-    max: usize,
-    queue: usize,
-    queue_timeout: Duration,
+    settings: ConcurrencySettings,
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
     rejected: metrics::Counter,
@@ -28,7 +25,7 @@ impl std::fmt::Debug for Limiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Limiter")
             .field("name", &self.name)
-            .field("max", &self.max)
+            .field("max", &self.settings.max)
             .finish_non_exhaustive()
     }
 }
@@ -38,9 +35,7 @@ impl Limiter {
         Limiter {
             rejected: metrics::counter!("gateway_upstream_overloaded_total", "upstream" => name.to_string()),
             name,
-            max: s.max,
-            queue: s.queue,
-            queue_timeout: s.queue_timeout,
+            settings: s.clone(),
             slots: Arc::new(Semaphore::new(s.max)),
             waiting: AtomicUsize::new(0),
         }
@@ -49,9 +44,7 @@ impl Limiter {
     /// Whether `other` runs with the same settings (so a reload may keep
     /// this one in its place, with the slots its requests in flight hold).
     pub fn same_settings(&self, other: &Limiter) -> bool {
-        self.max == other.max
-            && self.queue == other.queue
-            && self.queue_timeout == other.queue_timeout
+        self.settings == other.settings
     }
 
     /// A slot, at once or after queueing; 503 `Overloaded` otherwise.
@@ -69,11 +62,15 @@ impl Limiter {
             }
         }
         let place = Place(&self.waiting);
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.settings.queue {
             drop(place);
             return Err(self.overloaded("and its queue is full"));
         }
-        let r = tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
+        let r = tokio::time::timeout(
+            self.settings.queue_timeout,
+            self.slots.clone().acquire_owned(),
+        )
+        .await;
         drop(place);
         match r {
             Ok(Ok(p)) => Ok(p),
@@ -83,10 +80,13 @@ impl Limiter {
 
     fn overloaded(&self, why: &str) -> ProxyError {
         self.rejected.increment(1);
-        let secs = self.queue_timeout.as_secs().max(1);
+        let secs = self.settings.queue_timeout.as_secs().max(1);
         let mut e = ProxyError::new(
             ErrorKind::Overloaded,
-            format!("{} has {} requests in flight {why}", self.name, self.max),
+            format!(
+                "{} has {} requests in flight {why}",
+                self.name, self.settings.max
+            ),
         );
         if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
             e = e.with_header(RETRY_AFTER, v);
@@ -96,10 +96,10 @@ impl Limiter {
 
     pub fn status(&self) -> serde_json::Value {
         serde_json::json!({
-            "max": self.max,
-            "in_flight": self.max - self.slots.available_permits().min(self.max),
+            "max": self.settings.max,
+            "in_flight": self.settings.max - self.slots.available_permits().min(self.settings.max),
             "queued": self.waiting.load(Ordering::Relaxed),
-            "queue": self.queue,
+            "queue": self.settings.queue,
         })
     }
 }
@@ -107,6 +107,7 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn a_waiter_dropped_in_the_queue_gives_its_place_back() {
