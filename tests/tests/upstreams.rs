@@ -941,6 +941,160 @@ path_prefix = "/"
     assert_eq!(a.hits(), 1, "only /other reached the backend");
 }
 
+/// One upstream `timeout = "500ms"` to `target` over `protocol`, no
+/// retries, bodies up to 64 MiB.
+fn upload_env(target: std::net::SocketAddr, protocol: &str) -> Env {
+    Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "one"
+targets = ["{target}"]
+protocol = "{protocol}"
+timeout = "500ms"
+[upstreams.retry]
+max_retries = 0
+[[routes]]
+name = "all"
+upstream = "one"
+max_body_bytes = "64MiB"
+[routes.match]
+path_prefix = "/"
+"#
+    ))
+}
+
+/// Sends a `PUT` head with `Content-Length` and then `chunks`, each after
+/// its pause, and reads the answer (from a thread: the socket blocks).
+/// Returns the answer and when it came, from the head's write.
+async fn upload(base: &str, chunks: Vec<(Duration, Vec<u8>)>) -> (String, Duration) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://").to_string();
+    tokio::task::spawn_blocking(move || {
+        let len: usize = chunks.iter().map(|(_, c)| c.len()).sum();
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = s.try_clone().unwrap();
+        let started = Instant::now();
+        s.write_all(
+            format!("PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        // The writer may be cut off when the gateway answers early.
+        let writer = std::thread::spawn(move || {
+            for (pause, chunk) in chunks {
+                std::thread::sleep(pause);
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            s
+        });
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut took = None;
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            took.get_or_insert_with(|| started.elapsed());
+            out.extend_from_slice(&buf[..n]);
+            // One answer is all we wait for.
+            let text = String::from_utf8_lossy(&out);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_string)
+                    })
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if len.is_some_and(|l| body.len() >= l) {
+                    break;
+                }
+            }
+        }
+        drop(writer.join());
+        (
+            String::from_utf8_lossy(&out).into_owned(),
+            took.unwrap_or_default(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_counted_against_the_upstream_timeout() {
+    // Three chunks 300 ms apart: the upload takes longer than the 500 ms
+    // timeout, but the upstream answers as soon as it has the body.
+    // The same over HTTP/2 to the target, where hyper's client sends it.
+    let a = Backend::start("a").await;
+    for protocol in ["http1", "http2"] {
+        let env = upload_env(a.addr, protocol);
+        let pause = Duration::from_millis(300);
+        let (resp, took) = upload(
+            &env.base,
+            vec![
+                (Duration::ZERO, b"ab".to_vec()),
+                (pause, b"cd".to_vec()),
+                (pause, b"ef".to_vec()),
+                (pause, b"gh".to_vec()),
+            ],
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{protocol}: {resp}");
+        assert!(resp.contains("\"body_len\":8"), "{protocol}: {resp}");
+        assert!(
+            took >= Duration::from_millis(850),
+            "{protocol}: answered after {took:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_timeout_runs_from_the_end_of_the_upload() {
+    // The body's last part comes 600 ms in; the target never answers: 504
+    // a timeout after that, not a timeout after the head.
+    let hung = Backend::start("hung").await;
+    hung.set_mode(Mode::Hang);
+    let env = upload_env(hung.addr, "http1");
+    let (resp, took) = upload(
+        &env.base,
+        vec![
+            (Duration::ZERO, b"ab".to_vec()),
+            (Duration::from_millis(600), b"cd".to_vec()),
+        ],
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 504"), "{resp}");
+    assert!(resp.contains("did not answer within 500ms"), "{resp}");
+    assert!(
+        took >= Duration::from_millis(1050) && took < Duration::from_secs(3),
+        "504 after {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_takes_none_of_the_body_times_out() {
+    // The target reads the head, then neither the body nor answers: once
+    // the sockets between are full, the upload stalls on the upstream's
+    // side, and the try ends a timeout later.
+    let hung = Backend::start("hung").await;
+    hung.set_mode(Mode::Hang);
+    let env = upload_env(hung.addr, "http1");
+    let chunks = (0..64)
+        .map(|_| (Duration::ZERO, vec![b'x'; 1 << 20]))
+        .collect();
+    let (resp, took) = upload(&env.base, chunks).await;
+    assert!(resp.starts_with("HTTP/1.1 504"), "{resp}");
+    assert!(
+        resp.contains("took none of the request body for 500ms"),
+        "{resp}"
+    );
+    assert!(took < Duration::from_secs(3), "504 after {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_breaking_off_uploads_do_not_count_against_the_target() {
     use std::io::Write;

@@ -2,7 +2,8 @@
 //! listener reads it (the gateway's own HTTP/1.1 server, or hyper's HTTP/2),
 //! and `Body`, used both ways through the proxy: a fixed buffer, or a
 //! streamed body. A client's request body is also capped in size and
-//! in the time the client may take between two chunks. An enum rather than a
+//! in the time the client may take between two chunks, and tells the try
+//! sending it upstream who holds it up (`Upload`). An enum rather than a
 //! boxed trait object, so that the common cases cost no allocation.
 
 use std::pin::Pin;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::upstream::UpstreamBody;
@@ -81,6 +83,22 @@ pub struct Guarded {
     /// Armed while we wait for the client's next chunk.
     deadline: Pin<Box<Sleep>>,
     waiting: bool,
+    /// Where the upload stands, for the try that is sending it (its
+    /// timeout runs only while the upstream has the next move).
+    upload: Option<watch::Sender<Upload>>,
+}
+
+/// Who holds up a streamed request body, as the try sending it sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upload {
+    /// The upstream: the body waits to be taken (or the try has not
+    /// asked for it yet).
+    Upstream,
+    /// The client: the next chunk has not arrived (its own timeout,
+    /// `body_read_timeout`, runs).
+    Client,
+    /// Nobody: the body has been sent whole (or has failed).
+    Done,
 }
 
 /// Errors a body can yield while streaming.
@@ -168,7 +186,22 @@ impl Body {
             read_timeout,
             deadline: Box::pin(tokio::time::sleep(read_timeout)),
             waiting: false,
+            upload: None,
         }))
+    }
+
+    /// For a streamed body not yet at its end, a view of where its upload
+    /// stands from now on (replacing any earlier view: one try at a time
+    /// sends a body); `None` for a body that is complete.
+    pub fn watch_upload(&mut self) -> Option<watch::Receiver<Upload>> {
+        match self {
+            Body::Guarded(g) if !g.inner.is_end_stream() => {
+                let (tx, rx) = watch::channel(Upload::Upstream);
+                g.upload = Some(tx);
+                Some(rx)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -226,30 +259,51 @@ impl Guarded {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > self.remaining {
+                        self.tell(Upload::Done);
                         return Poll::Ready(Some(Err(BodyError::TooLarge(self.limit))));
                     }
                     self.remaining -= n;
                 }
+                self.tell(if self.inner.is_end_stream() {
+                    Upload::Done
+                } else {
+                    Upload::Upstream
+                });
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => {
+                self.tell(Upload::Done);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                self.tell(Upload::Done);
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 // Time only the client: start the clock when we begin to
                 // wait, not when the upstream last asked for data.
                 if !self.waiting {
                     self.waiting = true;
+                    self.tell(Upload::Client);
                     self.deadline
                         .as_mut()
                         .reset(Instant::now() + self.read_timeout);
                 }
                 match self.deadline.as_mut().poll(cx) {
                     Poll::Ready(()) => {
+                        self.tell(Upload::Done);
                         Poll::Ready(Some(Err(BodyError::Timeout(self.read_timeout))))
                     }
                     Poll::Pending => Poll::Pending,
                 }
             }
+        }
+    }
+
+    /// Tells the try sending this body where its upload stands.
+    fn tell(&self, now: Upload) {
+        if let Some(tx) = &self.upload {
+            tx.send_if_modified(|u| std::mem::replace(u, now) != now);
         }
     }
 }

@@ -338,8 +338,9 @@ impl Pool {
 
     /// One try: breaker admission, a target (avoiding `avoid` if another is
     /// available), its connection slot, the exchange until the response
-    /// head (at most `timeout`), and the outcome recorded for outlier
-    /// detection and the breakers.
+    /// head (at most `timeout`, or, with a streamed request body, at most
+    /// `timeout` after it has been sent: see `within`), and the outcome
+    /// recorded for outlier detection and the breakers.
     pub async fn try_once(
         &self,
         req: &mut Request<Body>,
@@ -381,6 +382,9 @@ impl Pool {
         };
         let target = set.targets[index].clone();
         let deadline = now + timeout;
+        // A streamed body's upload is not the upstream's time: the try's
+        // clock runs while the upstream has the next move.
+        let upload = req.body_mut().watch_upload();
         let conn = match &target.conns {
             Some(sem) => match sem.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
@@ -439,7 +443,7 @@ impl Pool {
                     refused(ProxyError::new(ErrorKind::Internal, "bad upstream URI").with_source(e))
                 })?;
                 *r.version_mut() = http::Version::HTTP_2;
-                tokio::time::timeout_at(deadline, client.request(r))
+                within(deadline, timeout, upload, client.request(r))
                     .await
                     .map(|r| {
                         r.map(|resp| resp.map(UpstreamBody::Hyper))
@@ -449,7 +453,7 @@ impl Pool {
             // Origin form and HTTP/1.1 on the wire, Host as the client sent
             // it or the target's (`h1::encode_head`); the head is not
             // changed, so another try may go to another target.
-            None => tokio::time::timeout_at(deadline, send_h1(&target, req, self.h1)).await,
+            None => within(deadline, timeout, upload, send_h1(&target, req, self.h1)).await,
         };
         let (outcome, out) = match result {
             Ok(Ok(response)) => {
@@ -483,15 +487,21 @@ impl Pool {
                     }),
                 )
             }
-            Err(_) => (
+            Err(expired) => (
                 Some((Outcome::Failure, 0)),
                 Err(Failed {
                     error: ProxyError::new(
                         ErrorKind::UpstreamTimeout,
-                        format!(
-                            "upstream {:?} ({}) did not answer within {timeout:?}",
-                            self.config.name, target.addr
-                        ),
+                        match expired {
+                            Expired::Answer => format!(
+                                "upstream {:?} ({}) did not answer within {timeout:?}",
+                                self.config.name, target.addr
+                            ),
+                            Expired::Upload => format!(
+                                "upstream {:?} ({}) took none of the request body for {timeout:?}",
+                                self.config.name, target.addr
+                            ),
+                        },
                     ),
                     retry: Some(Reason::Timeout),
                     target: Some(index),
@@ -709,4 +719,64 @@ fn classify(name: &str, target: &Authority, e: TryError) -> (ProxyError, Option<
             Some(Reason::Reset),
         )
     }
+}
+
+/// What a try ran out of time waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    /// The response head.
+    Answer,
+    /// The upstream to take more of a streamed request body.
+    Upload,
+}
+
+/// Runs a try's exchange `f` until `deadline` or, for a streamed request
+/// body (`upload`), until `timeout` after the body has been sent; while it
+/// is being sent, the clock runs only while the upstream holds it up (from
+/// the try's start, or since it last took a chunk) and restarts with each
+/// chunk; waits for the client's next chunk are the body's own timeout's.
+async fn within<F: std::future::Future>(
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    upload: Option<tokio::sync::watch::Receiver<crate::proxy::body::Upload>>,
+    f: F,
+) -> Result<F::Output, Expired> {
+    let Some(upload) = upload else {
+        return tokio::time::timeout_at(deadline, f)
+            .await
+            .map_err(|_| Expired::Answer);
+    };
+    tokio::select! {
+        biased;
+        out = f => Ok(out),
+        expired = upload_clock(timeout, upload) => Err(expired),
+    }
+}
+
+/// Resolves when a try with a streamed body is out of time (see `within`).
+async fn upload_clock(
+    timeout: Duration,
+    mut upload: tokio::sync::watch::Receiver<crate::proxy::body::Upload>,
+) -> Expired {
+    use crate::proxy::body::Upload;
+    loop {
+        let now = *upload.borrow_and_update();
+        match now {
+            // A body dropped unfinished is not being sent any more either.
+            Upload::Done => break,
+            Upload::Client => {
+                if upload.changed().await.is_err() {
+                    break;
+                }
+            }
+            Upload::Upstream => {
+                tokio::select! {
+                    changed = upload.changed() => if changed.is_err() { break },
+                    () = tokio::time::sleep(timeout) => return Expired::Upload,
+                }
+            }
+        }
+    }
+    tokio::time::sleep(timeout).await;
+    Expired::Answer
 }
