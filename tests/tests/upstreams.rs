@@ -966,9 +966,10 @@ path_prefix = "/"
 /// Sends a `PUT` head with `Content-Length` and then `chunks`, each after
 /// its pause, and reads the answer (from a thread: the socket blocks).
 /// Returns the answer and when it came, from the head's write.
-async fn upload(base: &str, chunks: Vec<(Duration, Vec<u8>)>) -> (String, Duration) {
+async fn upload(base: &str, path: &str, chunks: Vec<(Duration, Vec<u8>)>) -> (String, Duration) {
     use std::io::{Read, Write};
     let addr = base.trim_start_matches("http://").to_string();
+    let path = path.to_string();
     tokio::task::spawn_blocking(move || {
         let len: usize = chunks.iter().map(|(_, c)| c.len()).sum();
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
@@ -976,7 +977,7 @@ async fn upload(base: &str, chunks: Vec<(Duration, Vec<u8>)>) -> (String, Durati
         let mut r = s.try_clone().unwrap();
         let started = Instant::now();
         s.write_all(
-            format!("PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n").as_bytes(),
+            format!("PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n").as_bytes(),
         )
         .unwrap();
         // The writer may be cut off when the gateway answers early.
@@ -1035,6 +1036,7 @@ async fn a_slow_upload_is_not_counted_against_the_upstream_timeout() {
         let pause = Duration::from_millis(300);
         let (resp, took) = upload(
             &env.base,
+            "/up",
             vec![
                 (Duration::ZERO, b"ab".to_vec()),
                 (pause, b"cd".to_vec()),
@@ -1061,6 +1063,7 @@ async fn the_upstream_timeout_runs_from_the_end_of_the_upload() {
     let env = upload_env(hung.addr, "http1");
     let (resp, took) = upload(
         &env.base,
+        "/up",
         vec![
             (Duration::ZERO, b"ab".to_vec()),
             (Duration::from_millis(600), b"cd".to_vec()),
@@ -1086,13 +1089,72 @@ async fn an_upstream_that_takes_none_of_the_body_times_out() {
     let chunks = (0..64)
         .map(|_| (Duration::ZERO, vec![b'x'; 1 << 20]))
         .collect();
-    let (resp, took) = upload(&env.base, chunks).await;
+    let (resp, took) = upload(&env.base, "/up", chunks).await;
     assert!(resp.starts_with("HTTP/1.1 504"), "{resp}");
     assert!(
         resp.contains("took none of the request body for 500ms"),
         "{resp}"
     );
     assert!(took < Duration::from_secs(3), "504 after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_does_not_make_its_target_slow() {
+    // Slowness for outlier detection counts from the body's end too: slow
+    // uploads eject nobody, slow answers still do.
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{a}", "{b}"]
+[upstreams.outlier]
+slow_threshold = "150ms"
+consecutive_slow = 2
+[[routes]]
+name = "all"
+upstream = "pool"
+[routes.match]
+path_prefix = "/"
+"#,
+        a = a.addr,
+        b = b.addr
+    ));
+    let ejected = || async {
+        let mut n = 0;
+        for t in [a.addr, b.addr] {
+            if env.target("pool", &t.to_string()).await["ejected"] == true {
+                n += 1;
+            }
+        }
+        n
+    };
+    let pause = Duration::from_millis(200);
+    for _ in 0..4 {
+        let (resp, _) = upload(
+            &env.base,
+            "/up",
+            vec![(Duration::ZERO, b"ab".to_vec()), (pause, b"cd".to_vec())],
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+    assert_eq!(ejected().await, 0, "slow uploads eject no target");
+    for _ in 0..4 {
+        let (resp, _) = upload(
+            &env.base,
+            "/delay/300",
+            vec![(Duration::ZERO, b"ab".to_vec())],
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+    assert_eq!(
+        ejected().await,
+        1,
+        "two slow answers in a row eject a target"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,8 +97,8 @@ pub enum Upload {
     /// The client: the next chunk has not arrived (its own timeout,
     /// `body_read_timeout`, runs).
     Client,
-    /// Nobody: the body has been sent whole (or has failed).
-    Done,
+    /// Nobody: the body has been sent whole (or has failed), since then.
+    Done(Instant),
 }
 
 /// Errors a body can yield while streaming.
@@ -259,24 +259,24 @@ impl Guarded {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > self.remaining {
-                        self.tell(Upload::Done);
+                        self.tell(Upload::Done(Instant::now()));
                         return Poll::Ready(Some(Err(BodyError::TooLarge(self.limit))));
                     }
                     self.remaining -= n;
                 }
                 self.tell(if self.inner.is_end_stream() {
-                    Upload::Done
+                    Upload::Done(Instant::now())
                 } else {
                     Upload::Upstream
                 });
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                self.tell(Upload::Done);
+                self.tell(Upload::Done(Instant::now()));
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
-                self.tell(Upload::Done);
+                self.tell(Upload::Done(Instant::now()));
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -291,7 +291,7 @@ impl Guarded {
                 }
                 match self.deadline.as_mut().poll(cx) {
                     Poll::Ready(()) => {
-                        self.tell(Upload::Done);
+                        self.tell(Upload::Done(Instant::now()));
                         Poll::Ready(Some(Err(BodyError::Timeout(self.read_timeout))))
                     }
                     Poll::Pending => Poll::Pending,
@@ -303,7 +303,9 @@ impl Guarded {
     /// Tells the try sending this body where its upload stands.
     fn tell(&self, now: Upload) {
         if let Some(tx) = &self.upload {
-            tx.send_if_modified(|u| std::mem::replace(u, now) != now);
+            tx.send_if_modified(|u| {
+                std::mem::discriminant(&std::mem::replace(u, now)) != std::mem::discriminant(&now)
+            });
         }
     }
 }

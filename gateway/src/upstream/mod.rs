@@ -422,7 +422,10 @@ impl Pool {
             .outlier
             .as_ref()
             .and_then(|o| o.slow)
-            .map(|(t, _)| now + t);
+            .map(|(t, _)| (t, now + t));
+        // A streamed upload is the client's time: slowness counts from its
+        // end.
+        let uploaded = upload.as_ref().filter(|_| slow.is_some()).cloned();
         let result = match &self.h2 {
             Some(client) => {
                 let path = req
@@ -460,7 +463,15 @@ impl Pool {
                 let status = response.status().as_u16();
                 let o = if status >= 500 {
                     Outcome::Status5xx
-                } else if slow.is_some_and(|at| tokio::time::Instant::now() > at) {
+                } else if slow.is_some_and(|(t, at)| {
+                    let at = match uploaded.as_ref().map(|u| *u.borrow()) {
+                        None => at,
+                        Some(crate::proxy::body::Upload::Done(end)) => end.max(now) + t,
+                        // Answered before the whole body was sent.
+                        Some(_) => return false,
+                    };
+                    tokio::time::Instant::now() > at
+                }) {
                     Outcome::Slow
                 } else {
                     Outcome::Success
@@ -763,7 +774,7 @@ async fn upload_clock(
         let now = *upload.borrow_and_update();
         match now {
             // A body dropped unfinished is not being sent any more either.
-            Upload::Done => break,
+            Upload::Done(_) => break,
             Upload::Client => {
                 if upload.changed().await.is_err() {
                     break;
