@@ -1,6 +1,7 @@
 //! Connection-level limits: header read timeout (408), request body read
 //! timeout (408), idle keep-alive timeout, send timeout (a client that
-//! stops reading), max connections per listener.
+//! stops reading, over HTTP/1.1 and HTTP/2), response stalls (an upstream
+//! that stops mid-body), max connections per listener.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -191,6 +192,114 @@ async fn an_upstream_that_stalls_mid_body_is_cut_off_after_send_timeout() {
     let (resp, took) = read_all(&mut s, Duration::from_secs(5));
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.ends_with("abc"), "what came, then the end: {resp}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "cut off after {took:?}"
+    );
+    let m = gateway_tests::client::raw(
+        &gw.admin,
+        "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(m.contains("gateway_response_stalls_total 1"), "{m}");
+}
+
+/// An h2c request for `path`, as a client that then reads nothing would
+/// send it: the preface, SETTINGS with the largest stream window, a
+/// connection WINDOW_UPDATE to match (so that flow control does not stall
+/// the gateway first), and HEADERS with END_STREAM.
+fn h2c_request_bytes(path: &str) -> Vec<u8> {
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE = 2^31 - 1.
+    out.extend(frame(0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+    out.extend(frame(0x8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+    // HPACK: :method GET, :scheme http (static), :path and :authority as
+    // literals with indexed names.
+    let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x41, 1, b'x']);
+    out.extend(frame(0x1, 0x5, 1, &block));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_reading_is_cut_off_after_send_timeout() {
+    let backend = Backend::start("be").await;
+    let (gw, addr) = start(&backend);
+    let metrics = || {
+        gateway_tests::client::raw(
+            &gw.admin,
+            "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+    };
+    let mut s = TcpStream::connect(&addr).unwrap();
+    socket2::SockRef::from(&s)
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    s.write_all(&h2c_request_bytes("/bytes/67108864")).unwrap();
+    // Not reading: the gateway's writes find the socket full, and after
+    // send_timeout (1 s) it closes the connection, freeing the stream's
+    // upstream slots.
+    let started = Instant::now();
+    let mut m = metrics();
+    while !m.contains("gateway_send_timeouts_total 1") && started.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        m = metrics();
+    }
+    assert!(m.contains("gateway_send_timeouts_total 1"), "{m}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "cut off after {took:?}");
+    assert!(
+        m.contains("gateway_active_connections{listener=\"main\"} 0"),
+        "the connection is gone: {m}"
+    );
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stalls_mid_body_resets_its_http2_stream_after_send_timeout() {
+    // An upstream that sends a head and 3 of 100 bytes, then nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().take(4) {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc");
+            held.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let (gw, addr) = start_to(&upstream);
+    let client = gateway_tests::client::h2c();
+    let started = Instant::now();
+    let resp = client
+        .request(
+            http::Request::get(format!("http://{addr}/x"))
+                .body(http_body_util::Full::<bytes::Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("the stream ends");
+    assert!(body.is_err(), "the stream is reset, not ended as complete");
+    let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(4),
         "cut off after {took:?}"

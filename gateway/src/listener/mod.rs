@@ -1,28 +1,26 @@
 //! Client-facing listeners: binding (one SO_REUSEPORT socket per worker),
 //! the accept loop with its connection limit and allow/deny check, TLS
 //! handshakes, and serving each connection: HTTP/1.1 by the gateway's own
-//! server side (`h1`), HTTP/2 by hyper (h2c prior knowledge on plain
-//! listeners, ALPN on TLS), with header-read and idle timeouts and graceful
-//! shutdown.
+//! server side (`h1`), HTTP/2 by hyper (`h2`: h2c prior knowledge on
+//! plain listeners, ALPN on TLS), with header-read, idle and send timeouts
+//! and graceful shutdown.
 
 pub mod h1;
+pub mod h2;
 pub mod tls;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenerConfig;
-use crate::proxy::{self, Conn, Shared};
+use crate::proxy::{Conn, Shared};
 use crate::xdp::Enforcer;
 
 /// Binds `addr` with SO_REUSEPORT so that each worker accepts on its own
@@ -162,29 +160,6 @@ impl Settings {
     }
 }
 
-/// hyper's HTTP/2 connection builder with our limits.
-fn http2(s: &Settings) -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(s.max_head()).unwrap_or(u32::MAX));
-    b
-}
-
-/// Activity on one connection, for the idle timeout.
-struct Activity {
-    started: Instant,
-    /// Milliseconds since `started` of the last request start or end.
-    last_ms: AtomicU64,
-    in_flight: AtomicUsize,
-}
-
-impl Activity {
-    fn touch(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-}
-
 async fn serve(
     stream: TcpStream,
     conn: Arc<Conn>,
@@ -209,7 +184,7 @@ async fn serve(
                     }
                 };
             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                serve_h2(tls, conn, &s, shared, shutdown).await;
+                h2::serve(tls, conn, &s, shared, shutdown).await;
             } else {
                 h1::serve(tls, conn, s.h1_limits(false), shared, shutdown).await;
             }
@@ -225,92 +200,7 @@ async fn serve(
             )
             .await
             {
-                serve_h2(h1::Rewind::new(read, stream), conn, &s, shared, shutdown).await;
-            }
-        }
-    }
-}
-
-/// Serves an HTTP/2 connection with hyper.
-async fn serve_h2<T>(
-    io: T,
-    conn: Arc<Conn>,
-    s: &Settings,
-    shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
-) where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let activity = Arc::new(Activity {
-        started: Instant::now(),
-        last_ms: AtomicU64::new(0),
-        in_flight: AtomicUsize::new(0),
-    });
-    let svc = {
-        let activity = activity.clone();
-        service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let shared = shared.clone();
-            let conn = conn.clone();
-            let activity = activity.clone();
-            activity.in_flight.fetch_add(1, Ordering::Relaxed);
-            async move {
-                let req = req.map(proxy::body::Incoming::Hyper);
-                let resp = proxy::handle(&shared, &conn, req).await;
-                activity.touch();
-                activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-                Ok::<_, Infallible>(resp)
-            }
-        })
-    };
-    drive(
-        http2(s).serve_connection(TokioIo::new(io), svc),
-        |c| c.graceful_shutdown(),
-        &activity,
-        s.idle_timeout,
-        shutdown,
-    )
-    .await;
-}
-
-/// Runs a connection to completion, closing it gracefully when it has been
-/// idle for `idle` or when the gateway shuts down.
-async fn drive<C, T, E>(
-    conn: C,
-    graceful: impl Fn(std::pin::Pin<&mut C>),
-    activity: &Activity,
-    idle: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) where
-    C: Future<Output = Result<T, E>>,
-    E: std::fmt::Display,
-{
-    let mut conn = std::pin::pin!(conn);
-    let mut closing = false;
-    loop {
-        let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
-        let deadline = if activity.in_flight.load(Ordering::Relaxed) > 0 {
-            tokio::time::Instant::now() + idle
-        } else {
-            tokio::time::Instant::from_std(activity.started + last + idle)
-        };
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!("connection ended: {e}");
-                }
-                return;
-            }
-            _ = tokio::time::sleep_until(deadline), if !closing => {
-                let now_ms = u64::try_from(activity.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                let idle_for = now_ms.saturating_sub(activity.last_ms.load(Ordering::Relaxed));
-                if activity.in_flight.load(Ordering::Relaxed) == 0 && u128::from(idle_for) >= idle.as_millis() {
-                    graceful(conn.as_mut());
-                    closing = true;
-                }
-            }
-            _ = shutdown.changed(), if !closing => {
-                graceful(conn.as_mut());
-                closing = true;
+                h2::serve(h1::Rewind::new(read, stream), conn, &s, shared, shutdown).await;
             }
         }
     }

@@ -108,6 +108,8 @@ pub enum BodyError {
     TooLarge(u64),
     #[error("the client sent no body data for {0:?}")]
     Timeout(Duration),
+    #[error("the upstream sent no body data for {0:?}")]
+    Stalled(Duration),
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
     #[error(transparent)]
@@ -156,7 +158,10 @@ impl BodyError {
             BodyError::Client(e) if e.is_malformed() => {
                 Some(ProxyError::new(ErrorKind::BadRequest, e.to_string()).closing())
             }
-            BodyError::Hyper(_) | BodyError::Client(_) | BodyError::Upstream(_) => None,
+            BodyError::Hyper(_)
+            | BodyError::Client(_)
+            | BodyError::Upstream(_)
+            | BodyError::Stalled(_) => None,
         }
     }
 }
