@@ -208,3 +208,19 @@ fn unreadable_file() {
         "{out}"
     );
 }
+
+#[test]
+fn unknown_underscore_action() {
+    let (code, out) = check(&BASE.replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        "listen = \"127.0.0.1:8080\"\nheaders_with_underscores = \"strip\"\n",
+    ));
+    assert_eq!(code, 2);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(
+        out[0].starts_with(
+            "F:4:28: unknown variant `strip`, expected one of `allow`, `drop`, `reject`"
+        ),
+        "{out:?}"
+    );
+}

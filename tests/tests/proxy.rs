@@ -985,3 +985,67 @@ async fn http1_connection_semantics() {
     assert!(r.contains("malformed chunked request body"), "{r}");
     assert_eq!(r.matches("HTTP/1.1").count(), 1, "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_fields_with_underscores_are_passed_dropped_or_refused_per_listener() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let (drop_port, reject_port) = (free_port(), free_port());
+    let env = start(
+        &b,
+        &b2,
+        &format!(
+            r#"
+[[listeners]]
+name = "drops"
+listen = "127.0.0.1:{drop_port}"
+headers_with_underscores = "drop"
+[[listeners]]
+name = "refuses"
+listen = "127.0.0.1:{reject_port}"
+headers_with_underscores = "reject"
+"#
+        ),
+    );
+    let send = |base: String, h2: bool| async move {
+        let req = Request::get(format!("{base}/x"))
+            .header("x_consumer", "admin")
+            .header("x-plain", "kept")
+            .body(Full::default())
+            .unwrap();
+        let c = if h2 { client::h2c() } else { client::http1() };
+        client::send(&c, req).await
+    };
+    for h2 in [false, true] {
+        // Allowed (the default): passed on as sent.
+        let r = send(env.base.clone(), h2).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["headers"]["x_consumer"], "admin");
+
+        let r = send(format!("http://127.0.0.1:{drop_port}"), h2).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let seen = &r.json()["headers"];
+        assert!(seen.get("x_consumer").is_none(), "dropped: {seen}");
+        assert_eq!(seen["x-plain"], "kept");
+
+        let hits = b.hits();
+        let r = send(format!("http://127.0.0.1:{reject_port}"), h2).await;
+        let p = assert_problem(&r, 400);
+        assert!(
+            p["detail"].as_str().unwrap().contains("\"x_consumer\""),
+            "{p}"
+        );
+        assert_eq!(b.hits(), hits, "a refused request reaches no upstream");
+    }
+    let m = client::get(&format!("http://{}/metrics", env.gw.admin))
+        .await
+        .text();
+    assert!(
+        m.contains("gateway_headers_with_underscores_total{action=\"dropped\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("gateway_headers_with_underscores_total{action=\"rejected\"} 2"),
+        "{m}"
+    );
+}

@@ -178,12 +178,31 @@ pub struct Listener {
     pub max_header_bytes: ByteSize,
     #[serde(default = "default_max_headers")]
     pub max_headers: usize,
+    /// What to do with request header fields whose names contain `_`.
+    #[serde(default)]
+    pub headers_with_underscores: Underscores,
     /// Default request body limit for routes on this listener.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: ByteSize,
     /// Ban sources that keep failing authentication or limits.
     #[serde(default)]
     pub auto_ban: Option<Spanned<crate::policy::autoban::AutoBanSection>>,
+}
+
+/// A listener's answer to request header fields whose names contain `_`
+/// (`X_Consumer`), which CGI-style frameworks read as `-` and so as another
+/// field than the gateway sees (Envoy's `headers_with_underscores_action`,
+/// nginx's `underscores_in_headers`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Underscores {
+    /// Passed on as sent.
+    #[default]
+    Allow,
+    /// Removed before routing (nginx's default).
+    Drop,
+    /// The request is refused with `400`.
+    Reject,
 }
 
 /// `[listeners.tls]`.

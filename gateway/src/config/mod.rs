@@ -63,11 +63,13 @@ pub struct ListenerConfig {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub body_read_timeout: Duration,
-    /// Longest an HTTP/1.1 response write waits for the client.
+    /// Longest a response waits for the client to take a write, or for the
+    /// upstream's next body bytes.
     pub send_timeout: Duration,
 
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    pub headers_with_underscores: file::Underscores,
     pub max_body_bytes: u64,
     /// Routes served on this listener.
     pub router: Router,

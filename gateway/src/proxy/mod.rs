@@ -27,6 +27,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 
+use crate::config::file::Underscores;
 use crate::config::{ListenerConfig, RouteAction, RouteConfig};
 use crate::error::{ErrorKind, ProxyError};
 use crate::observe::access_log::{self, AccessLog};
@@ -175,6 +176,9 @@ async fn process(
     // checked, and `Connection: x-consumer` must not remove what phase 4
     // sets.
     let content_length = validate(listener, &req)?;
+    if listener.headers_with_underscores != Underscores::Allow {
+        underscores(listener.headers_with_underscores, req.headers_mut())?;
+    }
     forward::strip_hop_by_hop(req.headers_mut());
     one_host(&mut req)?;
     let uri = req.uri().clone();
@@ -495,6 +499,35 @@ fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<Option
             None => Err(ProxyError::new(ErrorKind::BadRequest, "invalid Content-Length").closing()),
         },
     }
+}
+
+/// Phase 2: header fields whose names contain `_`, dropped or refused as
+/// the listener says (`Allow` never gets here).
+fn underscores(action: Underscores, h: &mut http::HeaderMap) -> Result<(), ProxyError> {
+    let Some(first) = h.keys().find(|n| n.as_str().contains('_')) else {
+        return Ok(());
+    };
+    if action == Underscores::Reject {
+        metrics::counter!("gateway_headers_with_underscores_total", "action" => "rejected")
+            .increment(1);
+        return Err(ProxyError::new(
+            ErrorKind::BadRequest,
+            format!(
+                "header field {first:?} has '_' in its name, which this listener refuses (headers_with_underscores = \"reject\")"
+            ),
+        ));
+    }
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for n in &names {
+        h.remove(n);
+    }
+    metrics::counter!("gateway_headers_with_underscores_total", "action" => "dropped")
+        .increment(names.len() as u64);
+    Ok(())
 }
 
 /// Phase 2: one host per request, the same for routing and the upstream.
