@@ -75,7 +75,7 @@ fn wrong_type() {
 fn zero_listener_timeouts() {
     let (code, out) = check(&BASE.replace(
         "listen = \"127.0.0.1:8080\"",
-        "listen = \"127.0.0.1:8080\"\nsend_timeout = \"0s\"\nidle_timeout = \"0s\"",
+        "listen = \"127.0.0.1:8080\"\nsend_timeout = \"0s\"\nidle_timeout = \"0s\"\nrequest_timeout = \"0s\"",
     ));
     assert_eq!(code, 2, "{out:?}");
     assert_eq!(
@@ -83,6 +83,7 @@ fn zero_listener_timeouts() {
         [
             "F:2:8: listener \"main\": idle_timeout must be positive",
             "F:2:8: listener \"main\": send_timeout must be positive",
+            "F:2:8: listener \"main\": request_timeout must be positive",
         ]
     );
 }

@@ -1,5 +1,5 @@
 //! Connection-level limits: header read timeout (408), request body read
-//! timeout (408), idle keep-alive timeout, send timeout (a client that
+//! timeout and whole-request timeout (408), idle keep-alive timeout, send timeout (a client that
 //! stops reading, over HTTP/1.1 and HTTP/2), response stalls (an upstream
 //! that stops mid-body), max connections per listener.
 
@@ -16,6 +16,11 @@ fn start(backend: &Backend) -> (Gateway, String) {
 }
 
 fn start_to(upstream: &str) -> (Gateway, String) {
+    start_with(upstream, "")
+}
+
+/// The listener of `start_to` with `extra` keys.
+fn start_with(upstream: &str, extra: &str) -> (Gateway, String) {
     let port = free_port();
     let admin = format!("127.0.0.1:{}", free_port());
     let config = format!(
@@ -33,6 +38,7 @@ body_read_timeout = "400ms"
 idle_timeout = "1s"
 send_timeout = "1s"
 max_connections = 3
+{extra}
 [[upstreams]]
 name = "be"
 targets = ["{b}"]
@@ -85,6 +91,36 @@ async fn slow_request_body_gets_408() {
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
     assert!(resp.contains("application/problem+json"), "{resp}");
     assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickling_past_request_timeout_gets_408() {
+    let backend = Backend::start("be").await;
+    let (_gw, addr) = start_with(&backend.addr.to_string(), "request_timeout = \"1s\"");
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let started = Instant::now();
+    s.write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        .unwrap();
+    // A byte every 200 ms: never a pause of body_read_timeout (400 ms), but
+    // not the whole body within request_timeout either.
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for _ in 0..15 {
+            std::thread::sleep(Duration::from_millis(200));
+            if w.write_all(b"x").is_err() {
+                break;
+            }
+        }
+    });
+    let (resp, _) = read_all(&mut s, Duration::from_secs(5));
+    let took = started.elapsed();
+    writer.join().unwrap();
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("request_timeout"), "{resp}");
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_millis(2500),
+        "408 after {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

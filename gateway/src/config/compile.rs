@@ -283,6 +283,12 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             ("idle_timeout", l.idle_timeout.0),
             ("body_read_timeout", l.body_read_timeout.0),
             ("send_timeout", l.send_timeout.0),
+            (
+                "request_timeout",
+                l.request_timeout
+                    .as_ref()
+                    .map_or(std::time::Duration::MAX, |t| t.0),
+            ),
         ] {
             if d.is_zero() {
                 problems.push(Problem::at(
@@ -301,6 +307,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             header_read_timeout: l.header_read_timeout.0,
             idle_timeout: l.idle_timeout.0,
             body_read_timeout: l.body_read_timeout.0,
+            request_timeout: l.request_timeout.as_ref().map(|t| t.0),
             send_timeout: l.send_timeout.0,
 
             max_header_bytes,

@@ -171,6 +171,10 @@ pub struct Listener {
     /// Longest pause allowed between two chunks of a request body.
     #[serde(default = "default_body_read_timeout")]
     pub body_read_timeout: Secs,
+    /// Longest a streamed request body may take in all, from the start of
+    /// the request (none by default, as Envoy's `request_timeout`).
+    #[serde(default)]
+    pub request_timeout: Option<Secs>,
     /// Longest pause allowed while the client takes a response (HTTP/1.1).
     #[serde(default = "default_send_timeout")]
     pub send_timeout: Secs,

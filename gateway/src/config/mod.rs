@@ -63,6 +63,8 @@ pub struct ListenerConfig {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// Longest a streamed request body may take in all.
+    pub request_timeout: Option<Duration>,
     /// Longest a response waits for the client to take a write, or for the
     /// upstream's next body bytes.
     pub send_timeout: Duration,

@@ -83,6 +83,9 @@ pub struct Guarded {
     /// Armed while we wait for the client's next chunk.
     deadline: Pin<Box<Sleep>>,
     waiting: bool,
+    /// When the whole body must have arrived (`request_timeout`), and
+    /// that timeout.
+    whole: Option<(Instant, Duration)>,
     /// Where the upload stands, for the try that is sending it (its
     /// timeout runs only while the upstream has the next move).
     upload: Option<watch::Sender<Upload>>,
@@ -108,6 +111,8 @@ pub enum BodyError {
     TooLarge(u64),
     #[error("the client sent no body data for {0:?}")]
     Timeout(Duration),
+    #[error("the request body did not arrive whole within {0:?} (request_timeout)")]
+    RequestTimeout(Duration),
     #[error("the upstream sent no body data for {0:?}")]
     Stalled(Duration),
     #[error(transparent)]
@@ -155,6 +160,9 @@ impl BodyError {
                 )
                 .closing(),
             ),
+            BodyError::RequestTimeout(_) => {
+                Some(ProxyError::new(ErrorKind::RequestTimeout, self.to_string()).closing())
+            }
             BodyError::Client(e) if e.is_malformed() => {
                 Some(ProxyError::new(ErrorKind::BadRequest, e.to_string()).closing())
             }
@@ -181,9 +189,16 @@ impl Body {
         Body::Stream(inner)
     }
 
-    /// Streams `inner`, failing once more than `limit` bytes have passed or
-    /// when the client sends nothing for `read_timeout`.
-    pub fn guarded(inner: Incoming, limit: u64, read_timeout: Duration) -> Self {
+    /// Streams `inner`, failing once more than `limit` bytes have passed,
+    /// when the client sends nothing for `read_timeout`, or when the body
+    /// has not arrived whole by `whole` (an instant, and the timeout it
+    /// comes from, for the message).
+    pub fn guarded(
+        inner: Incoming,
+        limit: u64,
+        read_timeout: Duration,
+        whole: Option<(Instant, Duration)>,
+    ) -> Self {
         Body::Guarded(Box::new(Guarded {
             inner,
             remaining: limit,
@@ -191,6 +206,7 @@ impl Body {
             read_timeout,
             deadline: Box::pin(tokio::time::sleep(read_timeout)),
             waiting: false,
+            whole,
             upload: None,
         }))
     }
@@ -261,6 +277,13 @@ impl Guarded {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 self.waiting = false;
+                if let Some((at, t)) = self.whole
+                    && !self.inner.is_end_stream()
+                    && Instant::now() >= at
+                {
+                    self.tell(Upload::Done(Instant::now()));
+                    return Poll::Ready(Some(Err(BodyError::RequestTimeout(t))));
+                }
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > self.remaining {
@@ -290,14 +313,18 @@ impl Guarded {
                 if !self.waiting {
                     self.waiting = true;
                     self.tell(Upload::Client);
-                    self.deadline
-                        .as_mut()
-                        .reset(Instant::now() + self.read_timeout);
+                    let gap = Instant::now() + self.read_timeout;
+                    let at = self.whole.map_or(gap, |(w, _)| w.min(gap));
+                    self.deadline.as_mut().reset(at);
                 }
                 match self.deadline.as_mut().poll(cx) {
                     Poll::Ready(()) => {
-                        self.tell(Upload::Done(Instant::now()));
-                        Poll::Ready(Some(Err(BodyError::Timeout(self.read_timeout))))
+                        let now = Instant::now();
+                        self.tell(Upload::Done(now));
+                        Poll::Ready(Some(Err(match self.whole {
+                            Some((at, t)) if now >= at => BodyError::RequestTimeout(t),
+                            _ => BodyError::Timeout(self.read_timeout),
+                        })))
                     }
                     Poll::Pending => Poll::Pending,
                 }

@@ -59,6 +59,8 @@ pub struct Conn {
 
 /// Per-request state carried through the phases.
 struct Ctx {
+    /// When the pipeline took the request (its head has arrived).
+    started: Instant,
     request_id: HeaderValue,
     route: Option<Arc<str>>,
     upstream: Option<Arc<str>>,
@@ -72,6 +74,7 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
     let start = Instant::now();
     let generation = shared.live.load();
     let mut ctx = Ctx {
+        started: start,
         request_id: identify(&req),
         route: None,
         upstream: None,
@@ -288,6 +291,9 @@ async fn process(
         &ctx.request_id,
         content_length,
         ctx.policy.buffered_body.take(),
+        listener
+            .request_timeout
+            .map(|t| (tokio::time::Instant::from_std(ctx.started) + t, t)),
     )?;
 
     // Phase 6: upstream.
@@ -617,6 +623,7 @@ fn upstream_request(
     request_id: &HeaderValue,
     content_length: Option<u64>,
     buffered: Option<Bytes>,
+    whole: Option<(tokio::time::Instant, std::time::Duration)>,
 ) -> Result<Request<Body>, ProxyError> {
     let limit = route.max_body_bytes.unwrap_or(listener.max_body_bytes);
     let (mut parts, incoming) = req.into_parts();
@@ -682,7 +689,7 @@ fn upstream_request(
     } else if incoming_is_empty(&incoming) {
         Body::empty()
     } else {
-        Body::guarded(incoming, limit, listener.body_read_timeout)
+        Body::guarded(incoming, limit, listener.body_read_timeout, whole)
     };
     Ok(Request::from_parts(parts, body))
 }

@@ -453,9 +453,9 @@ impl Pool {
                     Some(u) => uploading(timeout, u, client.request(r)).await,
                 }
                 .map(|r| {
-                        r.map(|resp| resp.map(UpstreamBody::Hyper))
-                            .map_err(TryError::Legacy)
-                    })
+                    r.map(|resp| resp.map(UpstreamBody::Hyper))
+                        .map_err(TryError::Legacy)
+                })
             }
             // Origin form and HTTP/1.1 on the wire, Host as the client sent
             // it or the target's (`h1::encode_head`); the head is not
