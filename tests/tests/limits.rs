@@ -239,11 +239,11 @@ async fn an_upstream_that_stalls_mid_body_is_cut_off_after_send_timeout() {
     assert!(m.contains("gateway_response_stalls_total 1"), "{m}");
 }
 
-/// An h2c request for `path`, as a client that then reads nothing would
-/// send it: the preface, SETTINGS with the largest stream window, a
-/// connection WINDOW_UPDATE to match (so that flow control does not stall
-/// the gateway first), and HEADERS with END_STREAM.
-fn h2c_request_bytes(path: &str) -> Vec<u8> {
+/// An h2c request for `path`: the preface, SETTINGS and, when `wide`,
+/// the largest stream window and a connection WINDOW_UPDATE to match (so
+/// that flow control does not stall the gateway first; else the default
+/// 64 KiB windows), and HEADERS with END_STREAM.
+fn h2c_request_bytes(path: &str, wide: bool) -> Vec<u8> {
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len() as u32;
         let mut f = len.to_be_bytes()[1..].to_vec();
@@ -253,9 +253,13 @@ fn h2c_request_bytes(path: &str) -> Vec<u8> {
         f
     }
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    // SETTINGS_INITIAL_WINDOW_SIZE = 2^31 - 1.
-    out.extend(frame(0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
-    out.extend(frame(0x8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+    if wide {
+        // SETTINGS_INITIAL_WINDOW_SIZE = 2^31 - 1.
+        out.extend(frame(0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+        out.extend(frame(0x8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+    } else {
+        out.extend(frame(0x4, 0, 0, &[]));
+    }
     // HPACK: :method GET, :scheme http (static), :path and :authority as
     // literals with indexed names.
     let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
@@ -279,7 +283,8 @@ async fn an_http2_client_that_stops_reading_is_cut_off_after_send_timeout() {
     socket2::SockRef::from(&s)
         .set_recv_buffer_size(4096)
         .unwrap();
-    s.write_all(&h2c_request_bytes("/bytes/67108864")).unwrap();
+    s.write_all(&h2c_request_bytes("/bytes/67108864", true))
+        .unwrap();
     // Not reading: the gateway's writes find the socket full, and after
     // send_timeout (1 s) it closes the connection, freeing the stream's
     // upstream slots.
@@ -345,4 +350,52 @@ async fn an_upstream_that_stalls_mid_body_resets_its_http2_stream_after_send_tim
         "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     );
     assert!(m.contains("gateway_response_stalls_total 1"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_whose_client_grants_no_window_frees_its_upstream_after_send_timeout() {
+    let backend = Backend::start("be").await;
+    let (gw, addr) = start(&backend);
+    let admin = |path: &str| {
+        gateway_tests::client::raw(
+            &gw.admin,
+            &format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    let in_flight = || {
+        let text = admin("/admin/upstreams");
+        let body = &text[text.find("\r\n\r\n").map_or(0, |i| i + 4)..];
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        v["upstreams"][0]["targets"][0]["in_flight"].as_u64()
+    };
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(&h2c_request_bytes("/bytes/1048576", false))
+        .unwrap();
+    // The client reads everything the gateway sends, so the socket never
+    // fills, but it grants no window beyond the first 64 KiB.
+    let mut r = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16384];
+        while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let started = Instant::now();
+    while in_flight() != Some(1) && started.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(in_flight(), Some(1), "the stream holds its target");
+    let mut m = admin("/metrics");
+    while !m.contains("gateway_send_timeouts_total 1") && started.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        m = admin("/metrics");
+    }
+    assert!(m.contains("gateway_send_timeouts_total 1"), "{m}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "cut off after {took:?}");
+    assert_eq!(in_flight(), Some(0), "the upstream side is freed");
+    assert!(
+        m.contains("gateway_active_connections{listener=\"main\"} 1"),
+        "the connection stays: {m}"
+    );
+    drop(s);
 }

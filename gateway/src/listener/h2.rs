@@ -5,21 +5,23 @@
 //! - the idle timeout: a connection with no stream in flight is closed
 //!   gracefully (GOAWAY) after `idle_timeout`, and on shutdown;
 //! - the send timeout (`send_timeout`, as HTTP/1.1's): a socket write the
-//!   client takes nothing of for that long ends the connection (hyper
-//!   cannot end a single stream from outside, and a client that reads
-//!   nothing stalls all of them anyway);
+//!   client takes nothing of for that long ends the connection; a stream
+//!   whose client grants it no flow-control window for that long (its last
+//!   frame given to hyper and not sent) has its response body dropped,
+//!   which frees what it holds upstream, and is reset when hyper next asks
+//!   for data (hyper offers no way to reset a stream from outside);
 //! - response stalls: an upstream body that yields nothing for
 //!   `send_timeout` ends its stream (RST_STREAM), not the connection.
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -50,6 +52,19 @@ struct Activity {
     blocked_ms: AtomicU64,
     /// Told when a write first finds the socket full.
     blocked: Notify,
+    /// The response bodies of this connection that hold something
+    /// upstream, for the sweep.
+    bodies: Mutex<Vec<Weak<Slot>>>,
+}
+
+/// A response body shared between its stream and the connection's sweep.
+struct Slot {
+    body: Mutex<Option<Body>>,
+    started: Instant,
+    /// 1 + milliseconds since `started` when the body last gave hyper a
+    /// frame that hyper has not asked past since (it waits for the client's
+    /// window); 0 otherwise.
+    given_ms: AtomicU64,
 }
 
 impl Activity {
@@ -59,6 +74,38 @@ impl Activity {
 
     fn touch(&self) {
         self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Drops the response bodies whose last frame has waited `limit` for
+    /// the client's window, freeing what they hold upstream.
+    fn sweep(&self, limit: Duration) {
+        let now = self.now_ms();
+        let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        let mut cut = Vec::new();
+        if let Ok(mut bodies) = self.bodies.lock() {
+            bodies.retain(|w| {
+                let Some(slot) = w.upgrade() else {
+                    return false;
+                };
+                let given = slot.given_ms.load(Ordering::Relaxed);
+                // Slots share the connection's clock.
+                if given != 0 && now.saturating_sub(given - 1) >= limit_ms {
+                    cut.push(slot);
+                    return false;
+                }
+                true
+            });
+        }
+        for slot in cut {
+            let body = slot.body.lock().ok().and_then(|mut b| b.take());
+            if body.is_some() {
+                metrics::counter!("gateway_send_timeouts_total").increment(1);
+                tracing::debug!(
+                    "an HTTP/2 stream's client granted no window for {limit:?}; its response is dropped"
+                );
+            }
+            drop(body);
+        }
     }
 
     /// Notes how a write went: `taken` if the socket took some of it.
@@ -90,6 +137,7 @@ pub(super) async fn serve<T>(
         in_flight: AtomicUsize::new(0),
         blocked_ms: AtomicU64::new(0),
         blocked: Notify::new(),
+        bodies: Mutex::new(Vec::new()),
     });
     let send_timeout = s.send_timeout;
     let svc = {
@@ -104,7 +152,7 @@ pub(super) async fn serve<T>(
                 let resp = proxy::handle(&shared, &conn, req).await;
                 activity.touch();
                 activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-                Ok::<_, Infallible>(resp.map(|body| Stalls::new(body, send_timeout)))
+                Ok::<_, Infallible>(resp.map(|body| Stalls::new(body, send_timeout, &activity)))
             }
         })
     };
@@ -125,7 +173,8 @@ pub(super) async fn serve<T>(
 
 /// Runs a connection to completion, closing it gracefully when it has been
 /// idle for `idle` or when the gateway shuts down, and at once when a write
-/// has found the socket full for `send`.
+/// has found the socket full for `send`; every `send / 2` it sweeps the
+/// response bodies whose client has granted no window for `send`.
 async fn drive<C, T, E>(
     conn: C,
     graceful: impl Fn(Pin<&mut C>),
@@ -139,6 +188,8 @@ async fn drive<C, T, E>(
 {
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
+    let sweep_every = send / 2;
+    let mut sweep_at = tokio::time::Instant::now() + sweep_every;
     loop {
         let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
         let deadline = if activity.in_flight.load(Ordering::Relaxed) > 0 {
@@ -158,6 +209,10 @@ async fn drive<C, T, E>(
                 return;
             }
             () = activity.blocked.notified(), if blocked == 0 => {}
+            () = tokio::time::sleep_until(sweep_at) => {
+                activity.sweep(send);
+                sweep_at = tokio::time::Instant::now() + sweep_every;
+            }
             () = tokio::time::sleep_until(cut_at), if blocked != 0 => {
                 if activity.blocked_ms.load(Ordering::Relaxed) == blocked {
                     metrics::counter!("gateway_send_timeouts_total").increment(1);
@@ -242,22 +297,72 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 
 /// A response body on an HTTP/2 stream, ended with an error (which resets
 /// the stream) when it yields nothing for its limit: an upstream that stops
-/// mid-body holds its slots as a slow reader would.
+/// mid-body holds its slots as a slow reader would. A body that holds
+/// something upstream is shared with the connection's sweep, which drops
+/// it when the client grants no window for it (`Activity::sweep`).
 pub struct Stalls {
-    inner: Body,
+    inner: Inner,
     limit: Duration,
     /// Armed while the body has nothing ready; made on the first wait.
     deadline: Option<Pin<Box<Sleep>>>,
     waiting: bool,
 }
 
+enum Inner {
+    /// A complete body: nothing held upstream.
+    Own(Body),
+    Shared(Arc<Slot>),
+}
+
 impl Stalls {
-    fn new(inner: Body, limit: Duration) -> Self {
+    fn new(inner: Body, limit: Duration, activity: &Activity) -> Self {
+        let inner = if matches!(inner, Body::Full(_)) {
+            Inner::Own(inner)
+        } else {
+            let slot = Arc::new(Slot {
+                body: Mutex::new(Some(inner)),
+                started: activity.started,
+                given_ms: AtomicU64::new(0),
+            });
+            if let Ok(mut bodies) = activity.bodies.lock() {
+                bodies.push(Arc::downgrade(&slot));
+            }
+            Inner::Shared(slot)
+        };
         Stalls {
             inner,
             limit,
             deadline: None,
             waiting: false,
+        }
+    }
+
+    fn poll_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.inner {
+            Inner::Own(b) => Pin::new(b).poll_frame(cx),
+            Inner::Shared(slot) => {
+                let mut body = match slot.body.lock() {
+                    Ok(b) => b,
+                    Err(_) => return Poll::Ready(Some(Err(BodyError::NotTaken(self.limit)))),
+                };
+                // Dropped by the sweep: the client took too long.
+                let Some(b) = body.as_mut() else {
+                    return Poll::Ready(Some(Err(BodyError::NotTaken(self.limit))));
+                };
+                let r = Pin::new(b).poll_frame(cx);
+                let given = match &r {
+                    Poll::Ready(Some(Ok(_))) => {
+                        u64::try_from(slot.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+                            + 1
+                    }
+                    _ => 0,
+                };
+                slot.given_ms.store(given, Ordering::Relaxed);
+                r
+            }
         }
     }
 }
@@ -271,7 +376,7 @@ impl http_body::Body for Stalls {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let me = self.get_mut();
-        match Pin::new(&mut me.inner).poll_frame(cx) {
+        match me.poll_inner(cx) {
             Poll::Pending => {
                 let at = tokio::time::Instant::now() + me.limit;
                 let sleep = me
@@ -301,10 +406,26 @@ impl http_body::Body for Stalls {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Own(b) => b.is_end_stream(),
+            Inner::Shared(slot) => slot
+                .body
+                .lock()
+                .ok()
+                .and_then(|b| b.as_ref().map(http_body::Body::is_end_stream))
+                .unwrap_or(false),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Own(b) => b.size_hint(),
+            Inner::Shared(slot) => slot
+                .body
+                .lock()
+                .ok()
+                .and_then(|b| b.as_ref().map(http_body::Body::size_hint))
+                .unwrap_or_default(),
+        }
     }
 }

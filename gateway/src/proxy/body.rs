@@ -115,6 +115,8 @@ pub enum BodyError {
     RequestTimeout(Duration),
     #[error("the upstream sent no body data for {0:?}")]
     Stalled(Duration),
+    #[error("the client took none of the response for {0:?}")]
+    NotTaken(Duration),
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
     #[error(transparent)]
@@ -169,7 +171,8 @@ impl BodyError {
             BodyError::Hyper(_)
             | BodyError::Client(_)
             | BodyError::Upstream(_)
-            | BodyError::Stalled(_) => None,
+            | BodyError::Stalled(_)
+            | BodyError::NotTaken(_) => None,
         }
     }
 }
