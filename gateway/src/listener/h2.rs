@@ -325,6 +325,12 @@ impl Stalls {
                 given_ms: AtomicU64::new(0),
             });
             if let Ok(mut bodies) = activity.bodies.lock() {
+                // Ended bodies leave their entries behind: cleared whenever
+                // the list is full, so it stays within about twice the
+                // streams in flight however many the connection serves.
+                if bodies.len() == bodies.capacity() {
+                    bodies.retain(|w| w.strong_count() > 0);
+                }
                 bodies.push(Arc::downgrade(&slot));
             }
             Inner::Shared(slot)
