@@ -303,6 +303,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             addr,
             tls,
             http2: l.http2,
+            proxy_protocol: l.proxy_protocol,
             max_connections: l.max_connections,
             header_read_timeout: l.header_read_timeout.0,
             idle_timeout: l.idle_timeout.0,

@@ -162,6 +162,10 @@ pub struct Listener {
     /// Accept HTTP/2 (h2c with prior knowledge on plain listeners, ALPN on TLS).
     #[serde(default = "yes")]
     pub http2: bool,
+    /// Every connection starts with a PROXY protocol header (v1 or v2)
+    /// from a load balancer, naming the client.
+    #[serde(default)]
+    pub proxy_protocol: bool,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     #[serde(default = "default_header_read_timeout")]

@@ -59,6 +59,8 @@ pub struct ListenerConfig {
     /// rustls configuration with SNI resolution; `None` for plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub http2: bool,
+    /// Connections start with a PROXY protocol header.
+    pub proxy_protocol: bool,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,

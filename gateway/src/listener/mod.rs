@@ -7,6 +7,7 @@
 
 pub mod h1;
 pub mod h2;
+pub mod proxy_protocol;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -98,26 +99,68 @@ pub async fn accept_loop(a: Accept) {
         active_gauge.increment(1.0);
         let active = a.active.clone();
         let gauge = active_gauge.clone();
-        let conn = Arc::new(Conn {
-            listener: a.name.clone(),
-            peer,
-            forwarded_for: crate::proxy::forward::client_text(peer.ip()),
-            tls: settings.tls.is_some(),
-        });
         let shared = a.shared.clone();
         let shutdown = a.shutdown.clone();
+        let name = a.name.clone();
+        let enforcer = a.enforcer.clone();
+        let label = label.clone();
         a.tracker.spawn(async move {
-            serve(stream, conn, settings, shared, shutdown).await;
+            if let Some((stream, conn)) =
+                client(stream, peer, name, &settings, &enforcer, &label).await
+            {
+                serve(stream, conn, settings, shared, shutdown).await;
+            }
             active.fetch_sub(1, Ordering::Relaxed);
             gauge.decrement(1.0);
         });
     }
 }
 
+/// Who the connection is from: its peer, or on a `proxy_protocol`
+/// listener the client its PROXY header names, admitted again as the
+/// accept loop admitted the peer (auto-ban, and the `[xdp]` lists while
+/// userspace enforces them). `None`: the connection is closed.
+async fn client(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<str>,
+    s: &Settings,
+    enforcer: &Enforcer,
+    label: &metrics::SharedString,
+) -> Option<(TcpStream, Arc<Conn>)> {
+    let peer = if s.proxy_protocol {
+        match proxy_protocol::read(&mut stream, s.header_read_timeout).await {
+            Ok(source) => {
+                let client = source.unwrap_or(peer);
+                if !enforcer.admit(client.ip()) {
+                    metrics::counter!("gateway_connections_rejected_total", "listener" => label.clone(), "reason" => "denied").increment(1);
+                    return None;
+                }
+                client
+            }
+            Err(e) => {
+                metrics::counter!("gateway_proxy_protocol_errors_total", "listener" => label.clone(), "reason" => e.label()).increment(1);
+                tracing::debug!(%peer, listener = %listener, "connection refused: {e}");
+                return None;
+            }
+        }
+    } else {
+        peer
+    };
+    let conn = Arc::new(Conn {
+        listener,
+        peer,
+        forwarded_for: crate::proxy::forward::client_text(peer.ip()),
+        tls: s.tls.is_some(),
+    });
+    Some((stream, conn))
+}
+
 /// A connection's settings, copied from the listener config at accept.
 struct Settings {
     tls: Option<Arc<rustls::ServerConfig>>,
     http2: bool,
+    proxy_protocol: bool,
     header_read_timeout: Duration,
     idle_timeout: Duration,
     send_timeout: Duration,
@@ -130,6 +173,7 @@ impl From<&ListenerConfig> for Settings {
         Settings {
             tls: c.tls.clone(),
             http2: c.http2,
+            proxy_protocol: c.proxy_protocol,
             header_read_timeout: c.header_read_timeout,
             idle_timeout: c.idle_timeout,
             send_timeout: c.send_timeout,

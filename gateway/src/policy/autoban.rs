@@ -115,7 +115,7 @@ impl AutoBan {
 
     /// Counts a response of `status` to `ip`, banning the source when it
     /// reaches a threshold. Cheap for every status but 401, 403 and 429.
-    pub fn observe(self: &Arc<Self>, enforcer: &Enforcer, ip: IpAddr, status: u16) {
+    pub fn observe(self: &Arc<Self>, enforcer: &Enforcer, ip: IpAddr, status: u16, proxied: bool) {
         let (auth, limit) = match status {
             401 | 403 if self.auth_failures > 0 => (1, 0),
             429 if self.limit_exceeded > 0 => (0, 1),
@@ -154,7 +154,7 @@ impl AutoBan {
             }
         };
         self.counts.remove(&ip);
-        if !enforcer.ban(ip, self.ttl) {
+        if !enforcer.ban(ip, self.ttl, proxied) {
             return;
         }
         metrics::counter!(
@@ -183,13 +183,10 @@ pub fn on_status(
     if !matches!(status.as_u16(), 401 | 403 | 429) {
         return;
     }
-    if let Some(ab) = config
-        .listeners
-        .iter()
-        .find(|l| l.name == conn.listener)
-        .and_then(|l| l.auto_ban.as_ref())
+    if let Some(l) = config.listeners.iter().find(|l| l.name == conn.listener)
+        && let Some(ab) = &l.auto_ban
     {
-        ab.observe(enforcer, conn.peer.ip(), status.as_u16());
+        ab.observe(enforcer, conn.peer.ip(), status.as_u16(), l.proxy_protocol);
     }
 }
 
@@ -219,22 +216,22 @@ mod tests {
         let e = Enforcer::default();
         let a = autoban("auth_failures = 3\nlimit_exceeded = 2\nexempt = [\"10.0.0.0/8\"]");
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        a.observe(&e, ip, 401);
-        a.observe(&e, ip, 200);
-        a.observe(&e, ip, 403);
+        a.observe(&e, ip, 401, false);
+        a.observe(&e, ip, 200, false);
+        a.observe(&e, ip, 403, false);
         assert!(e.admit(ip));
-        a.observe(&e, ip, 401);
+        a.observe(&e, ip, 401, false);
         assert!(!e.admit(ip));
 
         let other: IpAddr = "192.0.2.2".parse().unwrap();
-        a.observe(&e, other, 429);
+        a.observe(&e, other, 429, false);
         assert!(e.admit(other));
-        a.observe(&e, other, 429);
+        a.observe(&e, other, 429, false);
         assert!(!e.admit(other));
 
         let exempt: IpAddr = "10.1.2.3".parse().unwrap();
         for _ in 0..10 {
-            a.observe(&e, exempt, 429);
+            a.observe(&e, exempt, 429, false);
         }
         assert!(e.admit(exempt));
     }

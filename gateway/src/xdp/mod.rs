@@ -121,9 +121,10 @@ impl Enforcer {
     /// into the deny list with that expiry when `[xdp]` is configured (the
     /// kernel map when the XDP program enforces, so the kernel drops the
     /// source's packets), else into a userspace ban table checked at
-    /// accept. Rare by nature, so the map write may run on the caller's
-    /// thread. Returns whether the source was banned.
-    pub fn ban(&self, ip: IpAddr, ttl: Duration) -> bool {
+    /// accept. A `proxied` source (a client a PROXY header named) goes into
+    /// the ban table as well. Rare by nature, so the map write may run on
+    /// the caller's thread. Returns whether the source was banned.
+    pub fn ban(&self, ip: IpAddr, ttl: Duration, proxied: bool) -> bool {
         let ip = crate::policy::access::canonical(ip);
         let allowed = self
             .entries(List::Allow)
@@ -145,7 +146,11 @@ impl Enforcer {
             .enabled;
         if enabled {
             match self.edit(List::Deny, &ipnet::IpNet::from(ip), false, Some(ttl)) {
-                Ok(_) => return true,
+                // A client behind a balancer (`proxy_protocol`) never is a
+                // packet's source: only the check after its PROXY header
+                // can refuse it, and that reads the ban table.
+                Ok(_) if !proxied => return true,
+                Ok(_) => {}
                 Err(e) => tracing::warn!(%ip, "auto-ban not added to the deny list: {e}"),
             }
         }
