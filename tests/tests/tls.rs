@@ -76,6 +76,11 @@ async fn connect(
 }
 
 fn start(dir: &std::path::Path, backend: &Backend) -> (Gateway, String) {
+    start_with(dir, backend, "")
+}
+
+/// The TLS listener of `start` with `extra` keys.
+fn start_with(dir: &std::path::Path, backend: &Backend, extra: &str) -> (Gateway, String) {
     let port = free_port();
     let admin = format!("127.0.0.1:{}", free_port());
     let config = format!(
@@ -88,6 +93,7 @@ listen = "{admin}"
 [[listeners]]
 name = "tls"
 listen = "127.0.0.1:{port}"
+{extra}
 [[listeners.tls.certificates]]
 cert = "{d}/a.pem"
 key = "{d}/a.key"
@@ -252,4 +258,42 @@ key = "{d}/b.key"
             && lines[1].contains("does not match"),
         "{out}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let backend = Backend::start("be").await;
+    let (_gw, addr) = start_with(dir.path(), &backend, "proxy_protocol = true");
+    let mut tcp = TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 4444 443\r\n")
+        .await
+        .unwrap();
+    let tls = TlsConnector::from(client_config(&certs, &[b"h2"], &[&rustls::version::TLS13]))
+        .connect(ServerName::try_from("a.example.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            Request::get("https://a.example.test/x")
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["headers"]["x-forwarded-for"], "203.0.113.7");
+    assert_eq!(v["headers"]["x-forwarded-proto"], "https");
 }
