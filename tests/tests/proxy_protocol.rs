@@ -1,6 +1,8 @@
 //! Listeners behind a load balancer (`proxy_protocol = true`): the client a
 //! PROXY header (v1 or v2) names stands for the peer in forwarding headers
 //! and access rules; a connection without a valid header is closed unserved.
+//! And behind trusted HTTP proxies (`trusted_proxies`): the client their
+//! `X-Forwarded-For` names.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -51,11 +53,16 @@ path_prefix = "/"
 /// Sends `header` and then a GET for `path` on a new connection; returns
 /// what came back until the gateway closed it.
 fn exchange(addr: &str, header: &[u8], path: &str) -> String {
+    exchange_with(addr, header, path, "")
+}
+
+/// `exchange` with more header `fields` (each ending in CRLF).
+fn exchange_with(addr: &str, header: &[u8], path: &str, fields: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut out = header.to_vec();
     out.extend_from_slice(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{fields}Connection: close\r\n\r\n").as_bytes(),
     );
     s.write_all(&out).unwrap();
     let mut got = Vec::new();
@@ -181,5 +188,84 @@ async fn auto_ban_bans_the_named_client_not_the_balancer() {
         b"PROXY TCP4 198.51.100.2 127.0.0.1 1000 80\r\n",
         "/x",
     );
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_trusted_proxies_the_forwarded_client_stands_for_the_peer() {
+    let backend = Backend::start("be").await;
+    let port = free_port();
+    let plain = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"
+[server]
+workers = 1
+watch_config = false
+[admin]
+listen = "{admin}"
+[[listeners]]
+name = "behind"
+listen = "127.0.0.1:{port}"
+trusted_proxies = ["127.0.0.1", "10.0.0.0/8"]
+[listeners.auto_ban]
+auth_failures = 2
+[[listeners]]
+name = "direct"
+listen = "127.0.0.1:{plain}"
+[[upstreams]]
+name = "be"
+targets = ["{b}"]
+[[routes]]
+name = "private"
+upstream = "be"
+[routes.match]
+path_prefix = "/private/"
+[routes.access]
+deny = ["198.51.100.0/24"]
+[[routes]]
+name = "all"
+upstream = "be"
+[routes.match]
+path_prefix = "/"
+"#,
+        b = backend.addr
+    );
+    let _gw = Gateway::start(&config, &admin);
+    let get = |port: u16, path: &str, xff: &str| {
+        exchange_with(
+            &format!("127.0.0.1:{port}"),
+            b"",
+            path,
+            &format!("X-Forwarded-For: {xff}\r\n"),
+        )
+    };
+    // The chain is passed on with this hop appended.
+    let r = get(port, "/x", "198.51.100.7");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(forwarded_for(&r), "198.51.100.7, 127.0.0.1");
+    // The named client meets the route's rules: the nearest untrusted
+    // entry counts, so one the client wrote further left cannot dodge them,
+    // and trusted hops are skipped.
+    for (xff, status) in [
+        ("198.51.100.7", 403),
+        ("198.51.100.7, 10.1.2.3", 403),
+        ("198.51.100.7, 203.0.113.1", 200),
+        ("nonsense, 198.51.100.7", 403),
+        // Not an address: the walk stops at the last trusted hop.
+        ("198.51.100.7, nonsense", 200),
+    ] {
+        let r = get(port, "/private/x", xff);
+        assert!(r.starts_with(&format!("HTTP/1.1 {status}")), "{xff}: {r}");
+    }
+    // A listener without trusted proxies takes no one's word for it.
+    let r = get(plain, "/private/x", "198.51.100.7");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+
+    // Auto-ban banned the named client (its 403s above reached the
+    // threshold of 2 within the window), not the proxy.
+    let r = get(port, "/x", "198.51.100.7");
+    assert!(r.starts_with("HTTP/1.1 403"), "banned: {r}");
+    let r = get(port, "/x", "192.0.2.1");
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }

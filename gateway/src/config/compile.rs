@@ -304,6 +304,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             tls,
             http2: l.http2,
             proxy_protocol: l.proxy_protocol,
+            trusted_proxies: crate::policy::access::cidrs(&l.trusted_proxies, &mut problems),
             max_connections: l.max_connections,
             header_read_timeout: l.header_read_timeout.0,
             idle_timeout: l.idle_timeout.0,

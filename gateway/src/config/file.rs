@@ -166,6 +166,10 @@ pub struct Listener {
     /// from a load balancer, naming the client.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Peers (CIDRs) whose `X-Forwarded-For` names the client: proxies in
+    /// front of the gateway (as nginx's `set_real_ip_from`).
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     #[serde(default = "default_header_read_timeout")]

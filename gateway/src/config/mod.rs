@@ -61,6 +61,8 @@ pub struct ListenerConfig {
     pub http2: bool,
     /// Connections start with a PROXY protocol header.
     pub proxy_protocol: bool,
+    /// Peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,

@@ -152,6 +152,7 @@ async fn client(
         peer,
         forwarded_for: crate::proxy::forward::client_text(peer.ip()),
         tls: s.tls.is_some(),
+        trusted_proxies: s.trusted_proxies,
     });
     Some((stream, conn))
 }
@@ -161,6 +162,7 @@ struct Settings {
     tls: Option<Arc<rustls::ServerConfig>>,
     http2: bool,
     proxy_protocol: bool,
+    trusted_proxies: bool,
     header_read_timeout: Duration,
     idle_timeout: Duration,
     send_timeout: Duration,
@@ -174,6 +176,7 @@ impl From<&ListenerConfig> for Settings {
             tls: c.tls.clone(),
             http2: c.http2,
             proxy_protocol: c.proxy_protocol,
+            trusted_proxies: !c.trusted_proxies.is_empty(),
             header_read_timeout: c.header_read_timeout,
             idle_timeout: c.idle_timeout,
             send_timeout: c.send_timeout,

@@ -186,7 +186,9 @@ pub fn on_status(
     if let Some(l) = config.listeners.iter().find(|l| l.name == conn.listener)
         && let Some(ab) = &l.auto_ban
     {
-        ab.observe(enforcer, conn.peer.ip(), status.as_u16(), l.proxy_protocol);
+        // Behind a balancer or a trusted proxy the kernel sees only them.
+        let proxied = l.proxy_protocol || !l.trusted_proxies.is_empty();
+        ab.observe(enforcer, conn.peer.ip(), status.as_u16(), proxied);
     }
 }
 

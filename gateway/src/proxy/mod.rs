@@ -18,7 +18,7 @@
 pub mod body;
 pub mod forward;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -55,6 +55,9 @@ pub struct Conn {
     /// `peer`'s address as `X-Forwarded-For` writes it.
     pub forwarded_for: HeaderValue,
     pub tls: bool,
+    /// The listener trusts some peers' `X-Forwarded-For`
+    /// (`trusted_proxies`): each request's client is worked out from it.
+    pub trusted_proxies: bool,
 }
 
 /// Per-request state carried through the phases.
@@ -93,7 +96,39 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
     });
     let method = method_label(req.method());
 
-    let mut resp = match process(&generation, conn, &mut ctx, req).await {
+    // Phase 2 (first): behind trusted proxies, the client their
+    // `X-Forwarded-For` names stands for the peer from here on, and is
+    // admitted as the accept loop admits peers.
+    let behind;
+    let mut refused = None;
+    let conn = match conn
+        .trusted_proxies
+        .then(|| real_client(&generation, conn, req.headers()))
+    {
+        Some(Some(ip)) => {
+            if !shared.live.enforcer().admit(ip) {
+                refused = Some(ProxyError::new(
+                    ErrorKind::Forbidden,
+                    "requests from your address are refused",
+                ));
+            }
+            behind = Conn {
+                listener: conn.listener.clone(),
+                peer: SocketAddr::new(ip, 0),
+                forwarded_for: conn.forwarded_for.clone(),
+                tls: conn.tls,
+                trusted_proxies: true,
+            };
+            &behind
+        }
+        _ => conn,
+    };
+
+    let result = match refused {
+        Some(e) => Err(e),
+        None => process(&generation, conn, &mut ctx, req).await,
+    };
+    let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
             ctx.error = Some(e.kind);
@@ -505,6 +540,41 @@ fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<Option
             None => Err(ProxyError::new(ErrorKind::BadRequest, "invalid Content-Length").closing()),
         },
     }
+}
+
+/// The client a request from a trusted proxy names: walking
+/// `X-Forwarded-For` from the right (the nearest hop first), the first
+/// address that is not a trusted proxy; the leftmost when all are; the
+/// last trusted one before an entry that is not an address. `None` when the
+/// peer is not a trusted proxy or names nobody else.
+fn real_client(generation: &Generation, conn: &Conn, h: &http::HeaderMap) -> Option<IpAddr> {
+    let listener = generation
+        .config
+        .listeners
+        .iter()
+        .find(|l| l.name == conn.listener)?;
+    let trusted = |ip: IpAddr| {
+        let ip = policy::access::canonical(ip);
+        listener.trusted_proxies.iter().any(|n| n.contains(&ip))
+    };
+    let mut client = conn.peer.ip();
+    if !trusted(client) {
+        return None;
+    }
+    let fields: Vec<&HeaderValue> = h.get_all(&forward::X_FORWARDED_FOR).iter().collect();
+    'walk: for v in fields.iter().rev() {
+        let Ok(v) = v.to_str() else { break };
+        for entry in v.rsplit(',') {
+            let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+                break 'walk;
+            };
+            client = ip;
+            if !trusted(ip) {
+                break 'walk;
+            }
+        }
+    }
+    (client != conn.peer.ip()).then_some(client)
 }
 
 /// Phase 2: header fields whose names contain `_`, dropped or refused as
