@@ -225,3 +225,16 @@ fn unknown_underscore_action() {
         "{out:?}"
     );
 }
+
+#[test]
+fn bad_trusted_proxy() {
+    let (code, out) = check(&BASE.replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        "listen = \"127.0.0.1:8080\"\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+    ));
+    assert_eq!(code, 2);
+    assert_eq!(
+        out,
+        ["F:4:20: invalid CIDR \"10.0.0.0/33\": expected an address or ADDRESS/PREFIX"]
+    );
+}
