@@ -5,7 +5,8 @@
 //! visible here.
 //!
 //! 1. `identify`  – request id (kept from `X-Request-Id` or generated)
-//! 2. `validate`  – smuggling checks, header limits, path normalization
+//! 2. `validate`  – the client behind trusted proxies, smuggling checks,
+//!    header limits, underscored names, path normalization
 //! 3. `route`     – host/path/method/header/query match → route or 404/405
 //! 4. `policy`    – route IP allow/deny, CORS, authentication, rate limits,
 //!    validation (see `crate::policy`)
