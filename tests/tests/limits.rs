@@ -399,3 +399,27 @@ async fn an_http2_stream_whose_client_grants_no_window_frees_its_upstream_after_
     );
     drop(s);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_announce_the_listeners_stream_limit() {
+    let backend = Backend::start("be").await;
+    let (_gw, addr) = start_with(
+        &backend.addr.to_string(),
+        "http2_max_concurrent_streams = 7",
+    );
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&h2c_request_bytes("/x", false)).unwrap();
+    // The server's first frame is its SETTINGS.
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(head[3], 0x4, "SETTINGS first: {head:?}");
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).unwrap();
+    let max_streams = payload
+        .chunks(6)
+        .find(|p| p[..2] == [0, 3])
+        .map(|p| u32::from_be_bytes([p[2], p[3], p[4], p[5]]));
+    assert_eq!(max_streams, Some(7), "{payload:?}");
+}

@@ -278,6 +278,12 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             })
             .filter_map(|(i, (_, m))| m.clone().map(|m| (i, m)))
             .collect();
+        if l.http2_max_concurrent_streams == 0 {
+            problems.push(Problem::at(
+                l.name.span(),
+                format!("listener {name:?}: http2_max_concurrent_streams must be positive"),
+            ));
+        }
         for (key, d) in [
             ("header_read_timeout", l.header_read_timeout.0),
             ("idle_timeout", l.idle_timeout.0),
@@ -303,6 +309,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             addr,
             tls,
             http2: l.http2,
+            http2_max_concurrent_streams: l.http2_max_concurrent_streams,
             proxy_protocol: l.proxy_protocol,
             trusted_proxies: crate::policy::access::cidrs(&l.trusted_proxies, &mut problems),
             max_connections: l.max_connections,

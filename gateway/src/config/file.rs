@@ -162,6 +162,9 @@ pub struct Listener {
     /// Accept HTTP/2 (h2c with prior knowledge on plain listeners, ALPN on TLS).
     #[serde(default = "yes")]
     pub http2: bool,
+    /// Streams a client may have open at once on one HTTP/2 connection.
+    #[serde(default = "default_http2_max_concurrent_streams")]
+    pub http2_max_concurrent_streams: u32,
     /// Every connection starts with a PROXY protocol header (v1 or v2)
     /// from a load balancer, naming the client.
     #[serde(default)]
@@ -428,6 +431,10 @@ fn default_idle_timeout() -> Secs {
 fn default_send_timeout() -> Secs {
     Secs(Duration::from_secs(60))
 }
+fn default_http2_max_concurrent_streams() -> u32 {
+    128
+}
+
 fn default_body_read_timeout() -> Secs {
     Secs(Duration::from_secs(30))
 }

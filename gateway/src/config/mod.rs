@@ -59,6 +59,7 @@ pub struct ListenerConfig {
     /// rustls configuration with SNI resolution; `None` for plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub http2: bool,
+    pub http2_max_concurrent_streams: u32,
     /// Connections start with a PROXY protocol header.
     pub proxy_protocol: bool,
     /// Peers whose `X-Forwarded-For` names the client.

@@ -36,7 +36,8 @@ use crate::proxy::{self, Conn, Shared};
 fn builder(s: &Settings) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(s.max_head()).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(s.max_head()).unwrap_or(u32::MAX))
+        .max_concurrent_streams(s.http2_max_concurrent_streams);
     b
 }
 

@@ -161,6 +161,7 @@ async fn client(
 struct Settings {
     tls: Option<Arc<rustls::ServerConfig>>,
     http2: bool,
+    http2_max_concurrent_streams: u32,
     proxy_protocol: bool,
     trusted_proxies: bool,
     header_read_timeout: Duration,
@@ -175,6 +176,7 @@ impl From<&ListenerConfig> for Settings {
         Settings {
             tls: c.tls.clone(),
             http2: c.http2,
+            http2_max_concurrent_streams: c.http2_max_concurrent_streams,
             proxy_protocol: c.proxy_protocol,
             trusted_proxies: !c.trusted_proxies.is_empty(),
             header_read_timeout: c.header_read_timeout,
