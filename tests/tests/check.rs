@@ -238,3 +238,16 @@ fn bad_trusted_proxy() {
         ["F:4:20: invalid CIDR \"10.0.0.0/33\": expected an address or ADDRESS/PREFIX"]
     );
 }
+
+#[test]
+fn zero_http2_streams() {
+    let (code, out) = check(&BASE.replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        "listen = \"127.0.0.1:8080\"\nhttp2_max_concurrent_streams = 0\n",
+    ));
+    assert_eq!(code, 2);
+    assert_eq!(
+        out,
+        ["F:2:8: listener \"main\": http2_max_concurrent_streams must be positive"]
+    );
+}
