@@ -423,3 +423,43 @@ async fn http2_connections_announce_the_listeners_stream_limit() {
         .map(|p| u32::from_be_bytes([p[2], p[3], p[4], p[5]]));
     assert_eq!(max_streams, Some(7), "{payload:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closes_after_max_requests_per_connection() {
+    let backend = Backend::start("be").await;
+    let (_gw, addr) = start_with(&backend.addr.to_string(), "max_requests_per_connection = 2");
+    // HTTP/1.1: the second answer says close, and the connection ends.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\nGET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (resp, took) = read_all(&mut s, Duration::from_secs(5));
+    assert_eq!(resp.matches("HTTP/1.1 200").count(), 2, "{resp}");
+    assert_eq!(resp.matches("connection: close").count(), 1, "{resp}");
+    assert!(took < Duration::from_secs(3), "closed after {took:?}");
+
+    // HTTP/2: GOAWAY after the second stream; the client's connection ends.
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    for path in ["/a", "/b"] {
+        let resp = send
+            .send_request(
+                http::Request::get(format!("http://x{path}"))
+                    .body(http_body_util::Full::<bytes::Bytes>::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("the gateway ends the connection")
+        .unwrap()
+        .unwrap();
+}

@@ -313,6 +313,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             proxy_protocol: l.proxy_protocol,
             trusted_proxies: crate::policy::access::cidrs(&l.trusted_proxies, &mut problems),
             max_connections: l.max_connections,
+            max_requests_per_connection: l.max_requests_per_connection,
             header_read_timeout: l.header_read_timeout.0,
             idle_timeout: l.idle_timeout.0,
             body_read_timeout: l.body_read_timeout.0,

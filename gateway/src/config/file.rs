@@ -175,6 +175,10 @@ pub struct Listener {
     pub trusted_proxies: Vec<Spanned<String>>,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Requests served on one connection before it is closed (HTTP/1.1:
+    /// `Connection: close` on the last answer; HTTP/2: GOAWAY); 0: no limit.
+    #[serde(default)]
+    pub max_requests_per_connection: u64,
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: Secs,
     #[serde(default = "default_idle_timeout")]

@@ -65,6 +65,7 @@ pub struct ListenerConfig {
     /// Peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub max_connections: usize,
+    pub max_requests_per_connection: u64,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub body_read_timeout: Duration,

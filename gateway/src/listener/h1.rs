@@ -65,6 +65,8 @@ pub(super) struct Limits {
     pub idle_timeout: Duration,
     /// Longest a response write may wait for the client to take data.
     pub send_timeout: Duration,
+    /// Requests served before the connection is closed; 0: no limit.
+    pub max_requests: u64,
     /// Hand an h2c prior-knowledge connection back to the caller.
     pub h2c: bool,
 }
@@ -311,6 +313,7 @@ where
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut indices: Vec<Indices> = Vec::new();
     let mut first = true;
+    let mut served: u64 = 0;
     // One timer for the connection's life, re-armed only when it fires
     // early (a timer per request would cost two timer-wheel updates).
     let mut idle = std::pin::pin!(tokio::time::sleep(lim.idle_timeout));
@@ -424,6 +427,7 @@ where
         *req.version_mut() = meta.version;
         *req.headers_mut() = head.headers;
         let resp = proxy::handle(&shared, &conn, req).await;
+        served += 1;
 
         // 4. The response.
         // A request body not read to its end by now (answered without it,
@@ -433,7 +437,10 @@ where
             // Once the response starts, a `100 Continue` would land inside
             // it: a body still unread is not asked for any more.
             g.continue_owed = &[];
-            !meta.keep_alive || shutdown.has_changed().unwrap_or(true) || g.body != Framing::Done
+            !meta.keep_alive
+                || shutdown.has_changed().unwrap_or(true)
+                || g.body != Framing::Done
+                || served == lim.max_requests
         };
         let keep = match respond(&io, &mut out, resp, &meta, closing, lim.send_timeout).await {
             Ok(keep) => keep,
@@ -1102,6 +1109,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             send_timeout: Duration::from_secs(5),
+            max_requests: 0,
             h2c: true,
         }
     }

@@ -53,6 +53,9 @@ struct Activity {
     blocked_ms: AtomicU64,
     /// Told when a write first finds the socket full.
     blocked: Notify,
+    /// Told when the connection has taken its last request
+    /// (`max_requests_per_connection`).
+    retire: Notify,
     /// The response bodies of this connection that hold something
     /// upstream, for the sweep.
     bodies: Mutex<Vec<Weak<Slot>>>,
@@ -138,9 +141,12 @@ pub(super) async fn serve<T>(
         in_flight: AtomicUsize::new(0),
         blocked_ms: AtomicU64::new(0),
         blocked: Notify::new(),
+        retire: Notify::new(),
         bodies: Mutex::new(Vec::new()),
     });
     let send_timeout = s.send_timeout;
+    let max_requests = s.max_requests;
+    let served = AtomicU64::new(0);
     let svc = {
         let activity = activity.clone();
         service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -148,6 +154,11 @@ pub(super) async fn serve<T>(
             let conn = conn.clone();
             let activity = activity.clone();
             activity.in_flight.fetch_add(1, Ordering::Relaxed);
+            // The last request a connection takes: GOAWAY lets the streams
+            // open finish and refuses new ones.
+            if served.fetch_add(1, Ordering::Relaxed) + 1 == max_requests {
+                activity.retire.notify_one();
+            }
             async move {
                 let req = req.map(proxy::body::Incoming::Hyper);
                 let resp = proxy::handle(&shared, &conn, req).await;
@@ -227,6 +238,10 @@ async fn drive<C, T, E>(
                     graceful(conn.as_mut());
                     closing = true;
                 }
+            }
+            () = activity.retire.notified(), if !closing => {
+                graceful(conn.as_mut());
+                closing = true;
             }
             _ = shutdown.changed(), if !closing => {
                 graceful(conn.as_mut());

@@ -164,6 +164,7 @@ struct Settings {
     http2_max_concurrent_streams: u32,
     proxy_protocol: bool,
     trusted_proxies: bool,
+    max_requests: u64,
     header_read_timeout: Duration,
     idle_timeout: Duration,
     send_timeout: Duration,
@@ -179,6 +180,7 @@ impl From<&ListenerConfig> for Settings {
             http2_max_concurrent_streams: c.http2_max_concurrent_streams,
             proxy_protocol: c.proxy_protocol,
             trusted_proxies: !c.trusted_proxies.is_empty(),
+            max_requests: c.max_requests_per_connection,
             header_read_timeout: c.header_read_timeout,
             idle_timeout: c.idle_timeout,
             send_timeout: c.send_timeout,
@@ -204,6 +206,7 @@ impl Settings {
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
             send_timeout: self.send_timeout,
+            max_requests: self.max_requests,
             h2c,
         }
     }
