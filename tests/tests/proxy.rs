@@ -258,6 +258,7 @@ async fn keeps_a_client_request_id_and_logs_it() {
     assert_eq!(v["url.path"], "/x");
     assert_eq!(v["http.response.status_code"], 200);
     assert_eq!(v["client.ip"], "127.0.0.1");
+    assert!(v.get("source.ip").is_none(), "the client is the peer: {v}");
     assert_eq!(v["user_agent.original"], "probe/1");
     assert_eq!(v["trace.id"], "client-id-42");
     assert_eq!(v["gateway.route"], "all");

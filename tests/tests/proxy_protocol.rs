@@ -113,6 +113,23 @@ async fn the_client_a_proxy_header_names_stands_for_the_peer() {
     let r = exchange(&addr, &v2(1, 0x21, &addrs), "/x");
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert_eq!(forwarded_for(&r), "2001:db8::1");
+    // The access log names both: the client, and the balancer it came
+    // through.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        if let Some(l) = gw
+            .stdout()
+            .lines()
+            .find(|l| l.contains("\"client.ip\":\"2001:db8::1\""))
+            .map(str::to_string)
+        {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no access log line");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["source.ip"], "127.0.0.1", "{v}");
 
     // LOCAL (the balancer's own health check): the peer itself.
     let r = exchange(&addr, &v2(0, 0, &[]), "/x");

@@ -128,10 +128,11 @@ async fn client(
     enforcer: &Enforcer,
     label: &metrics::SharedString,
 ) -> Option<(TcpStream, Arc<Conn>)> {
+    let network_peer = peer;
     let peer = if s.proxy_protocol {
         match proxy_protocol::read(&mut stream, s.header_read_timeout).await {
-            Ok(source) => {
-                let client = source.unwrap_or(peer);
+            Ok(named) => {
+                let client = named.unwrap_or(peer);
                 if !enforcer.admit(client.ip()) {
                     metrics::counter!("gateway_connections_rejected_total", "listener" => label.clone(), "reason" => "denied").increment(1);
                     return None;
@@ -150,6 +151,7 @@ async fn client(
     let conn = Arc::new(Conn {
         listener,
         peer,
+        source: (peer != network_peer).then_some(network_peer),
         forwarded_for: crate::proxy::forward::client_text(peer.ip()),
         tls: s.tls.is_some(),
         trusted_proxies: s.trusted_proxies,

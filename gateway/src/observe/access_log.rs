@@ -34,6 +34,9 @@ pub struct Entry<'a> {
     pub duration_ns: u64,
     #[serde(rename = "client.ip")]
     pub client_ip: IpAddr,
+    /// The network peer, when the client is another it speaks for.
+    #[serde(rename = "source.ip", skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<IpAddr>,
     #[serde(
         rename = "user_agent.original",
         skip_serializing_if = "Option::is_none"

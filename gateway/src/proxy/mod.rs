@@ -53,7 +53,10 @@ pub struct Shared {
 pub struct Conn {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
-    /// `peer`'s address as `X-Forwarded-For` writes it.
+    /// The network peer when `peer` is a client it speaks for (a balancer
+    /// that sent a PROXY header, a trusted proxy).
+    pub source: Option<SocketAddr>,
+    /// The network peer's address as `X-Forwarded-For` writes it.
     pub forwarded_for: HeaderValue,
     pub tls: bool,
     /// The listener trusts some peers' `X-Forwarded-For`
@@ -116,6 +119,7 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
             behind = Conn {
                 listener: conn.listener.clone(),
                 peer: SocketAddr::new(ip, 0),
+                source: conn.source.or(Some(conn.peer)),
                 forwarded_for: conn.forwarded_for.clone(),
                 tls: conn.tls,
                 trusted_proxies: true,
@@ -182,6 +186,7 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
             status,
             duration_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
             client_ip: conn.peer.ip(),
+            source_ip: conn.source.map(|s| s.ip()),
             user_agent: ua.as_ref().and_then(|v| v.to_str().ok()),
             request_id: ctx.request_id.to_str().unwrap_or(""),
             http_request_id: ctx.request_id.to_str().unwrap_or(""),
