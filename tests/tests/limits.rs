@@ -463,3 +463,24 @@ async fn a_connection_closes_after_max_requests_per_connection() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_answers_no_ping_is_closed_after_the_keepalive_timeout() {
+    let backend = Backend::start("be").await;
+    let (_gw, addr) = start_with(
+        &backend.addr.to_string(),
+        "http2_keepalive_interval = \"300ms\"\nhttp2_keepalive_timeout = \"300ms\"",
+    );
+    let mut s = TcpStream::connect(&addr).unwrap();
+    // A stream in flight for 3 s (so the idle timeout does not apply); the
+    // client reads but never answers the gateway's PING.
+    s.write_all(&h2c_request_bytes("/delay/3000", false))
+        .unwrap();
+    let started = Instant::now();
+    let (_, took) = read_all(&mut s, Duration::from_secs(6));
+    let took = took.max(started.elapsed());
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(2500),
+        "closed after {took:?}"
+    );
+}

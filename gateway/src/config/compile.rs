@@ -289,6 +289,13 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             ("idle_timeout", l.idle_timeout.0),
             ("body_read_timeout", l.body_read_timeout.0),
             ("send_timeout", l.send_timeout.0),
+            ("http2_keepalive_timeout", l.http2_keepalive_timeout.0),
+            (
+                "http2_keepalive_interval",
+                l.http2_keepalive_interval
+                    .as_ref()
+                    .map_or(std::time::Duration::MAX, |t| t.0),
+            ),
             (
                 "request_timeout",
                 l.request_timeout
@@ -310,6 +317,10 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             tls,
             http2: l.http2,
             http2_max_concurrent_streams: l.http2_max_concurrent_streams,
+            http2_keepalive: l
+                .http2_keepalive_interval
+                .as_ref()
+                .map(|i| (i.0, l.http2_keepalive_timeout.0)),
             proxy_protocol: l.proxy_protocol,
             trusted_proxies: crate::policy::access::cidrs(&l.trusted_proxies, &mut problems),
             max_connections: l.max_connections,

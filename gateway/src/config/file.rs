@@ -165,6 +165,12 @@ pub struct Listener {
     /// Streams a client may have open at once on one HTTP/2 connection.
     #[serde(default = "default_http2_max_concurrent_streams")]
     pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 PINGs to a client that has sent nothing for this long; one
+    /// not answered within `http2_keepalive_timeout` closes the connection.
+    #[serde(default)]
+    pub http2_keepalive_interval: Option<Secs>,
+    #[serde(default = "default_http2_keepalive_timeout")]
+    pub http2_keepalive_timeout: Secs,
     /// Every connection starts with a PROXY protocol header (v1 or v2)
     /// from a load balancer, naming the client.
     #[serde(default)]
@@ -435,6 +441,10 @@ fn default_idle_timeout() -> Secs {
 fn default_send_timeout() -> Secs {
     Secs(Duration::from_secs(60))
 }
+fn default_http2_keepalive_timeout() -> Secs {
+    Secs(Duration::from_secs(20))
+}
+
 fn default_http2_max_concurrent_streams() -> u32 {
     128
 }

@@ -60,6 +60,8 @@ pub struct ListenerConfig {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub http2: bool,
     pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 keep-alive PINGs: interval and answer timeout.
+    pub http2_keepalive: Option<(Duration, Duration)>,
     /// Connections start with a PROXY protocol header.
     pub proxy_protocol: bool,
     /// Peers whose `X-Forwarded-For` names the client.

@@ -38,6 +38,9 @@ fn builder(s: &Settings) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     b.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(s.max_head()).unwrap_or(u32::MAX))
         .max_concurrent_streams(s.http2_max_concurrent_streams);
+    if let Some((interval, timeout)) = s.http2_keepalive {
+        b.keep_alive_interval(interval).keep_alive_timeout(timeout);
+    }
     b
 }
 
