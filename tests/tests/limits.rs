@@ -484,3 +484,21 @@ async fn an_http2_client_that_answers_no_ping_is_closed_after_the_keepalive_time
         "closed after {took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_client_that_never_finishes_the_close_is_cut_off() {
+    let backend = Backend::start("be").await;
+    let (_gw, addr) = start(&backend);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    // Preface and SETTINGS, one request, then nothing: the client reads
+    // but never answers the PING of hyper's graceful close.
+    s.write_all(&h2c_request_bytes("/x", false)).unwrap();
+    let started = Instant::now();
+    let (_, took) = read_all(&mut s, Duration::from_secs(8));
+    let took = took.max(started.elapsed());
+    // idle_timeout (1 s), then at most idle_timeout more.
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(3500),
+        "closed after {took:?}"
+    );
+}

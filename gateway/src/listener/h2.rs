@@ -3,7 +3,9 @@
 //! without progress. It owns:
 //!
 //! - the idle timeout: a connection with no stream in flight is closed
-//!   gracefully (GOAWAY) after `idle_timeout`, and on shutdown;
+//!   gracefully (GOAWAY) after `idle_timeout`, and on shutdown; once
+//!   nothing is in flight, a client that does not finish the close within
+//!   `idle_timeout` (at most 5 s) is cut off;
 //! - the send timeout (`send_timeout`, as HTTP/1.1's): a socket write the
 //!   client takes nothing of for that long ends the connection; a stream
 //!   whose client grants it no flow-control window for that long (its last
@@ -31,6 +33,10 @@ use tokio::time::Sleep;
 use super::Settings;
 use crate::proxy::body::{Body, BodyError};
 use crate::proxy::{self, Conn, Shared};
+
+/// The longest a connection with nothing in flight waits, after GOAWAY,
+/// for the client to finish the graceful close (as Envoy's `drain_timeout`).
+const MAX_DRAIN: Duration = Duration::from_secs(5);
 
 /// hyper's HTTP/2 connection builder with our limits.
 fn builder(s: &Settings) -> hyper::server::conn::http2::Builder<TokioExecutor> {
@@ -81,6 +87,14 @@ impl Activity {
 
     fn touch(&self) {
         self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether a response body of this connection is still being sent.
+    fn streaming(&self) -> bool {
+        self.bodies
+            .lock()
+            .map(|b| b.iter().any(|w| w.strong_count() > 0))
+            .unwrap_or(false)
     }
 
     /// Drops the response bodies whose last frame has waited `limit` for
@@ -203,6 +217,11 @@ async fn drive<C, T, E>(
 {
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
+    // Once GOAWAY is sent, how long a connection with nothing in flight
+    // may wait for the client's side of the graceful close (hyper's second
+    // GOAWAY waits for a PING answer that a client may never send).
+    let drain = idle.min(MAX_DRAIN);
+    let mut drain_at = tokio::time::Instant::now();
     let sweep_every = send / 2;
     let mut sweep_at = tokio::time::Instant::now() + sweep_every;
     loop {
@@ -235,20 +254,30 @@ async fn drive<C, T, E>(
                     return;
                 }
             }
+            () = tokio::time::sleep_until(drain_at), if closing => {
+                if activity.in_flight.load(Ordering::Relaxed) == 0 && !activity.streaming() {
+                    tracing::debug!("the client did not finish closing within {drain:?}; connection closed");
+                    return;
+                }
+                drain_at = tokio::time::Instant::now() + drain;
+            }
             _ = tokio::time::sleep_until(deadline), if !closing => {
                 let idle_for = activity.now_ms().saturating_sub(activity.last_ms.load(Ordering::Relaxed));
                 if activity.in_flight.load(Ordering::Relaxed) == 0 && u128::from(idle_for) >= idle.as_millis() {
                     graceful(conn.as_mut());
                     closing = true;
+                    drain_at = tokio::time::Instant::now() + drain;
                 }
             }
             () = activity.retire.notified(), if !closing => {
                 graceful(conn.as_mut());
                 closing = true;
+                drain_at = tokio::time::Instant::now() + drain;
             }
             _ = shutdown.changed(), if !closing => {
                 graceful(conn.as_mut());
                 closing = true;
+                drain_at = tokio::time::Instant::now() + drain;
             }
         }
     }
