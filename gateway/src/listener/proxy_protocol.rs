@@ -294,6 +294,35 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic() {
+        // Random tails after each kind of start, and every truncation of
+        // the valid headers: an answer (incomplete, a header, a refusal),
+        // never a panic, and never a length past the input.
+        let mut rng = fastrand::Rng::with_seed(7);
+        let starts: [&[u8]; 4] = [b"", b"PROXY ", b"PROXY TCP4 ", &V2_SIGNATURE[..]];
+        for i in 0..20_000 {
+            let mut buf = starts[i % starts.len()].to_vec();
+            if buf.len() == 12 {
+                buf.push(0x20 | rng.u8(0..3));
+                buf.push([0x00, 0x11, 0x21, 0x12, 0x31, 0x77][rng.usize(0..6)]);
+                // A length the random tail may or may not cover.
+                buf.extend_from_slice(&[0, rng.u8(0..60)]);
+            }
+            let n = rng.usize(0..80);
+            buf.extend((0..n).map(|_| {
+                if rng.bool() {
+                    rng.u8(..)
+                } else {
+                    b" 0123456789.:\r\n"[rng.usize(0..15)]
+                }
+            }));
+            if let Ok(Some((_, len))) = parse(&buf) {
+                assert!(len <= buf.len(), "{buf:?}");
+            }
+        }
+    }
+
+    #[test]
     fn version_2_refusals() {
         let mut h = v2(1, 0x11, &[0; 12]);
         h[12] = 0x11;
