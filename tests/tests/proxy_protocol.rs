@@ -239,7 +239,7 @@ upstream = "be"
 [routes.match]
 path_prefix = "/private/"
 [routes.access]
-deny = ["198.51.100.0/24"]
+deny = ["198.51.100.0/24", "2001:db8:dead::/48"]
 [[routes]]
 name = "all"
 upstream = "be"
@@ -271,6 +271,11 @@ path_prefix = "/"
         ("nonsense, 198.51.100.7", 403),
         // Not an address: the walk stops at the last trusted hop.
         ("198.51.100.7, nonsense", 200),
+        // Entries with ports (as some proxies write them).
+        ("198.51.100.7:4711", 403),
+        ("[2001:db8::7]:4711, 198.51.100.7:80", 403),
+        ("198.51.100.7, [2001:db8::7]:4711", 200),
+        ("198.51.100.7, [2001:db8:dead::7]:4711", 403),
     ] {
         let r = get(port, "/private/x", xff);
         assert!(r.starts_with(&format!("HTTP/1.1 {status}")), "{xff}: {r}");

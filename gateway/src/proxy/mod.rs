@@ -550,8 +550,9 @@ fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<Option
 
 /// The client a request from a trusted proxy names: walking
 /// `X-Forwarded-For` from the right (the nearest hop first), the first
-/// address that is not a trusted proxy; the leftmost when all are; the
-/// last trusted one before an entry that is not an address. `None` when the
+/// address that is not a trusted proxy (an entry may carry a port:
+/// `203.0.113.7:4711`, `[2001:db8::1]:4711`); the leftmost when all are;
+/// the last trusted one before an entry that is not an address. `None` when the
 /// peer is not a trusted proxy or names nobody else.
 fn real_client(generation: &Generation, conn: &Conn, h: &http::HeaderMap) -> Option<IpAddr> {
     let listener = generation
@@ -571,7 +572,12 @@ fn real_client(generation: &Generation, conn: &Conn, h: &http::HeaderMap) -> Opt
     'walk: for v in fields.iter().rev() {
         let Ok(v) = v.to_str() else { break };
         for entry in v.rsplit(',') {
-            let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+            // Some proxies (Azure's, for one) add the client's port.
+            let entry = entry.trim();
+            let Ok(ip) = entry
+                .parse::<IpAddr>()
+                .or_else(|_| entry.parse::<SocketAddr>().map(|a| a.ip()))
+            else {
                 break 'walk;
             };
             client = ip;
