@@ -14,6 +14,8 @@
 //!   for data (hyper offers no way to reset a stream from outside);
 //! - response stalls: an upstream body that yields nothing for
 //!   `send_timeout` ends its stream (RST_STREAM), not the connection.
+//! - `max_requests_per_connection` (GOAWAY after the last), and hyper's own
+//!   stream limit and keep-alive PINGs as the listener sets them.
 
 use std::convert::Infallible;
 use std::pin::Pin;
