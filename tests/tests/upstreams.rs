@@ -2663,3 +2663,64 @@ path_prefix = "/"
     assert_eq!(v["headers"]["content-length"], "0", "{v}");
     assert!(v["headers"]["transfer-encoding"].is_null(), "{v}");
 }
+
+/// A request body fed chunk by chunk from a channel.
+struct Chunks(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|c| c.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_http2_upload_is_not_counted_against_the_upstream_timeout() {
+    // The client speaks HTTP/2 to the gateway (hyper's server side feeds
+    // the body), the target HTTP/1.1; the upload outlasts the timeout.
+    let a = Backend::start("a").await;
+    let env = upload_env(a.addr, "http1");
+    let tcp = tokio::net::TcpStream::connect(env.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        for chunk in ["ab", "cd", "ef", "gh"] {
+            if tx.send(Bytes::from_static(chunk.as_bytes())).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let started = Instant::now();
+    let resp = send
+        .send_request(
+            Request::put(format!("{}/up", env.base))
+                .body(Chunks(rx))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["body_len"], 8, "{v}");
+    assert!(started.elapsed() >= Duration::from_millis(850));
+}
