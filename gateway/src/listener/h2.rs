@@ -224,7 +224,8 @@ async fn drive<C, T, E>(
     // GOAWAY waits for a PING answer that a client may never send).
     let drain = idle.min(MAX_DRAIN);
     let mut drain_at = tokio::time::Instant::now();
-    let sweep_every = send / 2;
+    // Not more often than every 10 ms, whatever `send_timeout` says.
+    let sweep_every = (send / 2).max(Duration::from_millis(10));
     let mut sweep_at = tokio::time::Instant::now() + sweep_every;
     loop {
         let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
