@@ -12,8 +12,10 @@ use gateway_tests::backend::Backend;
 use gateway_tests::free_port;
 use gateway_tests::gateway::Gateway;
 
-fn start(backend: &Backend) -> (Gateway, String) {
-    let port = free_port();
+/// A gateway with `listeners` (TOML tables), one upstream, a
+/// `/private/` route refusing the CIDRs `deny` (a TOML array), a route for
+/// everything else, and `extra` sections.
+fn gateway(backend: &Backend, listeners: &str, deny: &str, extra: &str) -> Gateway {
     let admin = format!("127.0.0.1:{}", free_port());
     let config = format!(
         r#"
@@ -22,13 +24,7 @@ workers = 1
 watch_config = false
 [admin]
 listen = "{admin}"
-[[listeners]]
-name = "lb"
-listen = "127.0.0.1:{port}"
-proxy_protocol = true
-header_read_timeout = "500ms"
-[listeners.auto_ban]
-auth_failures = 3
+{listeners}
 [[upstreams]]
 name = "be"
 targets = ["{b}"]
@@ -38,16 +34,33 @@ upstream = "be"
 [routes.match]
 path_prefix = "/private/"
 [routes.access]
-deny = ["203.0.113.0/24"]
+deny = {deny}
 [[routes]]
 name = "all"
 upstream = "be"
 [routes.match]
 path_prefix = "/"
+{extra}
 "#,
         b = backend.addr
     );
-    (Gateway::start(&config, &admin), format!("127.0.0.1:{port}"))
+    Gateway::start(&config, &admin)
+}
+
+/// The PROXY protocol listener "lb", with `extra` sections.
+fn start(backend: &Backend, extra: &str) -> (Gateway, String) {
+    let port = free_port();
+    let listener = format!(
+        r#"[[listeners]]
+name = "lb"
+listen = "127.0.0.1:{port}"
+proxy_protocol = true
+header_read_timeout = "500ms"
+[listeners.auto_ban]
+auth_failures = 3"#
+    );
+    let gw = gateway(backend, &listener, r#"["203.0.113.0/24"]"#, extra);
+    (gw, format!("127.0.0.1:{port}"))
 }
 
 /// Sends `header` and then a GET for `path` on a new connection; returns
@@ -92,7 +105,7 @@ fn v2(command: u8, family: u8, addrs: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_a_proxy_header_names_stands_for_the_peer() {
     let backend = Backend::start("be").await;
-    let (gw, addr) = start(&backend);
+    let (gw, addr) = start(&backend, "");
     let r = exchange(
         &addr,
         b"PROXY TCP4 203.0.113.7 127.0.0.1 56324 80\r\n",
@@ -191,7 +204,9 @@ async fn the_client_a_proxy_header_names_stands_for_the_peer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_ban_bans_the_named_client_not_the_balancer() {
     let backend = Backend::start("be").await;
-    let (_gw, addr) = start(&backend);
+    // With an [xdp] section (enforced in userspace here, --no-xdp), bans
+    // of directly connected sources go into its deny list.
+    let (gw, addr) = start(&backend, "[xdp]");
     let banned = b"PROXY TCP4 203.0.113.9 127.0.0.1 1000 80\r\n";
     for _ in 0..3 {
         let r = exchange(&addr, banned, "/private/x");
@@ -206,6 +221,22 @@ async fn auto_ban_bans_the_named_client_not_the_balancer() {
         "/x",
     );
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // The ban is the named client's, held where the check after the header
+    // looks (the ban table), not in a deny list its packets never match.
+    let admin = |path: &str| {
+        gateway_tests::client::raw(
+            &gw.admin,
+            &format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    assert!(
+        admin("/admin/bans").contains("\"203.0.113.9\""),
+        "{}",
+        admin("/admin/bans")
+    );
+    let deny = admin("/admin/xdp/deny");
+    assert!(deny.starts_with("HTTP/1.1 200"), "{deny}");
+    assert!(!deny.contains("203.0.113.9"), "{deny}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,15 +244,10 @@ async fn behind_trusted_proxies_the_forwarded_client_stands_for_the_peer() {
     let backend = Backend::start("be").await;
     let port = free_port();
     let plain = free_port();
-    let admin = format!("127.0.0.1:{}", free_port());
-    let config = format!(
-        r#"
-[server]
-workers = 1
-watch_config = false
-[admin]
-listen = "{admin}"
-[[listeners]]
+    let _gw = gateway(
+        &backend,
+        &format!(
+            r#"[[listeners]]
 name = "behind"
 listen = "127.0.0.1:{port}"
 trusted_proxies = ["127.0.0.1", "10.0.0.0/8"]
@@ -229,26 +255,11 @@ trusted_proxies = ["127.0.0.1", "10.0.0.0/8"]
 auth_failures = 2
 [[listeners]]
 name = "direct"
-listen = "127.0.0.1:{plain}"
-[[upstreams]]
-name = "be"
-targets = ["{b}"]
-[[routes]]
-name = "private"
-upstream = "be"
-[routes.match]
-path_prefix = "/private/"
-[routes.access]
-deny = ["198.51.100.0/24", "2001:db8:dead::/48"]
-[[routes]]
-name = "all"
-upstream = "be"
-[routes.match]
-path_prefix = "/"
-"#,
-        b = backend.addr
+listen = "127.0.0.1:{plain}""#
+        ),
+        r#"["198.51.100.0/24", "2001:db8:dead::/48"]"#,
+        "",
     );
-    let _gw = Gateway::start(&config, &admin);
     let get = |port: u16, path: &str, xff: &str| {
         exchange_with(
             &format!("127.0.0.1:{port}"),

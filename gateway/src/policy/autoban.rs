@@ -183,12 +183,20 @@ pub fn on_status(
     if !matches!(status.as_u16(), 401 | 403 | 429) {
         return;
     }
-    if let Some(l) = config.listeners.iter().find(|l| l.name == conn.listener)
-        && let Some(ab) = &l.auto_ban
+    if let Some(ab) = config
+        .listeners
+        .iter()
+        .find(|l| l.name == conn.listener)
+        .and_then(|l| l.auto_ban.as_ref())
     {
-        // Behind a balancer or a trusted proxy the kernel sees only them.
-        let proxied = l.proxy_protocol || !l.trusted_proxies.is_empty();
-        ab.observe(enforcer, conn.peer.ip(), status.as_u16(), proxied);
+        // A client a balancer or trusted proxy named (`source` is then the
+        // network peer) is never a packet's source.
+        ab.observe(
+            enforcer,
+            conn.peer.ip(),
+            status.as_u16(),
+            conn.source.is_some(),
+        );
     }
 }
 

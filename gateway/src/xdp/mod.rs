@@ -121,9 +121,11 @@ impl Enforcer {
     /// into the deny list with that expiry when `[xdp]` is configured (the
     /// kernel map when the XDP program enforces, so the kernel drops the
     /// source's packets), else into a userspace ban table checked at
-    /// accept. A `proxied` source (a client a PROXY header named) goes into
-    /// the ban table as well. Rare by nature, so the map write may run on
-    /// the caller's thread. Returns whether the source was banned.
+    /// accept. A `proxied` source (a client a balancer or trusted proxy
+    /// named) always goes into that table: its packets come from the
+    /// balancer, so no deny-list entry could match them. Rare by nature, so
+    /// the map write may run on the caller's thread. Returns whether the
+    /// source was banned.
     pub fn ban(&self, ip: IpAddr, ttl: Duration, proxied: bool) -> bool {
         let ip = crate::policy::access::canonical(ip);
         let allowed = self
@@ -144,13 +146,9 @@ impl Enforcer {
             .unwrap_or_else(|e| e.into_inner())
             .settings
             .enabled;
-        if enabled {
+        if enabled && !proxied {
             match self.edit(List::Deny, &ipnet::IpNet::from(ip), false, Some(ttl)) {
-                // A client behind a balancer (`proxy_protocol`) never is a
-                // packet's source: only the check after its PROXY header
-                // can refuse it, and that reads the ban table.
-                Ok(_) if !proxied => return true,
-                Ok(_) => {}
+                Ok(_) => return true,
                 Err(e) => tracing::warn!(%ip, "auto-ban not added to the deny list: {e}"),
             }
         }
