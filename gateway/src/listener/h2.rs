@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
@@ -35,6 +35,12 @@ use tokio::time::Sleep;
 use super::Settings;
 use crate::proxy::body::{Body, BodyError};
 use crate::proxy::{self, Conn, Shared};
+use crate::upstream::window::{ms, now_ms};
+
+/// The instant the process clock reads `at`.
+fn at_ms(at: u64) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
+}
 
 /// The longest a connection with nothing in flight waits, after GOAWAY,
 /// for the client to finish the graceful close (as Envoy's `drain_timeout`).
@@ -52,15 +58,14 @@ fn builder(s: &Settings) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     b
 }
 
-/// Activity on one connection, for the idle and send timeouts.
+/// Activity on one connection, for the idle and send timeouts. Times are
+/// the process's millisecond clock (`window::now_ms`, never 0).
 struct Activity {
-    started: Instant,
-    /// Milliseconds since `started` of the last request start or end.
+    /// When a request last started or ended.
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
-    /// 1 + milliseconds since `started` of the first write, of those the
-    /// socket has not taken since, that found it full; 0 while writes go
-    /// through.
+    /// When a write first found the socket full, of those the socket has
+    /// not taken since; 0 while writes go through.
     blocked_ms: AtomicU64,
     /// Told when a write first finds the socket full.
     blocked: Notify,
@@ -75,20 +80,14 @@ struct Activity {
 /// A response body shared between its stream and the connection's sweep.
 struct Slot {
     body: Mutex<Option<Body>>,
-    started: Instant,
-    /// 1 + milliseconds since `started` when the body last gave hyper a
-    /// frame that hyper has not asked past since (it waits for the client's
-    /// window); 0 otherwise.
+    /// When the body last gave hyper a frame that hyper has not asked past
+    /// since (it waits for the client's window); 0 otherwise.
     given_ms: AtomicU64,
 }
 
 impl Activity {
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
     fn touch(&self) {
-        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.last_ms.store(now_ms(), Ordering::Relaxed);
     }
 
     /// Whether a response body of this connection is still being sent.
@@ -102,8 +101,8 @@ impl Activity {
     /// Drops the response bodies whose last frame has waited `limit` for
     /// the client's window, freeing what they hold upstream.
     fn sweep(&self, limit: Duration) {
-        let now = self.now_ms();
-        let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        let now = now_ms();
+        let limit_ms = ms(limit);
         let mut cut = Vec::new();
         if let Ok(mut bodies) = self.bodies.lock() {
             bodies.retain(|w| {
@@ -111,8 +110,7 @@ impl Activity {
                     return false;
                 };
                 let given = slot.given_ms.load(Ordering::Relaxed);
-                // Slots share the connection's clock.
-                if given != 0 && now.saturating_sub(given - 1) >= limit_ms {
+                if given != 0 && now.saturating_sub(given) >= limit_ms {
                     cut.push(slot);
                     return false;
                 }
@@ -138,7 +136,7 @@ impl Activity {
                 self.blocked_ms.store(0, Ordering::Relaxed);
             }
         } else if self.blocked_ms.load(Ordering::Relaxed) == 0 {
-            self.blocked_ms.store(self.now_ms() + 1, Ordering::Relaxed);
+            self.blocked_ms.store(now_ms(), Ordering::Relaxed);
             self.blocked.notify_one();
         }
     }
@@ -155,8 +153,7 @@ pub(super) async fn serve<T>(
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity {
-        started: Instant::now(),
-        last_ms: AtomicU64::new(0),
+        last_ms: AtomicU64::new(now_ms()),
         in_flight: AtomicUsize::new(0),
         blocked_ms: AtomicU64::new(0),
         blocked: Notify::new(),
@@ -228,16 +225,13 @@ async fn drive<C, T, E>(
     let sweep_every = (send / 2).max(Duration::from_millis(10));
     let mut sweep_at = tokio::time::Instant::now() + sweep_every;
     loop {
-        let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
         let deadline = if activity.in_flight.load(Ordering::Relaxed) > 0 {
             tokio::time::Instant::now() + idle
         } else {
-            tokio::time::Instant::from_std(activity.started + last + idle)
+            at_ms(activity.last_ms.load(Ordering::Relaxed) + ms(idle))
         };
         let blocked = activity.blocked_ms.load(Ordering::Relaxed);
-        let cut_at = tokio::time::Instant::from_std(
-            activity.started + Duration::from_millis(blocked.saturating_sub(1)) + send,
-        );
+        let cut_at = at_ms(blocked.saturating_add(ms(send)));
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -265,8 +259,8 @@ async fn drive<C, T, E>(
                 drain_at = tokio::time::Instant::now() + drain;
             }
             _ = tokio::time::sleep_until(deadline), if !closing => {
-                let idle_for = activity.now_ms().saturating_sub(activity.last_ms.load(Ordering::Relaxed));
-                if activity.in_flight.load(Ordering::Relaxed) == 0 && u128::from(idle_for) >= idle.as_millis() {
+                let idle_for = now_ms().saturating_sub(activity.last_ms.load(Ordering::Relaxed));
+                if activity.in_flight.load(Ordering::Relaxed) == 0 && idle_for >= ms(idle) {
                     graceful(conn.as_mut());
                     closing = true;
                     drain_at = tokio::time::Instant::now() + drain;
@@ -372,7 +366,6 @@ impl Stalls {
         } else {
             let slot = Arc::new(Slot {
                 body: Mutex::new(Some(inner)),
-                started: activity.started,
                 given_ms: AtomicU64::new(0),
             });
             if let Ok(mut bodies) = activity.bodies.lock() {
@@ -394,6 +387,14 @@ impl Stalls {
         }
     }
 
+    /// `f` of the body, if the sweep has not dropped it.
+    fn with_body<R>(&self, f: impl FnOnce(&Body) -> R) -> Option<R> {
+        match &self.inner {
+            Inner::Own(b) => Some(f(b)),
+            Inner::Shared(slot) => slot.body.lock().ok()?.as_ref().map(f),
+        }
+    }
+
     fn poll_inner(
         &mut self,
         cx: &mut Context<'_>,
@@ -411,10 +412,7 @@ impl Stalls {
                 };
                 let r = Pin::new(b).poll_frame(cx);
                 let given = match &r {
-                    Poll::Ready(Some(Ok(_))) => {
-                        u64::try_from(slot.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
-                            + 1
-                    }
+                    Poll::Ready(Some(Ok(_))) => now_ms(),
                     _ => 0,
                 };
                 slot.given_ms.store(given, Ordering::Relaxed);
@@ -463,26 +461,10 @@ impl http_body::Body for Stalls {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Own(b) => b.is_end_stream(),
-            Inner::Shared(slot) => slot
-                .body
-                .lock()
-                .ok()
-                .and_then(|b| b.as_ref().map(http_body::Body::is_end_stream))
-                .unwrap_or(false),
-        }
+        self.with_body(Body::is_end_stream).unwrap_or(false)
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Own(b) => b.size_hint(),
-            Inner::Shared(slot) => slot
-                .body
-                .lock()
-                .ok()
-                .and_then(|b| b.as_ref().map(http_body::Body::size_hint))
-                .unwrap_or_default(),
-        }
+        self.with_body(Body::size_hint).unwrap_or_default()
     }
 }
