@@ -284,30 +284,30 @@ impl Guarded {
                     && !self.inner.is_end_stream()
                     && Instant::now() >= at
                 {
-                    self.tell(Upload::Done(Instant::now()));
+                    self.done();
                     return Poll::Ready(Some(Err(BodyError::RequestTimeout(t))));
                 }
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > self.remaining {
-                        self.tell(Upload::Done(Instant::now()));
+                        self.done();
                         return Poll::Ready(Some(Err(BodyError::TooLarge(self.limit))));
                     }
                     self.remaining -= n;
                 }
-                self.tell(if self.inner.is_end_stream() {
-                    Upload::Done(Instant::now())
+                if self.inner.is_end_stream() {
+                    self.done();
                 } else {
-                    Upload::Upstream
-                });
+                    self.tell(Upload::Upstream);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                self.tell(Upload::Done(Instant::now()));
+                self.done();
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
-                self.tell(Upload::Done(Instant::now()));
+                self.done();
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -322,16 +322,23 @@ impl Guarded {
                 }
                 match self.deadline.as_mut().poll(cx) {
                     Poll::Ready(()) => {
-                        let now = Instant::now();
-                        self.tell(Upload::Done(now));
+                        self.done();
                         Poll::Ready(Some(Err(match self.whole {
-                            Some((at, t)) if now >= at => BodyError::RequestTimeout(t),
+                            Some((at, t)) if Instant::now() >= at => BodyError::RequestTimeout(t),
                             _ => BodyError::Timeout(self.read_timeout),
                         })))
                     }
                     Poll::Pending => Poll::Pending,
                 }
             }
+        }
+    }
+
+    /// Tells the try sending this body, if one watches, that the upload is
+    /// over (the clock is read only then).
+    fn done(&self) {
+        if self.upload.is_some() {
+            self.tell(Upload::Done(Instant::now()));
         }
     }
 

@@ -568,8 +568,7 @@ fn real_client(generation: &Generation, conn: &Conn, h: &http::HeaderMap) -> Opt
     if !trusted(client) {
         return None;
     }
-    let fields: Vec<&HeaderValue> = h.get_all(&forward::X_FORWARDED_FOR).iter().collect();
-    'walk: for v in fields.iter().rev() {
+    'walk: for v in h.get_all(&forward::X_FORWARDED_FOR).iter().rev() {
         let Ok(v) = v.to_str() else { break };
         for entry in v.rsplit(',') {
             // Some proxies (Azure's, for one) add the client's port.
