@@ -90,3 +90,58 @@ pub fn raw(addr: &str, request: &str) -> String {
 pub fn raw_status(addr: &str, request: &str) -> Option<u16> {
     raw(addr, request).split_whitespace().nth(1)?.parse().ok()
 }
+
+/// Sends `head` (a request line and fields, each ending in CRLF) with the
+/// `Content-Length` of `chunks`, then each chunk after its pause, and reads
+/// one answer (until its `Content-Length` is in, or the peer closes, or
+/// 10 s pass). Returns it and how long it took to start coming, from the
+/// head's write. Blocking: call it from a thread.
+pub fn trickle(addr: &str, head: &str, chunks: Vec<(Duration, Vec<u8>)>) -> (String, Duration) {
+    let len: usize = chunks.iter().map(|(_, c)| c.len()).sum();
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut r = s.try_clone().expect("clone");
+    let started = std::time::Instant::now();
+    s.write_all(format!("{head}Content-Length: {len}\r\n\r\n").as_bytes())
+        .expect("write head");
+    // The writer may be cut off when the gateway answers early.
+    let writer = std::thread::spawn(move || {
+        for (pause, chunk) in chunks {
+            std::thread::sleep(pause);
+            if s.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut took = None;
+    while let Ok(n) = r.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        took.get_or_insert_with(|| started.elapsed());
+        out.extend_from_slice(&buf[..n]);
+        // One answer is all we wait for.
+        let text = String::from_utf8_lossy(&out);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_string)
+                })
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if len.is_some_and(|l| body.len() >= l) {
+                break;
+            }
+        }
+    }
+    let _ = writer.join();
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        took.unwrap_or_default(),
+    )
+}

@@ -51,6 +51,25 @@ upstream = "be"
     (Gateway::start(&config, &admin), format!("127.0.0.1:{port}"))
 }
 
+/// An upstream that answers each of its first 4 connections with a head
+/// and 3 of 100 bytes, then nothing (for 10 s); its address.
+fn stalling_upstream() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().take(4) {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc");
+            held.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    upstream
+}
+
 /// Reads until EOF or `limit`; returns what was read and how long it took.
 fn read_all(s: &mut TcpStream, limit: Duration) -> (String, Duration) {
     let t = Instant::now();
@@ -97,24 +116,16 @@ async fn slow_request_body_gets_408() {
 async fn a_body_trickling_past_request_timeout_gets_408() {
     let backend = Backend::start("be").await;
     let (_gw, addr) = start_with(&backend.addr.to_string(), "request_timeout = \"1s\"");
-    let mut s = TcpStream::connect(&addr).unwrap();
-    let started = Instant::now();
-    s.write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
-        .unwrap();
     // A byte every 200 ms: never a pause of body_read_timeout (400 ms), but
     // not the whole body within request_timeout either.
-    let mut w = s.try_clone().unwrap();
-    let writer = std::thread::spawn(move || {
-        for _ in 0..15 {
-            std::thread::sleep(Duration::from_millis(200));
-            if w.write_all(b"x").is_err() {
-                break;
-            }
-        }
-    });
-    let (resp, _) = read_all(&mut s, Duration::from_secs(5));
-    let took = started.elapsed();
-    writer.join().unwrap();
+    let chunks = (0..15)
+        .map(|_| (Duration::from_millis(200), b"x".to_vec()))
+        .collect();
+    let (resp, took) = tokio::task::spawn_blocking(move || {
+        gateway_tests::client::trickle(&addr, "POST /x HTTP/1.1\r\nHost: x\r\n", chunks)
+    })
+    .await
+    .unwrap();
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
     assert!(resp.contains("request_timeout"), "{resp}");
     assert!(
@@ -208,20 +219,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_stalls_mid_body_is_cut_off_after_send_timeout() {
-    // An upstream that sends a head and 3 of 100 bytes, then nothing.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in listener.incoming().take(4) {
-            let Ok(mut c) = conn else { continue };
-            let mut buf = [0u8; 4096];
-            let _ = c.read(&mut buf);
-            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc");
-            held.push(c);
-        }
-        std::thread::sleep(Duration::from_secs(10));
-    });
+    let upstream = stalling_upstream();
     let (gw, addr) = start_to(&upstream);
     let mut s = TcpStream::connect(&addr).unwrap();
     s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -307,20 +305,7 @@ async fn an_http2_client_that_stops_reading_is_cut_off_after_send_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_stalls_mid_body_resets_its_http2_stream_after_send_timeout() {
-    // An upstream that sends a head and 3 of 100 bytes, then nothing.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in listener.incoming().take(4) {
-            let Ok(mut c) = conn else { continue };
-            let mut buf = [0u8; 4096];
-            let _ = c.read(&mut buf);
-            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc");
-            held.push(c);
-        }
-        std::thread::sleep(Duration::from_secs(10));
-    });
+    let upstream = stalling_upstream();
     let (gw, addr) = start_to(&upstream);
     let client = gateway_tests::client::h2c();
     let started = Instant::now();

@@ -963,66 +963,13 @@ path_prefix = "/"
     ))
 }
 
-/// Sends a `PUT` head with `Content-Length` and then `chunks`, each after
-/// its pause, and reads the answer (from a thread: the socket blocks).
-/// Returns the answer and when it came, from the head's write.
+/// `client::trickle` of a `PUT` to `path` on the gateway at `base`.
 async fn upload(base: &str, path: &str, chunks: Vec<(Duration, Vec<u8>)>) -> (String, Duration) {
-    use std::io::{Read, Write};
     let addr = base.trim_start_matches("http://").to_string();
-    let path = path.to_string();
-    tokio::task::spawn_blocking(move || {
-        let len: usize = chunks.iter().map(|(_, c)| c.len()).sum();
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut r = s.try_clone().unwrap();
-        let started = Instant::now();
-        s.write_all(
-            format!("PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n").as_bytes(),
-        )
-        .unwrap();
-        // The writer may be cut off when the gateway answers early.
-        let writer = std::thread::spawn(move || {
-            for (pause, chunk) in chunks {
-                std::thread::sleep(pause);
-                if s.write_all(&chunk).is_err() {
-                    break;
-                }
-            }
-            s
-        });
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        let mut took = None;
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            took.get_or_insert_with(|| started.elapsed());
-            out.extend_from_slice(&buf[..n]);
-            // One answer is all we wait for.
-            let text = String::from_utf8_lossy(&out);
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length: ")
-                            .map(str::to_string)
-                    })
-                    .and_then(|v| v.trim().parse::<usize>().ok());
-                if len.is_some_and(|l| body.len() >= l) {
-                    break;
-                }
-            }
-        }
-        drop(writer.join());
-        (
-            String::from_utf8_lossy(&out).into_owned(),
-            took.unwrap_or_default(),
-        )
-    })
-    .await
-    .unwrap()
+    let head = format!("PUT {path} HTTP/1.1\r\nHost: x\r\n");
+    tokio::task::spawn_blocking(move || client::trickle(&addr, &head, chunks))
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
