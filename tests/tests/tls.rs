@@ -69,10 +69,35 @@ async fn connect(
     cfg: Arc<rustls::ClientConfig>,
     sni: &str,
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
+    connect_after(addr, b"", cfg, sni).await
+}
+
+/// `connect`, sending `preamble` (a PROXY protocol header) before the
+/// handshake.
+async fn connect_after(
+    addr: &str,
+    preamble: &[u8],
+    cfg: Arc<rustls::ClientConfig>,
+    sni: &str,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.write_all(preamble).await?;
     TlsConnector::from(cfg)
         .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
         .await
+}
+
+/// A GET for `uri` over HTTP/2 on `tls`.
+async fn h2_get(tls: TlsStream<TcpStream>, uri: &str) -> http::Response<hyper::body::Incoming> {
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send.send_request(Request::get(uri).body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap()
 }
 
 fn start(dir: &std::path::Path, backend: &Backend) -> (Gateway, String) {
@@ -208,19 +233,7 @@ async fn http1_and_http2_over_tls_with_both_versions() {
         .await
         .unwrap();
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let resp = send
-            .send_request(
-                Request::get("https://a.example.test/y")
-                    .body(Empty::<Bytes>::new())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let resp = h2_get(tls, "https://a.example.test/y").await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.version(), http::Version::HTTP_2);
     }
@@ -262,35 +275,20 @@ key = "{d}/b.key"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
-    use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path());
     let backend = Backend::start("be").await;
     let (_gw, addr) = start_with(dir.path(), &backend, "proxy_protocol = true");
-    let mut tcp = TcpStream::connect(&addr).await.unwrap();
-    tcp.write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 4444 443\r\n")
-        .await
-        .unwrap();
-    let tls = TlsConnector::from(client_config(&certs, &[b"h2"], &[&rustls::version::TLS13]))
-        .connect(ServerName::try_from("a.example.test").unwrap(), tcp)
-        .await
-        .unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tls),
+    let tls = connect_after(
+        &addr,
+        b"PROXY TCP4 203.0.113.7 127.0.0.1 4444 443\r\n",
+        client_config(&certs, &[b"h2"], &[&rustls::version::TLS13]),
+        "a.example.test",
     )
     .await
     .unwrap();
-    tokio::spawn(conn);
-    let resp = send
-        .send_request(
-            Request::get("https://a.example.test/x")
-                .body(http_body_util::Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let resp = h2_get(tls, "https://a.example.test/x").await;
     assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();

@@ -324,25 +324,17 @@ mod tests {
 
     #[test]
     fn version_2_refusals() {
-        let mut h = v2(1, 0x11, &[0; 12]);
-        h[12] = 0x11;
-        assert!(matches!(parse(&h), Err(Error::Malformed(_))));
-        assert!(matches!(
-            parse(&v2(2, 0x11, &[0; 12])),
-            Err(Error::Malformed(_))
-        ));
-        assert!(matches!(
-            parse(&v2(1, 0x11, &[0; 8])),
-            Err(Error::Malformed(_))
-        ));
-        assert!(matches!(
-            parse(&v2(1, 0x21, &[0; 12])),
-            Err(Error::Malformed(_))
-        ));
-        assert!(matches!(
-            parse(&v2(1, 0x77, &[0; 12])),
-            Err(Error::Malformed(_))
-        ));
+        let mut other_version = v2(1, 0x11, &[0; 12]);
+        other_version[12] = 0x11;
+        for (bad, why) in [
+            (other_version, "version 1 after a version 2 signature"),
+            (v2(2, 0x11, &[0; 12]), "command 2"),
+            (v2(1, 0x11, &[0; 8]), "IPv4 block of 8 bytes"),
+            (v2(1, 0x21, &[0; 12]), "IPv6 block of 12 bytes"),
+            (v2(1, 0x77, &[0; 12]), "family 0x77"),
+        ] {
+            assert!(matches!(parse(&bad), Err(Error::Malformed(_))), "{why}");
+        }
         assert!(matches!(
             parse(&v2(1, 0x11, &vec![0; 2000])),
             Err(Error::TooLong(V2_MAX))
