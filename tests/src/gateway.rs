@@ -135,6 +135,22 @@ impl Gateway {
         std::fs::read_to_string(self.dir.path().join("stdout.log")).unwrap_or_default()
     }
 
+    /// The first access log line (stdout) containing `needle`, as JSON,
+    /// waiting up to 5 s for it to be written.
+    pub fn access_log_line(&self, needle: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(l) = self.stdout().lines().find(|l| l.contains(needle)) {
+                return serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no access log line with {needle}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Replaces the config file's contents.
     pub fn write_config(&self, config: &str) {
         // Write then rename, as editors and config managers do.
