@@ -180,41 +180,54 @@ async fn connections_beyond_the_limit_are_refused() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
-    let backend = Backend::start("be").await;
-    let (gw, addr) = start(&backend);
-    let metrics = || {
-        gateway_tests::client::raw(
-            &gw.admin,
-            "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        )
-    };
-    let mut s = TcpStream::connect(&addr).unwrap();
-    // A small receive buffer, so the gateway's writes stall soon.
+/// Sends `request` on a connection with a small receive buffer and then
+/// reads nothing: the gateway's writes find the socket full, and after
+/// send_timeout (1 s) it closes the connection, freeing what the response
+/// holds upstream (what its kernel already holds still trickles out, so the
+/// client is not read to the end).
+fn expect_cut_off_when_not_reading(gw: &Gateway, addr: &str, request: &[u8]) {
+    let mut s = TcpStream::connect(addr).unwrap();
     socket2::SockRef::from(&s)
         .set_recv_buffer_size(4096)
         .unwrap();
-    s.write_all(b"GET /bytes/67108864 HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    // Not reading: the gateway's writes stall, and after send_timeout (1 s)
-    // it gives up on the connection (what its kernel already holds still
-    // trickles out, so the client is not read to the end here).
+    s.write_all(request).unwrap();
     let started = Instant::now();
-    let mut m = metrics();
-    while !m.contains("gateway_send_timeouts_total 1") && started.elapsed() < Duration::from_secs(5)
-    {
-        std::thread::sleep(Duration::from_millis(100));
-        m = metrics();
-    }
-    assert!(m.contains("gateway_send_timeouts_total 1"), "{m}");
+    let m = wait_for_metric(gw, "gateway_send_timeouts_total 1");
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(900), "cut off after {took:?}");
     assert!(
         m.contains("gateway_active_connections{listener=\"main\"} 0"),
         "the connection is gone: {m}"
     );
-    drop(s);
+}
+
+/// The metrics once they contain `line` (within 5 s).
+fn wait_for_metric(gw: &Gateway, line: &str) -> String {
+    let metrics = || {
+        gateway_tests::client::raw(
+            &gw.admin,
+            "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+    };
+    let started = Instant::now();
+    let mut m = metrics();
+    while !m.contains(line) && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+        m = metrics();
+    }
+    assert!(m.contains(line), "{m}");
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
+    let backend = Backend::start("be").await;
+    let (gw, addr) = start(&backend);
+    expect_cut_off_when_not_reading(
+        &gw,
+        &addr,
+        b"GET /bytes/67108864 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,36 +284,7 @@ fn h2c_request_bytes(path: &str, wide: bool) -> Vec<u8> {
 async fn an_http2_client_that_stops_reading_is_cut_off_after_send_timeout() {
     let backend = Backend::start("be").await;
     let (gw, addr) = start(&backend);
-    let metrics = || {
-        gateway_tests::client::raw(
-            &gw.admin,
-            "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        )
-    };
-    let mut s = TcpStream::connect(&addr).unwrap();
-    socket2::SockRef::from(&s)
-        .set_recv_buffer_size(4096)
-        .unwrap();
-    s.write_all(&h2c_request_bytes("/bytes/67108864", true))
-        .unwrap();
-    // Not reading: the gateway's writes find the socket full, and after
-    // send_timeout (1 s) it closes the connection, freeing the stream's
-    // upstream slots.
-    let started = Instant::now();
-    let mut m = metrics();
-    while !m.contains("gateway_send_timeouts_total 1") && started.elapsed() < Duration::from_secs(5)
-    {
-        std::thread::sleep(Duration::from_millis(100));
-        m = metrics();
-    }
-    assert!(m.contains("gateway_send_timeouts_total 1"), "{m}");
-    let took = started.elapsed();
-    assert!(took >= Duration::from_millis(900), "cut off after {took:?}");
-    assert!(
-        m.contains("gateway_active_connections{listener=\"main\"} 0"),
-        "the connection is gone: {m}"
-    );
-    drop(s);
+    expect_cut_off_when_not_reading(&gw, &addr, &h2c_request_bytes("/bytes/67108864", true));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,13 +352,7 @@ async fn an_http2_stream_whose_client_grants_no_window_frees_its_upstream_after_
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(in_flight(), Some(1), "the stream holds its target");
-    let mut m = admin("/metrics");
-    while !m.contains("gateway_send_timeouts_total 1") && started.elapsed() < Duration::from_secs(5)
-    {
-        std::thread::sleep(Duration::from_millis(100));
-        m = admin("/metrics");
-    }
-    assert!(m.contains("gateway_send_timeouts_total 1"), "{m}");
+    let m = wait_for_metric(&gw, "gateway_send_timeouts_total 1");
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(900), "cut off after {took:?}");
     assert_eq!(in_flight(), Some(0), "the upstream side is freed");
