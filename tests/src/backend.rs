@@ -9,7 +9,8 @@
 //! For upstream tests a backend can also misbehave (`set_mode`: answer a
 //! fixed status, hang, answer late, or close connections without
 //! answering), be killed with its open connections (`kill`), and be
-//! started again on the same address (`start_at`).
+//! started again on the same address (`start_at`). `start_tls` makes one
+//! that speaks only TLS, for upstream TLS tests (certificates from `pki`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -97,8 +98,26 @@ impl Backend {
         }
     }
 
+    /// Starts a backend on an ephemeral 127.0.0.1 port that speaks only
+    /// TLS with `tls` (HTTP/2 when its ALPN offers `h2` and the client
+    /// picks it). Connections whose handshake fails are closed unserved.
+    pub async fn start_tls(name: &str, tls: Arc<rustls::ServerConfig>) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        Self::serve_with(listener, name, Some(tokio_rustls::TlsAcceptor::from(tls)))
+    }
+
     /// Serves on an already bound listener.
     pub fn serve(listener: TcpListener, name: &str) -> Backend {
+        Self::serve_with(listener, name, None)
+    }
+
+    fn serve_with(
+        listener: TcpListener,
+        name: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Backend {
         let addr = listener.local_addr().expect("local addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -121,7 +140,8 @@ impl Backend {
                 let name = name.clone();
                 let hits = h.clone();
                 let mode = m.clone();
-                let mut killed = killed.clone();
+                let killed = killed.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         hits.fetch_add(1, Ordering::Relaxed);
@@ -131,19 +151,13 @@ impl Backend {
                             req,
                         )
                     });
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    // `kill` closes the connection; a dropped backend leaves
-                    // it open, as before.
-                    let killed = async {
-                        if killed.wait_for(|k| *k).await.is_err() {
-                            std::future::pending::<()>().await;
+                    match tls {
+                        None => serve_connection(stream, svc, killed).await,
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                serve_connection(s, svc, killed).await;
+                            }
                         }
-                    };
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = killed => {}
                     }
                 });
             }
@@ -181,6 +195,33 @@ impl Backend {
         // Let the accept loop and the connections see it.
         tokio::time::sleep(Duration::from_millis(20)).await;
         addr
+    }
+}
+
+/// Serves one connection until it ends or the backend is killed.
+async fn serve_connection<I, S>(io: I, svc: S, mut killed: tokio::sync::watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = std::io::Error,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    // `kill` closes the connection; a dropped backend leaves it open, as
+    // before.
+    let killed = async {
+        if killed.wait_for(|k| *k).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = conn => {}
+        _ = killed => {}
     }
 }
 

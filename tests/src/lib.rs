@@ -10,6 +10,7 @@ pub mod dns;
 pub mod gateway;
 pub mod idp;
 pub mod netns;
+pub mod pki;
 pub mod redis;
 
 /// Says that the calling test skips its checks, and why: on stderr, and as

@@ -251,3 +251,45 @@ fn zero_http2_streams() {
         ["F:2:8: listener \"main\": http2_max_concurrent_streams must be positive"]
     );
 }
+
+#[test]
+fn upstream_tls_problems_are_named_at_their_place() {
+    let tls = |body: &str| {
+        BASE.replace(
+            "targets = [\"127.0.0.1:9000\"]\n",
+            &format!("targets = [\"127.0.0.1:9000\"]\n[upstreams.tls]\n{body}"),
+        )
+    };
+    // Every problem of the table at once: a CA file that is not there, a
+    // client certificate without its key, a server name that is not one.
+    let (code, out) = check(&tls(
+        "ca_file = \"missing-ca.pem\"\ncert = \"client.pem\"\nsni = \"bad name!\"\n",
+    ));
+    assert_eq!(code, 2);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert!(
+        out[0].starts_with("F:8:11: cannot read CA certificates from "),
+        "{out:?}"
+    );
+    assert!(out[0].contains("missing-ca.pem"), "{out:?}");
+    assert_eq!(
+        out[1],
+        "F:9:8: a client certificate needs both cert and key"
+    );
+    assert!(
+        out[2].starts_with("F:10:7: \"bad name!\" is not a valid TLS server name"),
+        "{out:?}"
+    );
+
+    // Verification off and a CA to verify with contradict each other.
+    let (code, out) = check(&tls("verify = false\nca_file = \"ca.pem\"\n"));
+    assert_eq!(code, 2);
+    assert_eq!(
+        out,
+        ["F:9:11: ca_file has no effect with verify = false; remove one of them"]
+    );
+
+    // Fine as it stands.
+    let (code, out) = check(&tls("verify = false\nsni = \"api.internal\"\n"));
+    assert_eq!(code, 0, "{out:?}");
+}

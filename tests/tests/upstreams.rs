@@ -2659,3 +2659,286 @@ async fn a_slow_http2_upload_is_not_counted_against_the_upstream_timeout() {
     assert_eq!(v["body_len"], 8, "{v}");
     assert!(started.elapsed() >= Duration::from_millis(850));
 }
+
+/// `[[upstreams]]` named `name` with one target and `tls` as its
+/// `[upstreams.tls]` table, and a route to it for `/NAME/`.
+fn tls_upstream(name: &str, target: std::net::SocketAddr, tls: &str) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "{name}"
+targets = ["{target}"]
+[upstreams.tls]
+{tls}
+[[routes]]
+name = "{name}"
+upstream = "{name}"
+[routes.match]
+path_prefix = "/{name}/"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstreams_verify_the_certificate_chain_and_name() {
+    use gateway_tests::pki::Ca;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "up");
+    let other = Ca::new(dir.path(), "other");
+    let h1: &[&[u8]] = &[b"http/1.1"];
+    let by_ip = Backend::start_tls(
+        "by-ip",
+        ca.server("ip", &["127.0.0.1"]).server_config(h1, None),
+    )
+    .await;
+    let by_name = Backend::start_tls(
+        "by-name",
+        ca.server("named", &["api.internal"])
+            .server_config(h1, None),
+    )
+    .await;
+    let ca_file = format!("ca_file = {:?}", ca.ca_file.display().to_string());
+    let other_ca = format!("ca_file = {:?}", other.ca_file.display().to_string());
+    let env = Env::start(
+        &[
+            tls_upstream("trusted", by_ip.addr, &ca_file),
+            tls_upstream(
+                "named",
+                by_name.addr,
+                &format!("{ca_file}\nsni = \"api.internal\""),
+            ),
+            tls_upstream("wrongname", by_name.addr, &ca_file),
+            tls_upstream("untrusted", by_ip.addr, &other_ca),
+            tls_upstream("unverified", by_ip.addr, "verify = false"),
+        ]
+        .concat(),
+    );
+
+    // Sequential requests share one pooled TLS connection per worker.
+    for i in 0..30 {
+        let r = env.get(&format!("/trusted/{i}")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(backend_of(&r), "by-ip");
+    }
+    let used = by_ip.connections();
+    assert!(
+        (1..=2).contains(&used),
+        "{used} TLS connections for 30 requests"
+    );
+
+    let r = env.get("/named/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(backend_of(&r), "by-name");
+    assert_eq!(env.get("/unverified/x").await.status, 200);
+
+    // The target's address is not a name in its certificate, or the
+    // certificate comes from a CA the upstream does not trust: 502, and
+    // the log says why.
+    for (path, why) in [
+        ("/wrongname/x", "certificate not valid for name"),
+        ("/untrusted/x", "UnknownIssuer"),
+    ] {
+        let hits = by_ip.hits() + by_name.hits();
+        let r = env.get(path).await;
+        let p = assert_problem(&r, 502);
+        assert!(
+            p["detail"]
+                .as_str()
+                .unwrap()
+                .starts_with("TLS handshake failed with upstream"),
+            "{p}"
+        );
+        assert_eq!(
+            by_ip.hits() + by_name.hits(),
+            hits,
+            "{path} reached a backend"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !env.gw.stderr().contains(why) {
+            assert!(
+                Instant::now() < deadline,
+                "no {why} in the log: {}",
+                env.gw.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstreams_present_client_certificates_speak_http2_and_stream_uploads() {
+    use gateway_tests::pki::Ca;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "up");
+    let clients = Ca::new(dir.path(), "clients");
+    let client = clients.client("gateway-client");
+    let mtls = Backend::start_tls(
+        "mtls",
+        ca.server("m", &["127.0.0.1"])
+            .server_config(&[b"http/1.1"], Some(&clients)),
+    )
+    .await;
+    let h2 = Backend::start_tls(
+        "h2",
+        ca.server("h2", &["127.0.0.1"])
+            .server_config(&[b"h2"], None),
+    )
+    .await;
+    let ca_file = format!("ca_file = {:?}", ca.ca_file.display().to_string());
+    let with_cert = format!(
+        "{ca_file}\ncert = {:?}\nkey = {:?}",
+        client.cert_file.display().to_string(),
+        client.key_file.display().to_string()
+    );
+    let env = Env::start(
+        &[
+            tls_upstream("withcert", mtls.addr, &with_cert),
+            tls_upstream("nocert", mtls.addr, &ca_file),
+            tls_upstream("h2", h2.addr, &ca_file)
+                .replace("[upstreams.tls]", "protocol = \"http2\"\n[upstreams.tls]"),
+        ]
+        .concat(),
+    );
+
+    // Mutual TLS: the target asks for a certificate; only the upstream
+    // that has one gets through.
+    let r = env.get("/withcert/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(backend_of(&r), "mtls");
+    // (TLS 1.3: the refusal comes after the client's handshake, with the
+    // first read.)
+    let p = assert_problem(&env.get("/nocert/x").await, 502);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("TLS failed with upstream \"nocert\""),
+        "{p}"
+    );
+    assert_eq!(
+        mtls.hits(),
+        1,
+        "the request without a certificate was served"
+    );
+    eventually(Duration::from_secs(5), "the reason in the log", || async {
+        env.gw.stderr().contains("CertificateRequired")
+    })
+    .await;
+
+    // HTTP/2 over TLS, chosen by ALPN.
+    let r = env.get("/h2/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["version"], "HTTP/2.0");
+
+    // A streamed request body goes out through TLS while the response is
+    // awaited, to both protocols.
+    for path in ["/withcert/up", "/h2/up"] {
+        let pause = Duration::from_millis(30);
+        let chunks = (0..4).map(|i| (pause, vec![b'a' + i; 1000])).collect();
+        let (resp, _) = upload(&env.base, path, chunks).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{path}: {resp}");
+        assert!(resp.contains("\"body_len\":4000"), "{path}: {resp}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_health_checks_and_a_reload_that_changes_only_a_ca_file() {
+    use gateway_tests::pki::Ca;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "up");
+    let other = Ca::new(dir.path(), "other");
+    let good = Backend::start_tls(
+        "good",
+        ca.server("good", &["127.0.0.1"])
+            .server_config(&[b"http/1.1"], None),
+    )
+    .await;
+    // A plain backend among TLS targets fails every check's handshake.
+    let plain = Backend::start("plain").await;
+    // The upstream trusts whatever `trust.pem` holds: the wrong CA first.
+    let trust = dir.path().join("trust.pem");
+    std::fs::copy(&other.ca_file, &trust).unwrap();
+    let env = Env::start(&format!(
+        r#"
+[[upstreams]]
+name = "checked"
+targets = ["{good}", "{plain}"]
+[upstreams.tls]
+ca_file = "{ca}"
+[upstreams.health]
+path = "/healthz"
+interval = "100ms"
+unhealthy_threshold = 1
+healthy_threshold = 1
+[[routes]]
+name = "checked"
+upstream = "checked"
+[routes.match]
+path_prefix = "/checked/"
+{pinned}"#,
+        good = good.addr,
+        plain = plain.addr,
+        ca = ca.ca_file.display(),
+        pinned = tls_upstream(
+            "pinned",
+            good.addr,
+            &format!("ca_file = {:?}", trust.display().to_string())
+        ),
+    ));
+    let plain_addr = plain.addr.to_string();
+    eventually(Duration::from_secs(5), "plain target unhealthy", || async {
+        env.target("checked", &plain_addr).await["healthy"] == false
+    })
+    .await;
+    assert_eq!(
+        env.target("checked", &good.addr.to_string()).await["healthy"],
+        true
+    );
+    for _ in 0..10 {
+        assert_eq!(backend_of(&env.get("/checked/x").await), "good");
+    }
+    assert!(good.hits() > 10, "the checks reached the TLS target");
+    assert_eq!(plain.hits(), 0);
+
+    // Only the CA file's contents change: a reload rebuilds the upstream.
+    assert_problem(&env.get("/pinned/x").await, 502);
+    std::fs::copy(&ca.ca_file, &trust).unwrap();
+    let cfg = std::fs::read_to_string(&env.gw.config).unwrap();
+    env.gw.write_config(&cfg);
+    env.gw.signal(libc::SIGHUP);
+    eventually(Duration::from_secs(5), "the new CA is trusted", || async {
+        env.get("/pinned/x").await.status == 200
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_that_never_ends_is_bounded_by_connect_timeout() {
+    // The kernel completes the TCP handshake on this socket's backlog;
+    // nothing ever answers the TLS client hello.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let upstream = |name: &str, protocol: &str| {
+        tls_upstream(name, addr, "verify = false").replace(
+            "[upstreams.tls]",
+            &format!(
+                "protocol = \"{protocol}\"\nconnect_timeout = \"300ms\"\ntimeout = \"20s\"\nretry = {{ max_retries = 0 }}\n[upstreams.tls]"
+            ),
+        )
+    };
+    let env = Env::start(&[upstream("one", "http1"), upstream("two", "http2")].concat());
+    for path in ["/one/x", "/two/x"] {
+        let started = Instant::now();
+        let p = assert_problem(&env.get(path).await, 502);
+        let took = started.elapsed();
+        assert!(
+            p["detail"]
+                .as_str()
+                .unwrap()
+                .starts_with("cannot connect to upstream"),
+            "{path}: {p}"
+        );
+        assert!(took < Duration::from_secs(3), "{path} took {took:?}");
+    }
+    assert!(env.gw.stderr().contains("connect timed out after 300ms"));
+}

@@ -15,8 +15,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
 /// Largest answer read (discovery documents, JWKS, introspection).
 const MAX_BODY: usize = 1024 * 1024;
@@ -33,7 +31,7 @@ impl std::fmt::Debug for HttpClient {
 
 impl HttpClient {
     /// A client trusting `roots`.
-    fn new(roots: rustls::RootCertStore) -> Result<HttpClient, String> {
+    fn new(roots: Arc<rustls::RootCertStore>) -> Result<HttpClient, String> {
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -59,37 +57,17 @@ impl HttpClient {
         ))
     }
 
-    /// The client trusting the system's roots (loaded once per process).
+    /// The client trusting the system's roots (made once per process).
     pub fn system() -> Result<HttpClient, String> {
         static SYSTEM: OnceLock<Result<HttpClient, String>> = OnceLock::new();
         SYSTEM
-            .get_or_init(|| {
-                let mut roots = rustls::RootCertStore::empty();
-                let found = rustls_native_certs::load_native_certs();
-                for e in &found.errors {
-                    tracing::warn!("system CA certificates: {e}");
-                }
-                roots.add_parsable_certificates(found.certs);
-                HttpClient::new(roots)
-            })
+            .get_or_init(|| HttpClient::new(crate::upstream::tls::system_roots()))
             .clone()
     }
 
     /// A client trusting only the CA certificates in the PEM file `path`.
     pub fn with_ca_file(path: &Path) -> Result<HttpClient, String> {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .and_then(|it| it.collect())
-            .map_err(|e| format!("cannot read CA certificates from {}: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!("{} holds no certificate", path.display()));
-        }
-        let mut roots = rustls::RootCertStore::empty();
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
-        }
-        HttpClient::new(roots)
+        HttpClient::new(Arc::new(crate::upstream::tls::load_ca_file(path)?))
     }
 
     /// Sends `req` and reads the whole answer within `timeout`.

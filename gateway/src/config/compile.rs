@@ -102,8 +102,17 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             },
             &mut problems,
         );
+        let tls = u.tls.as_ref().and_then(|t| {
+            let dns_name = u
+                .dns
+                .as_ref()
+                .filter(|d| !d.srv)
+                .map(|d| d.name.get_ref().as_str());
+            crate::upstream::tls::compile(&base, t, u.protocol, dns_name, &mut problems)
+        });
         upstreams.push(UpstreamConfig {
             name: name.into(),
+            tls,
             targets,
             protocol: u.protocol,
             connect_timeout: u.connect_timeout.0,

@@ -294,6 +294,32 @@ pub struct Upstream {
     pub dns: Option<up::Dns>,
     #[serde(default)]
     pub file: Option<up::FileSource>,
+    /// TLS to the targets (HTTPS, mutual TLS); plain TCP when absent.
+    #[serde(default)]
+    pub tls: Option<Spanned<UpstreamTls>>,
+}
+
+/// `[upstreams.tls]`: how the gateway speaks TLS to an upstream's targets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Server name sent as SNI and verified in the target's certificate;
+    /// by default the DNS name (`dns` discovery) or the target's host.
+    #[serde(default)]
+    pub sni: Option<Spanned<String>>,
+    /// PEM CA certificates trusted instead of the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<Spanned<String>>,
+    /// Verify the target's certificate chain and name (default `true`).
+    #[serde(default = "yes")]
+    pub verify: bool,
+    /// Client certificate chain (PEM) presented to targets that ask for
+    /// one (mutual TLS); needs `key`.
+    #[serde(default)]
+    pub cert: Option<Spanned<String>>,
+    /// Private key of `cert` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key: Option<Spanned<String>>,
 }
 
 /// Protocol spoken to an upstream.
@@ -302,7 +328,7 @@ pub struct Upstream {
 pub enum UpstreamProtocol {
     #[default]
     Http1,
-    /// HTTP/2 with prior knowledge (h2c).
+    /// HTTP/2 with prior knowledge (h2c), or over TLS with ALPN `h2`.
     Http2,
 }
 

@@ -94,6 +94,8 @@ pub struct UpstreamConfig {
     /// Static `host:port` targets (empty with DNS or file discovery).
     pub targets: Vec<crate::upstream::config::StaticTarget>,
     pub protocol: file::UpstreamProtocol,
+    /// `[upstreams.tls]`, compiled; plain TCP when `None`.
+    pub tls: Option<crate::upstream::tls::Tls>,
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub pool_idle_timeout: Duration,

@@ -107,7 +107,7 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-fn load_certified_key(
+pub(crate) fn load_certified_key(
     base: &Path,
     cert: &Spanned<String>,
     key: &Spanned<String>,

@@ -9,14 +9,148 @@
 //! to its end (`release`, when `h1::H1Body` is dropped); a response dropped half-read
 //! takes its connection with it. Idle connections older than
 //! `pool_idle_timeout` are dropped when found, and by `sweep` once a second.
+//!
+//! A connection is plain TCP or, for an upstream with `[upstreams.tls]`,
+//! TLS over it (`Stream`); both the TCP connect and the handshake fall
+//! under `connect_timeout`.
 
 use std::cell::Cell;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use http::uri::Authority;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use super::h1;
 use super::target::Target;
+use super::tls::Tls;
+
+/// An upstream connection's byte stream.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Whether the peer has neither closed the stream nor sent anything
+    /// unasked. Costs no syscall unless the runtime has seen the socket
+    /// become readable.
+    pub fn is_idle(&mut self) -> bool {
+        match self {
+            Stream::Plain(s) => {
+                let mut probe = [0u8; 1];
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+            // Raw bytes may be TLS records that carry no data (a session
+            // ticket): only rustls can tell, so it is asked for data
+            // without waiting.
+            Stream::Tls(s) => {
+                let mut probe = [std::mem::MaybeUninit::uninit(); 1];
+                let mut buf = ReadBuf::uninit(&mut probe);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                Pin::new(&mut **s).poll_read(&mut cx, &mut buf).is_pending()
+            }
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// hyper-util's client may use a `Stream` (HTTP/2 over TLS).
+impl hyper_util::client::legacy::connect::Connection for Stream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        let c = hyper_util::client::legacy::connect::Connected::new();
+        match self {
+            Stream::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => c.negotiated_h2(),
+            _ => c,
+        }
+    }
+}
+
+/// A new connection to `addr`, TLS when `tls` says so, within `timeout`
+/// (connect and handshake together).
+pub async fn open(
+    addr: &Authority,
+    timeout: Duration,
+    tls: Option<&Tls>,
+) -> Result<Stream, ConnectError> {
+    let open = async {
+        let tcp = TcpStream::connect(addr.as_str()).await?;
+        tcp.set_nodelay(true)?;
+        match tls {
+            None => Ok(Stream::Plain(tcp)),
+            Some(tls) => match tls.handshake(tcp, addr).await {
+                Ok(s) => Ok(Stream::Tls(Box::new(s))),
+                Err(e) => Err(ConnectError::Tls(e)),
+            },
+        }
+    };
+    tokio::time::timeout(timeout, open)
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))?
+}
 
 /// An idle connection and when it became idle.
 #[derive(Debug)]
@@ -63,6 +197,8 @@ pub enum ConnectError {
     Io(#[from] std::io::Error),
     #[error("connect timed out after {0:?}")]
     Timeout(Duration),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
 }
 
 /// Pool settings of the upstream a connection belongs to.
@@ -85,7 +221,7 @@ pub struct ReturnTo {
 pub fn checkout(target: &Target, settings: Settings) -> Option<h1::Conn> {
     let list = my_list(target)?;
     let mut idle = list.lock().unwrap_or_else(|e| e.into_inner());
-    while let Some(i) = idle.pop() {
+    while let Some(mut i) = idle.pop() {
         if i.since.elapsed() <= settings.idle_timeout && i.conn.is_usable() {
             return Some(i.conn);
         }
@@ -94,15 +230,14 @@ pub fn checkout(target: &Target, settings: Settings) -> Option<h1::Conn> {
 }
 
 /// A new connection to `target`.
-pub async fn connect(target: &Target, settings: Settings) -> Result<h1::Conn, ConnectError> {
-    let stream = tokio::time::timeout(
-        settings.connect_timeout,
-        tokio::net::TcpStream::connect(target.addr.as_str()),
-    )
-    .await
-    .map_err(|_| ConnectError::Timeout(settings.connect_timeout))??;
-    stream.set_nodelay(true)?;
-    Ok(h1::Conn::new(stream))
+pub async fn connect(
+    target: &Target,
+    settings: Settings,
+    tls: Option<&Tls>,
+) -> Result<h1::Conn, ConnectError> {
+    open(&target.addr, settings.connect_timeout, tls)
+        .await
+        .map(h1::Conn::new)
 }
 
 /// Gives a connection whose exchange ended cleanly back to its target.

@@ -1,6 +1,7 @@
 //! Active health checks: every `interval`, each target of the pool gets an
-//! HTTP GET of `path` (on a fresh connection, HTTP/1.1 or h2c like the
-//! pool's traffic) or a bare TCP connect, bounded by `timeout`. A status in
+//! HTTP GET of `path` (on a fresh connection, HTTP/1.1 or HTTP/2, plain or
+//! TLS, like the pool's traffic) or a bare connect (with the TLS handshake
+//! when the pool speaks TLS), bounded by `timeout`. A status in
 //! `expected_statuses` (200–399 when empty) is a success.
 //! `unhealthy_threshold` failures in a row take a target out of rotation;
 //! `healthy_threshold` successes in a row bring it back. Checks of one
@@ -18,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use super::Pool;
 use super::config::{HealthKind, HealthSettings};
 use super::target::Target;
+use super::tls::Tls;
 use crate::config::file::UpstreamProtocol;
 
 /// Runs the checks until the pool is dropped.
@@ -33,10 +35,11 @@ pub async fn run(pool: Weak<Pool>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (name, protocol, targets) = match pool.upgrade() {
+        let (name, protocol, tls, targets) = match pool.upgrade() {
             Some(p) => (
                 p.config.name.clone(),
                 p.config.protocol,
+                p.config.tls.clone(),
                 p.targets().targets.clone(),
             ),
             None => return,
@@ -45,8 +48,9 @@ pub async fn run(pool: Weak<Pool>) {
         for t in targets {
             let s = settings.clone();
             let name = name.clone();
+            let tls = tls.clone();
             round.spawn(async move {
-                let ok = tokio::time::timeout(s.timeout, check(&s, protocol, &t))
+                let ok = tokio::time::timeout(s.timeout, check(&s, protocol, tls.as_ref(), &t))
                     .await
                     .unwrap_or_else(|_| Err("timed out".into()));
                 apply(&name, &s, &t, ok);
@@ -57,15 +61,21 @@ pub async fn run(pool: Weak<Pool>) {
 }
 
 /// One check of one target.
-async fn check(s: &HealthSettings, protocol: UpstreamProtocol, t: &Target) -> Result<(), String> {
+async fn check(
+    s: &HealthSettings,
+    protocol: UpstreamProtocol,
+    tls: Option<&Tls>,
+    t: &Target,
+) -> Result<(), String> {
     let addr = t.addr.as_str();
-    let stream = tokio::net::TcpStream::connect(addr)
+    // The caller's timeout bounds the whole check.
+    let stream = super::conn::open(&t.addr, Duration::MAX, tls)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     if s.kind == HealthKind::Tcp {
         return Ok(());
     }
-    let _ = stream.set_nodelay(true);
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let host = s.host.as_deref().unwrap_or(addr);
     let req = Request::get(s.path.as_str())
         .header(http::header::HOST, host)
@@ -79,7 +89,7 @@ async fn check(s: &HealthSettings, protocol: UpstreamProtocol, t: &Target) -> Re
             .map_err(|e| format!("h2 handshake: {e}"))?;
         tokio::spawn(conn);
         let mut req = req;
-        *req.uri_mut() = format!("http://{host}{}", s.path)
+        *req.uri_mut() = format!("{scheme}://{host}{}", s.path)
             .parse()
             .map_err(|e| format!("bad path: {e}"))?;
         send.send_request(req)

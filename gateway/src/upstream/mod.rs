@@ -25,6 +25,7 @@ pub mod outlier;
 pub mod retry;
 pub mod runtime;
 pub mod target;
+pub mod tls;
 pub mod window;
 
 use std::sync::atomic::AtomicUsize;
@@ -59,7 +60,7 @@ pub struct Pool {
     next: AtomicUsize,
     /// HTTP/2 upstreams: hyper-util's client (one multiplexed connection
     /// per target). HTTP/1.1 upstreams use `conn`'s per-target pools.
-    h2: Option<Client<HttpConnector, Body>>,
+    h2: Option<H2Client>,
     h1: conn::Settings,
     pub breaker: Option<Breaker>,
     pub limiter: Option<Limiter>,
@@ -81,6 +82,54 @@ impl std::fmt::Debug for Pool {
             .field("name", &self.config.name)
             .field("targets", &self.set.load().len())
             .finish_non_exhaustive()
+    }
+}
+
+/// hyper-util's HTTP/2 client, over plain TCP (h2c) or TLS (ALPN `h2`).
+enum H2Client {
+    Plain(Client<HttpConnector, Body>),
+    Tls(Client<tls::Connector, Body>),
+}
+
+impl H2Client {
+    fn new(config: &UpstreamConfig) -> H2Client {
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_target)
+            .http2_only(true);
+        match &config.tls {
+            None => {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(config.connect_timeout));
+                connector.enforce_http(true);
+                H2Client::Plain(builder.build(connector))
+            }
+            // The connections the HTTP/1.1 client and the health checks
+            // make: one handshake path, one server-name rule, the connect
+            // and the handshake under `connect_timeout`.
+            Some(t) => H2Client::Tls(builder.build(tls::Connector {
+                tls: t.clone(),
+                timeout: config.connect_timeout,
+            })),
+        }
+    }
+
+    fn scheme(&self) -> Scheme {
+        match self {
+            H2Client::Plain(_) => Scheme::HTTP,
+            H2Client::Tls(_) => Scheme::HTTPS,
+        }
+    }
+
+    fn request(&self, r: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+        match self {
+            H2Client::Plain(c) => c.request(r),
+            H2Client::Tls(c) => c.request(r),
+        }
     }
 }
 
@@ -165,19 +214,7 @@ impl Pool {
     /// discovery answers again (or if it cannot).
     pub fn replacing(config: &UpstreamConfig, previous: Option<&Pool>) -> Arc<Pool> {
         let s = &config.settings;
-        let h2 = (config.protocol == UpstreamProtocol::Http2).then(|| {
-            let mut connector = HttpConnector::new();
-            connector.set_nodelay(true);
-            connector.set_connect_timeout(Some(config.connect_timeout));
-            connector.enforce_http(true);
-            Client::builder(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(config.pool_idle_timeout)
-                .pool_max_idle_per_host(config.pool_max_idle_per_target)
-                .http2_only(true)
-                .build(connector)
-        });
+        let h2 = (config.protocol == UpstreamProtocol::Http2).then(|| H2Client::new(config));
         let h1 = conn::Settings {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.pool_idle_timeout,
@@ -434,7 +471,7 @@ impl Pool {
                     .cloned()
                     .unwrap_or_else(|| PathAndQuery::from_static("/"));
                 let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(Scheme::HTTP);
+                parts.scheme = Some(client.scheme());
                 parts.authority = Some(target.addr.clone());
                 parts.path_and_query = Some(path);
                 // hyper's client takes the request: a copy of the head, so
@@ -464,10 +501,20 @@ impl Pool {
             // ours first, it would be copied once more (measured: ~270
             // instructions per request).
             None => match upload {
-                None => tokio::time::timeout_at(deadline, send_h1(&target, req, self.h1))
+                None => tokio::time::timeout_at(
+                    deadline,
+                    send_h1(&target, req, self.h1, self.config.tls.as_ref()),
+                )
+                .await
+                .map_err(|_| Expired::Answer),
+                Some(u) => {
+                    uploading(
+                        timeout,
+                        u,
+                        send_h1(&target, req, self.h1, self.config.tls.as_ref()),
+                    )
                     .await
-                    .map_err(|_| Expired::Answer),
-                Some(u) => uploading(timeout, u, send_h1(&target, req, self.h1)).await,
+                }
             },
         };
         let (outcome, out) = match result {
@@ -678,6 +725,7 @@ async fn send_h1(
     target: &Arc<Target>,
     req: &mut Request<Body>,
     settings: conn::Settings,
+    tls: Option<&tls::Tls>,
 ) -> Result<Response<UpstreamBody>, TryError> {
     let home = || conn::ReturnTo {
         target: target.clone(),
@@ -692,7 +740,7 @@ async fn send_h1(
             Err((e, false)) => return Err(TryError::Send(e)),
         }
     }
-    let c = conn::connect(target, settings)
+    let c = conn::connect(target, settings, tls)
         .await
         .map_err(TryError::Connect)?;
     h1::exchange(c, req, home())
@@ -724,19 +772,32 @@ fn classify(name: &str, target: &Authority, e: TryError) -> (ProxyError, Option<
         src = s.source();
     }
     if is_connect {
+        let what = if tls::is_tls_failure(&*source) {
+            "TLS handshake failed with"
+        } else {
+            "cannot connect to"
+        };
         (
             ProxyError::new(
                 ErrorKind::UpstreamConnect,
-                format!("cannot connect to upstream {name:?} ({target})"),
+                format!("{what} upstream {name:?} ({target})"),
             )
             .with_source(source),
             Some(Reason::Connect),
         )
     } else {
+        // TLS 1.3 servers refuse a client certificate (or its absence)
+        // after the client has finished its handshake: the alert arrives
+        // with the first read.
+        let what = if tls::is_tls_failure(&*source) {
+            "TLS failed with upstream"
+        } else {
+            "upstream"
+        };
         (
             ProxyError::new(
                 ErrorKind::UpstreamProtocol,
-                format!("upstream {name:?} ({target}) failed"),
+                format!("{what} {name:?} ({target}) failed"),
             )
             .with_source(source),
             Some(Reason::Reset),

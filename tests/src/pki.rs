@@ -1,0 +1,117 @@
+//! A throwaway certificate authority for TLS tests: a CA certificate and
+//! the server and client certificates it signs, written as PEM files for
+//! the gateway's config, and rustls server settings for test backends.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// A CA whose certificate is at `ca_file`.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    der: CertificateDer<'static>,
+    dir: PathBuf,
+    /// The CA certificate (PEM).
+    pub ca_file: PathBuf,
+}
+
+/// A certificate the CA signed, with its key, as files and as DER.
+pub struct Leaf {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl Ca {
+    /// A new CA named `name`, its certificate written to `dir/NAME-ca.pem`.
+    pub fn new(dir: &Path, name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("CA key");
+        let cert = params.self_signed(&key).expect("CA certificate");
+        let ca_file = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&ca_file, cert.pem()).expect("write CA certificate");
+        Ca {
+            issuer: Issuer::new(params, key),
+            der: cert.der().clone(),
+            dir: dir.to_path_buf(),
+            ca_file,
+        }
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses),
+    /// written to `dir/STEM.pem` and `dir/STEM.key`.
+    pub fn server(&self, stem: &str, names: &[&str]) -> Leaf {
+        self.leaf(stem, names, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// A client certificate (for mutual TLS) with common name `stem`.
+    pub fn client(&self, stem: &str) -> Leaf {
+        self.leaf(stem, &[], ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    fn leaf(&self, stem: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("leaf params");
+        params.distinguished_name.push(DnType::CommonName, stem);
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        let cert_file = self.dir.join(format!("{stem}.pem"));
+        let key_file = self.dir.join(format!("{stem}.key"));
+        std::fs::write(&cert_file, cert.pem()).expect("write certificate");
+        std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+        Leaf {
+            cert_file,
+            key_file,
+            chain: vec![cert.der().clone()],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        }
+    }
+}
+
+impl Leaf {
+    /// Server settings presenting this certificate, offering `alpn`, and,
+    /// with `clients`, requiring a client certificate signed by that CA.
+    pub fn server_config(&self, alpn: &[&[u8]], clients: Option<&Ca>) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions");
+        let builder = match clients {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.der.clone()).expect("client CA");
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .expect("client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut cfg = builder
+            .with_single_cert(
+                self.chain.clone(),
+                PrivateKeyDer::Pkcs8(self.key.clone_key()),
+            )
+            .expect("server certificate");
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(cfg)
+    }
+}
