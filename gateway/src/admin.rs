@@ -124,7 +124,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 .enforcer()
                 .bans()
                 .into_iter()
-                .map(|(ip, left)| serde_json::json!({"ip": ip.to_string(), "expires_in_s": left.as_secs_f64()}))
+                .map(|(net, left)| serde_json::json!({"ip": crate::policy::access::display_net(&net), "expires_in_s": left.as_secs_f64()}))
                 .collect();
             json(StatusCode::OK, serde_json::json!({ "bans": bans }))
         }

@@ -54,13 +54,29 @@ path_prefix = "/"
 /// Sends `GET path` from source address `src` on a fresh connection; the
 /// status, or `None` when the connection is refused or closed unanswered.
 async fn get_from(src: &str, addr: SocketAddr, path: &str) -> Option<u16> {
+    get_with(src, addr, path, "").await
+}
+
+/// `get_from` from 127.0.0.1 with `X-Forwarded-For: client` (for
+/// listeners that trust 127.0.0.1, which then stand for `client`).
+async fn get_as(client: &str, addr: SocketAddr, path: &str) -> Option<u16> {
+    get_with(
+        "127.0.0.1",
+        addr,
+        path,
+        &format!("X-Forwarded-For: {client}\r\n"),
+    )
+    .await
+}
+
+async fn get_with(src: &str, addr: SocketAddr, path: &str, headers: &str) -> Option<u16> {
     let sock = tokio::net::TcpSocket::new_v4().ok()?;
     sock.bind(format!("{src}:0").parse().ok()?).ok()?;
     let mut s = tokio::time::timeout(Duration::from_secs(5), sock.connect(addr))
         .await
         .ok()?
         .ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.ok()?;
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
@@ -271,4 +287,91 @@ limits = [{ requests = 1, per = "1h" }]
             .contains("gateway_autoban_bans_total{listener=\"main\",reason=\"limit_exceeded\"} 1"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_client_is_counted_and_banned_by_its_64() {
+    let b = Backend::start("one").await;
+    // Clients are named by a trusted proxy on 127.0.0.1, so that any IPv6
+    // address can stand for one.
+    let env = start(
+        &b,
+        r#"
+trusted_proxies = ["127.0.0.1"]
+[listeners.auto_ban]
+limit_exceeded = 3
+auth_failures = 0
+window = "30s"
+ttl = "30s"
+"#,
+        r#"
+[[routes]]
+name = "per-64"
+upstream = "one"
+[routes.match]
+path_prefix = "/per-64/"
+[routes.rate_limit]
+limits = [{ requests = 2, per = "1h" }]
+[[routes]]
+name = "per-address"
+upstream = "one"
+[routes.match]
+path_prefix = "/per-address/"
+[routes.rate_limit]
+limits = [{ requests = 1, per = "1h" }]
+ipv6_prefix = 128
+[[routes]]
+name = "per-24"
+upstream = "one"
+[routes.match]
+path_prefix = "/per-24/"
+[routes.rate_limit]
+limits = [{ requests = 1, per = "1h" }]
+ipv4_prefix = 24
+"#,
+    );
+    let addr = env.addr;
+    // One address each within one /64: the /64 has one budget.
+    assert_eq!(
+        get_as("2001:db8:1:2::1", addr, "/per-64/x").await,
+        Some(200)
+    );
+    assert_eq!(
+        get_as("2001:db8:1:2::2", addr, "/per-64/x").await,
+        Some(200)
+    );
+    assert_eq!(
+        get_as("2001:db8:1:2::3", addr, "/per-64/x").await,
+        Some(429)
+    );
+    assert_eq!(
+        get_as("2001:db8:1:3::1", addr, "/per-64/x").await,
+        Some(200)
+    );
+    // ipv6_prefix = 128: each address has its own.
+    for a in ["2001:db8:9::1", "2001:db8:9::2"] {
+        assert_eq!(get_as(a, addr, "/per-address/x").await, Some(200), "{a}");
+    }
+    assert_eq!(
+        get_as("2001:db8:9::2", addr, "/per-address/x").await,
+        Some(429)
+    );
+    // ipv4_prefix = 24: one budget for the /24.
+    assert_eq!(get_as("198.51.100.1", addr, "/per-24/x").await, Some(200));
+    assert_eq!(get_as("198.51.100.2", addr, "/per-24/x").await, Some(429));
+    assert_eq!(get_as("198.51.101.2", addr, "/per-24/x").await, Some(200));
+
+    // Auto-ban counts the /64's refusals together (one is in above): two
+    // more from other addresses in it ban the whole /64.
+    for a in ["2001:db8:1:2::4", "2001:db8:1:2:ffff::5"] {
+        assert_eq!(get_as(a, addr, "/per-64/x").await, Some(429), "{a}");
+    }
+    assert_eq!(
+        get_as("2001:db8:1:2:abcd::77", addr, "/open").await,
+        Some(403),
+        "an address of the banned /64 that never sent anything"
+    );
+    assert_eq!(get_as("2001:db8:1:3::1", addr, "/open").await, Some(200));
+    let bans = admin_get(&env.gw, "/admin/bans");
+    assert!(bans.contains("\"ip\":\"2001:db8:1:2::/64\""), "{bans}");
 }

@@ -293,3 +293,18 @@ fn upstream_tls_problems_are_named_at_their_place() {
     let (code, out) = check(&tls("verify = false\nsni = \"api.internal\"\n"));
     assert_eq!(code, 0, "{out:?}");
 }
+
+#[test]
+fn source_prefixes_out_of_range() {
+    let (code, out) = check(&format!(
+        "{BASE}[routes.rate_limit]\nlimits = [{{ requests = 1, per = \"1s\" }}]\nipv6_prefix = 129\n"
+    ));
+    assert_eq!(code, 2);
+    assert_eq!(out, ["F:12:15: ipv6_prefix must be 0..=128"]);
+    let (code, out) = check(&BASE.replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        "listen = \"127.0.0.1:8080\"\n[listeners.auto_ban]\nipv4_prefix = 0\n",
+    ));
+    assert_eq!(code, 2);
+    assert_eq!(out, ["F:5:15: ipv4_prefix must be 1..=32"]);
+}

@@ -62,6 +62,73 @@ impl Access {
     }
 }
 
+/// How much of a source address names one client, for counting (`ip`
+/// rate-limit keys, auto-ban) and banning: an IPv6 client usually holds a
+/// whole /64 and can send from any address in it, so counting each address
+/// on its own would let one client multiply its budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SourcePrefix {
+    pub ipv4: u8,
+    pub ipv6: u8,
+}
+
+impl SourcePrefix {
+    /// IPv4 addresses one by one, IPv6 clients by their /64 (as the XDP
+    /// rate limit).
+    pub const DEFAULT: SourcePrefix = SourcePrefix { ipv4: 32, ipv6: 64 };
+
+    /// Compiles `ipv4_prefix`/`ipv6_prefix` settings (defaults for absent
+    /// ones); `min` is the shortest prefix accepted.
+    pub fn compile(
+        ipv4: Option<&Spanned<u8>>,
+        ipv6: Option<&Spanned<u8>>,
+        min: u8,
+        problems: &mut Vec<Problem>,
+    ) -> SourcePrefix {
+        let mut check = |v: Option<&Spanned<u8>>, name: &str, max: u8, default: u8| match v {
+            None => default,
+            Some(v) if (min..=max).contains(v.get_ref()) => *v.get_ref(),
+            Some(v) => {
+                problems.push(Problem::at(
+                    v.span(),
+                    format!("{name} must be {min}..={max}"),
+                ));
+                default
+            }
+        };
+        SourcePrefix {
+            ipv4: check(ipv4, "ipv4_prefix", 32, Self::DEFAULT.ipv4),
+            ipv6: check(ipv6, "ipv6_prefix", 128, Self::DEFAULT.ipv6),
+        }
+    }
+
+    /// The network of `ip` (IPv4-mapped addresses count as IPv4).
+    pub fn net(self, ip: IpAddr) -> IpNet {
+        let (ip, len) = match canonical(ip) {
+            v4 @ IpAddr::V4(_) => (v4, self.ipv4),
+            v6 => (v6, self.ipv6),
+        };
+        // The lengths are checked at load; a full-length network otherwise.
+        IpNet::new(ip, len)
+            .unwrap_or_else(|_| IpNet::from(ip))
+            .trunc()
+    }
+
+    /// `net(ip)` as one address (its first), for keys.
+    pub fn key(self, ip: IpAddr) -> IpAddr {
+        self.net(ip).network()
+    }
+}
+
+/// A network as an address when it is a single one, else as a CIDR.
+pub fn display_net(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
 /// An IPv4-mapped IPv6 address as IPv4, so that IPv4 rules apply to it
 /// (dual-stack listeners see IPv4 clients as `::ffff:a.b.c.d`).
 pub fn canonical(ip: IpAddr) -> IpAddr {
@@ -113,6 +180,24 @@ pub fn parse_cidr(s: &str) -> Option<IpNet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_prefixes_group_addresses() {
+        let p = SourcePrefix::DEFAULT;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(p.net(ip("192.0.2.7")).to_string(), "192.0.2.7/32");
+        assert_eq!(p.net(ip("::ffff:192.0.2.7")).to_string(), "192.0.2.7/32");
+        assert_eq!(
+            p.net(ip("2001:db8:1:2:aaaa::1")).to_string(),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(p.key(ip("2001:db8:1:2:ffff::9")), ip("2001:db8:1:2::"));
+        let wide = SourcePrefix { ipv4: 24, ipv6: 48 };
+        assert_eq!(wide.key(ip("192.0.2.7")), ip("192.0.2.0"));
+        assert_eq!(wide.key(ip("2001:db8:1:2::1")), ip("2001:db8:1::"));
+        assert_eq!(display_net(&p.net(ip("192.0.2.7"))), "192.0.2.7");
+        assert_eq!(display_net(&p.net(ip("2001:db8::1"))), "2001:db8::/64");
+    }
 
     fn access(allow: &[&str], deny: &[&str]) -> Access {
         let sp = |v: &[&str]| {

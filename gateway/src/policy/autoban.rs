@@ -17,6 +17,7 @@ use toml::Spanned;
 
 use crate::config::Problem;
 use crate::config::units::Secs;
+use crate::policy::access::SourcePrefix;
 use crate::policy::shared::{self, Sweep};
 use crate::xdp::Enforcer;
 
@@ -38,6 +39,13 @@ pub struct AutoBanSection {
     /// Sources never banned (CIDRs or addresses).
     #[serde(default)]
     pub exempt: Vec<Spanned<String>>,
+    /// Sources counted and banned as one: IPv4 prefix length (default 32).
+    #[serde(default)]
+    pub ipv4_prefix: Option<Spanned<u8>>,
+    /// ... IPv6 prefix length (default 64: a client that rotates through
+    /// the addresses of its /64 is still one source).
+    #[serde(default)]
+    pub ipv6_prefix: Option<Spanned<u8>>,
 }
 
 fn default_auth_failures() -> u32 {
@@ -69,7 +77,8 @@ pub struct AutoBan {
     window: Duration,
     ttl: Duration,
     exempt: Vec<IpNet>,
-    counts: DashMap<IpAddr, Counts>,
+    prefix: SourcePrefix,
+    counts: DashMap<IpNet, Counts>,
     swept: AtomicBool,
 }
 
@@ -82,6 +91,13 @@ impl AutoBan {
         let ss = s.get_ref();
         let before = problems.len();
         let exempt = crate::policy::access::cidrs(&ss.exempt, problems);
+        // A ban of /0 would refuse everyone.
+        let prefix = SourcePrefix::compile(
+            ss.ipv4_prefix.as_ref(),
+            ss.ipv6_prefix.as_ref(),
+            1,
+            problems,
+        );
         if ss.window.0.is_zero() || ss.ttl.0.is_zero() {
             problems.push(Problem::at(
                 s.span(),
@@ -98,7 +114,7 @@ impl AutoBan {
             return None;
         }
         let key = format!(
-            "autoban\0{listener}\0{}\0{}\0{:?}\0{:?}\0{exempt:?}",
+            "autoban\0{listener}\0{}\0{}\0{:?}\0{:?}\0{exempt:?}\0{prefix:?}",
             ss.auth_failures, ss.limit_exceeded, ss.window.0, ss.ttl.0
         );
         Some(shared::get_or_make(key, || AutoBan {
@@ -108,13 +124,16 @@ impl AutoBan {
             window: ss.window.0,
             ttl: ss.ttl.0,
             exempt,
+            prefix,
             counts: DashMap::new(),
             swept: AtomicBool::new(false),
         }))
     }
 
-    /// Counts a response of `status` to `ip`, banning the source when it
-    /// reaches a threshold. Cheap for every status but 401, 403 and 429.
+    /// Counts a response of `status` to `ip`, banning the source (the
+    /// network of `ip` that `ipv4_prefix`/`ipv6_prefix` make one source)
+    /// when it reaches a threshold. Cheap for every status but 401, 403
+    /// and 429.
     pub fn observe(self: &Arc<Self>, enforcer: &Enforcer, ip: IpAddr, status: u16, proxied: bool) {
         let (auth, limit) = match status {
             401 | 403 if self.auth_failures > 0 => (1, 0),
@@ -129,9 +148,10 @@ impl AutoBan {
             let weak: std::sync::Weak<dyn Sweep> = Arc::downgrade(self) as _;
             shared::sweep_later(weak);
         }
+        let net = self.prefix.net(ip);
         let now = Instant::now();
         let reason = {
-            let mut c = self.counts.entry(ip).or_insert(Counts {
+            let mut c = self.counts.entry(net).or_insert(Counts {
                 since: now,
                 auth: 0,
                 limit: 0,
@@ -153,8 +173,8 @@ impl AutoBan {
                 return;
             }
         };
-        self.counts.remove(&ip);
-        if !enforcer.ban(ip, self.ttl, proxied) {
+        self.counts.remove(&net);
+        if !enforcer.ban(ip, net, self.ttl, proxied) {
             return;
         }
         metrics::counter!(
@@ -165,7 +185,7 @@ impl AutoBan {
         .increment(1);
         tracing::warn!(
             listener = %self.listener,
-            %ip,
+            source = %crate::policy::access::display_net(&net),
             reason,
             ttl = ?self.ttl,
             "auto-ban: source banned"
@@ -244,5 +264,51 @@ mod tests {
             a.observe(&e, exempt, 429, false);
         }
         assert!(e.admit(exempt));
+    }
+
+    #[test]
+    fn an_ipv6_client_rotating_through_its_64_is_one_source() {
+        let e = Enforcer::default();
+        let a = autoban("auth_failures = 3");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (i, addr) in ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::3"]
+            .into_iter()
+            .enumerate()
+        {
+            assert!(e.admit(ip(addr)), "banned before failure {i}");
+            a.observe(&e, ip(addr), 401, false);
+        }
+        // The whole /64 is banned, not only the three addresses used.
+        assert!(!e.admit(ip("2001:db8:1:2:abcd::99")));
+        assert!(e.admit(ip("2001:db8:1:3::1")));
+        assert_eq!(
+            e.bans()
+                .iter()
+                .map(|(n, _)| n.to_string())
+                .collect::<Vec<_>>(),
+            ["2001:db8:1:2::/64"]
+        );
+
+        // With ipv6_prefix = 128, each address is a source of its own.
+        let e = Enforcer::default();
+        let a = autoban("auth_failures = 2\nipv6_prefix = 128");
+        a.observe(&e, ip("2001:db8::1"), 401, false);
+        a.observe(&e, ip("2001:db8::2"), 401, false);
+        assert!(e.admit(ip("2001:db8::1")));
+        a.observe(&e, ip("2001:db8::1"), 401, false);
+        assert!(!e.admit(ip("2001:db8::1")));
+        assert!(e.admit(ip("2001:db8::2")));
+    }
+
+    #[test]
+    fn a_zero_or_too_long_prefix_is_refused_at_its_place() {
+        let text = "ipv4_prefix = 0\nipv6_prefix = 129";
+        let s = Spanned::new(0..0, toml::from_str::<AutoBanSection>(text).unwrap());
+        let mut p = Vec::new();
+        assert!(AutoBan::compile("l", &s, &mut p).is_none());
+        let msgs: Vec<&str> = p.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(msgs[0].contains("ipv4_prefix must be 1..=32"), "{msgs:?}");
+        assert!(msgs[1].contains("ipv6_prefix must be 1..=128"), "{msgs:?}");
     }
 }

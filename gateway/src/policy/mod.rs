@@ -213,9 +213,7 @@ pub async fn on_request(
     }
     // 4d: the route's limits, then the consumer's own.
     if let Some(rl) = &policy.rate_limit {
-        let key = rl
-            .source()
-            .key(conn.peer.ip(), req.headers(), ctx.identity.as_ref());
+        let key = rl.key(conn.peer.ip(), req.headers(), ctx.identity.as_ref());
         let (decision, permit) = rl.check(key).await?;
         if rl.headers {
             ctx.rate = Some(decision);

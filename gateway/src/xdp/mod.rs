@@ -117,7 +117,9 @@ impl Enforcer {
         }
     }
 
-    /// Bans `ip` for `ttl` (auto-ban), unless an allow entry covers it:
+    /// Bans `net`, the source `ip` belongs to, for `ttl` (auto-ban),
+    /// unless an allow entry covers `ip` (and only `ip` when one lies in
+    /// `net`):
     /// into the deny list with that expiry when `[xdp]` is configured (the
     /// kernel map when the XDP program enforces, so the kernel drops the
     /// source's packets), else into a userspace ban table checked at
@@ -126,16 +128,20 @@ impl Enforcer {
     /// balancer, so no deny-list entry could match them. Rare by nature, so
     /// the map write may run on the caller's thread. Returns whether the
     /// source was banned.
-    pub fn ban(&self, ip: IpAddr, ttl: Duration, proxied: bool) -> bool {
+    pub fn ban(&self, ip: IpAddr, net: ipnet::IpNet, ttl: Duration, proxied: bool) -> bool {
         let ip = crate::policy::access::canonical(ip);
-        let allowed = self
-            .entries(List::Allow)
-            .map(|l| l.iter().any(|(net, _)| net.contains(&ip)))
-            .unwrap_or(false);
-        if allowed {
+        let allow = self.entries(List::Allow).unwrap_or_default();
+        if allow.iter().any(|(a, _)| a.contains(&ip)) {
             tracing::info!(%ip, "auto-ban skipped: the source is allow-listed");
             return false;
         }
+        // A network holding allow-listed addresses is not banned whole:
+        // only the address that earned the ban is.
+        let net = if allow.iter().any(|(a, _)| net.contains(a)) {
+            ipnet::IpNet::from(ip)
+        } else {
+            net
+        };
         // With an `[xdp]` section the ban joins the deny list (the kernel
         // map, or the userspace lists), so `gateway deny list` shows it and
         // `gateway deny del` lifts it early; otherwise (or if that fails) a
@@ -147,18 +153,18 @@ impl Enforcer {
             .settings
             .enabled;
         if enabled && !proxied {
-            match self.edit(List::Deny, &ipnet::IpNet::from(ip), false, Some(ttl)) {
+            match self.edit(List::Deny, &net, false, Some(ttl)) {
                 Ok(_) => return true,
-                Err(e) => tracing::warn!(%ip, "auto-ban not added to the deny list: {e}"),
+                Err(e) => tracing::warn!(%net, "auto-ban not added to the deny list: {e}"),
             }
         }
-        self.bans.insert(ip, ttl);
+        self.bans.insert(net, ttl);
         true
     }
 
     /// Auto-ban bans held in the userspace ban table (no `[xdp]` section)
     /// and the time each has left; with `[xdp]`, bans are deny-list entries.
-    pub fn bans(&self) -> Vec<(IpAddr, Duration)> {
+    pub fn bans(&self) -> Vec<(ipnet::IpNet, Duration)> {
         self.bans.list()
     }
 

@@ -52,6 +52,13 @@ pub struct RateLimitSection {
     /// Send `RateLimit-*` headers.
     #[serde(default = "yes")]
     pub headers: bool,
+    /// Client addresses counted as one (`ip` keys and the fallbacks to
+    /// them): IPv4 prefix length (default 32).
+    #[serde(default)]
+    pub ipv4_prefix: Option<Spanned<u8>>,
+    /// ... IPv6 prefix length (default 64).
+    #[serde(default)]
+    pub ipv6_prefix: Option<Spanned<u8>>,
 }
 
 fn yes() -> bool {
@@ -156,14 +163,14 @@ impl KeySource {
         })
     }
 
-    /// The key of a request from `ip` with `headers`, sent by `identity`.
+    /// The key of a request from `ip` (already reduced to its
+    /// `SourcePrefix` network) with `headers`, sent by `identity`.
     pub fn key<'a>(
         &self,
         ip: IpAddr,
         headers: &'a HeaderMap,
         identity: Option<&'a crate::auth::Identity>,
     ) -> Key<'a> {
-        let ip = crate::policy::access::canonical(ip);
         match self {
             KeySource::Ip => Key::Ip(ip),
             KeySource::Route => Key::Route,
@@ -227,6 +234,8 @@ pub struct RateLimit {
     /// per consumer across every route).
     scope: Arc<str>,
     source: KeySource,
+    /// How much of a client address is one key.
+    prefix: crate::policy::access::SourcePrefix,
     windows: Vec<WindowSpec>,
     local: Option<Arc<local::Local>>,
     /// Counts and limit.
@@ -306,11 +315,17 @@ impl RateLimit {
                 }
             },
         };
+        let prefix = crate::policy::access::SourcePrefix::compile(
+            s.ipv4_prefix.as_ref(),
+            s.ipv6_prefix.as_ref(),
+            0,
+            problems,
+        );
         if problems.len() > before {
             return None;
         }
         // State is kept across reloads while the settings are the same.
-        let state_key = format!("ratelimit\0{scope}\0{source:?}\0");
+        let state_key = format!("ratelimit\0{scope}\0{source:?}\0{prefix:?}\0");
         let local = (!windows.is_empty()).then(|| {
             crate::policy::shared::get_or_make(format!("{state_key}{windows:?}"), || {
                 local::Local::new(&windows)
@@ -333,6 +348,7 @@ impl RateLimit {
         Some(RateLimit {
             scope: scope.into(),
             source,
+            prefix,
             windows,
             local,
             quota,
@@ -345,6 +361,16 @@ impl RateLimit {
 
     pub fn source(&self) -> &KeySource {
         &self.source
+    }
+
+    /// The key of a request from `ip` with `headers`, sent by `identity`.
+    pub fn key<'a>(
+        &self,
+        ip: IpAddr,
+        headers: &'a HeaderMap,
+        identity: Option<&'a crate::auth::Identity>,
+    ) -> Key<'a> {
+        self.source.key(self.prefix.key(ip), headers, identity)
     }
 
     /// Step 4d: counts the request, or refuses it (`429`, or `503` when
