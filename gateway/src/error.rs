@@ -17,6 +17,9 @@ pub enum ErrorKind {
     /// The forward-auth service sent the client elsewhere with this 3xx
     /// (e.g. to a login page).
     AuthRedirect(http::StatusCode),
+    /// The forward-auth service refused the request with this 4xx (other
+    /// than 401 and 403, which keep their own kinds).
+    AuthDenied(http::StatusCode),
     /// Authenticated, but not allowed (403); also route-level IP denies.
     Forbidden,
     /// No route matches.
@@ -61,7 +64,7 @@ impl ErrorKind {
     pub fn side(self) -> Side {
         use ErrorKind::*;
         match self {
-            BadRequest | Unauthorized | AuthRedirect(_) | Forbidden | NoRoute
+            BadRequest | Unauthorized | AuthRedirect(_) | AuthDenied(_) | Forbidden | NoRoute
             | MethodNotAllowed | RequestTimeout | PayloadTooLarge | Unprocessable
             | TooManyRequests | HeadersTooLarge => Side::Downstream,
             UpstreamConnect | UpstreamProtocol | NoUpstream | CircuitOpen | Overloaded
@@ -82,6 +85,7 @@ impl ErrorKind {
             BadRequest => "bad_request",
             Unauthorized => "unauthorized",
             AuthRedirect(_) => "auth_redirect",
+            AuthDenied(_) => "auth_denied",
             Forbidden => "forbidden",
             NoRoute => "no_route",
             MethodNotAllowed => "method_not_allowed",

@@ -18,7 +18,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         BadRequest => StatusCode::BAD_REQUEST,
         Unauthorized => StatusCode::UNAUTHORIZED,
-        AuthRedirect(s) => s,
+        AuthRedirect(s) | AuthDenied(s) => s,
         Forbidden => StatusCode::FORBIDDEN,
         NoRoute => StatusCode::NOT_FOUND,
         MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -40,6 +40,7 @@ fn title_of(kind: ErrorKind) -> &'static str {
         BadRequest => "Bad Request",
         Unauthorized => "Unauthorized",
         AuthRedirect(_) => "Redirect",
+        AuthDenied(s) => s.canonical_reason().unwrap_or("Client Error"),
         Forbidden => "Forbidden",
         NoRoute => "Not Found",
         MethodNotAllowed => "Method Not Allowed",

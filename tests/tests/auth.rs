@@ -1204,7 +1204,8 @@ introspection = {{ provider = "opaque" }}
 /// A forward-auth service: `Bearer good` → 200 naming consumer "zed" with
 /// roles; `Bearer bad` → 401 with a challenge; `Bearer nope` → 403;
 /// `Bearer login` → 302 to a login page with a cookie; `Bearer lost` → 302
-/// without a `Location`; anything else → 500. It answers with what it received in `x-seen-*`.
+/// without a `Location`; `Bearer busy` → 429 with `Retry-After`; `Bearer
+/// odd` → 400; anything else → 500. It answers with what it received in `x-seen-*`.
 async fn start_verdicts() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     serve_fn(|_, head, _| {
         let h = &head.headers;
@@ -1226,6 +1227,11 @@ async fn start_verdicts() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>)
                 .header("set-cookie", "csrf=abc; HttpOnly")
                 .header("x-not-copied", "1"),
             Some("Bearer lost") => resp.status(302),
+            Some("Bearer busy") => resp
+                .status(429)
+                .header("retry-after", "7")
+                .header("x-not-copied", "1"),
+            Some("Bearer odd") => resp.status(400),
             _ => resp.status(500),
         };
         for name in ["x-forwarded-method", "x-forwarded-uri", "x-forwarded-host"] {
@@ -1323,7 +1329,16 @@ forward = {{ url = "http://127.0.0.1:{dead}/check", timeout = "1s" }}
     assert_eq!(r.header("x-not-copied"), None);
     let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer lost")]).await;
     problem(&r, 502);
-    // Any other answer, or none, fails closed.
+    // Any other 4xx is the service's verdict too, with its Retry-After.
+    let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer busy")]).await;
+    let v = problem(&r, 429);
+    assert_eq!(v["type"], "https://gateway.dev/problems/auth-denied", "{v}");
+    assert_eq!(v["title"], "Too Many Requests", "{v}");
+    assert_eq!(r.header("retry-after"), Some("7"));
+    assert_eq!(r.header("x-not-copied"), None);
+    let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer odd")]).await;
+    assert_eq!(problem(&r, 400)["title"], "Bad Request");
+    // A 5xx, or no answer, fails closed.
     let r = send(&base, "GET", "/fwd/x", &[]).await;
     problem(&r, 502);
     let r = send(&base, "GET", "/dead/x", &[("authorization", "Bearer good")]).await;

@@ -2,16 +2,18 @@
 //! GET with the chosen client headers and `X-Forwarded-Method`, `-Uri`,
 //! `-Host`, `-For`, `-Proto`. A 2xx answer admits the request (its chosen
 //! headers are copied onto the upstream request, one of them may name the
-//! consumer); 401 and 403 are passed on to the client (with the service's
-//! `WWW-Authenticate`), and so are redirects (301, 302, 303, 307, 308 with
-//! their `Location` and `Set-Cookie`: a login flow); anything else, or no
-//! answer, fails closed with 502.
+//! consumer); any 4xx is the service's verdict, passed on to the client
+//! with its `WWW-Authenticate`, `Retry-After` and `Set-Cookie` (401 and 403
+//! keep their own error kinds; a 429 counts towards auto-ban like the
+//! gateway's own), and so are redirects (301, 302, 303, 307, 308 with
+//! their `Location` and `Set-Cookie`: a login flow); anything else (a 5xx,
+//! a redirect without `Location`), or no answer, fails closed with 502.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proxy::body::Incoming;
-use http::header::{HeaderName, HeaderValue, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
+use http::header::{HeaderName, HeaderValue, LOCATION, RETRY_AFTER, SET_COOKIE, WWW_AUTHENTICATE};
 use http::{Request, StatusCode, Uri};
 use http_body_util::Full;
 
@@ -98,20 +100,36 @@ impl ForwardAuth {
                 .collect();
             return Ok(Admitted { consumer, headers });
         }
+        let passed_on = |mut e: ProxyError, names: &[&HeaderName]| {
+            for name in names {
+                for v in resp.headers().get_all(*name) {
+                    e = e.with_header((*name).clone(), v.clone());
+                }
+            }
+            e
+        };
+        const VERDICT_HEADERS: &[&HeaderName] = &[&WWW_AUTHENTICATE, &RETRY_AFTER, &SET_COOKIE];
         Err(match status {
-            StatusCode::UNAUTHORIZED => {
-                let mut e = ProxyError::new(
+            StatusCode::UNAUTHORIZED => passed_on(
+                ProxyError::new(
                     ErrorKind::Unauthorized,
                     "the forward-auth service refused the credentials",
-                );
-                for v in resp.headers().get_all(WWW_AUTHENTICATE) {
-                    e = e.with_header(WWW_AUTHENTICATE, v.clone());
-                }
-                e
-            }
-            StatusCode::FORBIDDEN => ProxyError::new(
-                ErrorKind::Forbidden,
-                "the forward-auth service denied the request",
+                ),
+                VERDICT_HEADERS,
+            ),
+            StatusCode::FORBIDDEN => passed_on(
+                ProxyError::new(
+                    ErrorKind::Forbidden,
+                    "the forward-auth service denied the request",
+                ),
+                VERDICT_HEADERS,
+            ),
+            s if s.is_client_error() => passed_on(
+                ProxyError::new(
+                    ErrorKind::AuthDenied(s),
+                    format!("the forward-auth service refused the request ({s})"),
+                ),
+                VERDICT_HEADERS,
             ),
             StatusCode::MOVED_PERMANENTLY
             | StatusCode::FOUND
@@ -120,16 +138,13 @@ impl ForwardAuth {
             | StatusCode::PERMANENT_REDIRECT
                 if resp.headers().contains_key(LOCATION) =>
             {
-                let mut e = ProxyError::new(
-                    ErrorKind::AuthRedirect(status),
-                    "the forward-auth service redirected the request",
-                );
-                for name in [&LOCATION, &SET_COOKIE] {
-                    for v in resp.headers().get_all(name) {
-                        e = e.with_header(name.clone(), v.clone());
-                    }
-                }
-                e
+                passed_on(
+                    ProxyError::new(
+                        ErrorKind::AuthRedirect(status),
+                        "the forward-auth service redirected the request",
+                    ),
+                    &[&LOCATION, &SET_COOKIE],
+                )
             }
             s => ProxyError::new(
                 ErrorKind::UpstreamProtocol,
