@@ -49,6 +49,27 @@ impl Ca {
         }
     }
 
+    /// Client settings that trust this CA, without a certificate of their
+    /// own; ALPN `http/1.1`.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut cfg = self.client_builder().with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+
+    fn client_builder(
+        &self,
+    ) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.der.clone()).expect("CA certificate");
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+    }
+
     /// A server certificate for `names` (DNS names or IP addresses),
     /// written to `dir/STEM.pem` and `dir/STEM.key`.
     pub fn server(&self, stem: &str, names: &[&str]) -> Leaf {
@@ -84,6 +105,29 @@ impl Ca {
 }
 
 impl Leaf {
+    /// Client settings that trust `server_ca` and present this certificate
+    /// (mutual TLS); ALPN `http/1.1`.
+    pub fn client_config(&self, server_ca: &Ca) -> Arc<rustls::ClientConfig> {
+        let mut cfg = server_ca
+            .client_builder()
+            .with_client_auth_cert(
+                self.chain.clone(),
+                PrivateKeyDer::Pkcs8(self.key.clone_key()),
+            )
+            .expect("client certificate");
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+
+    /// SHA-256 of the certificate (DER), hex.
+    pub fn sha256(&self) -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.chain[0].as_ref())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Server settings presenting this certificate, offering `alpn`, and,
     /// with `clients`, requiring a client certificate signed by that CA.
     pub fn server_config(&self, alpn: &[&[u8]], clients: Option<&Ca>) -> Arc<rustls::ServerConfig> {

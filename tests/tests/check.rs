@@ -308,3 +308,39 @@ fn source_prefixes_out_of_range() {
     assert_eq!(code, 2);
     assert_eq!(out, ["F:5:15: ipv4_prefix must be 1..=32"]);
 }
+
+#[test]
+fn client_certificate_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["gw.test".to_string()]).unwrap();
+    let cert = dir.path().join("gw.pem");
+    let key = dir.path().join("gw.key");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let tls = |extra: &str| {
+        BASE.replace(
+            "listen = \"127.0.0.1:8080\"\n",
+            &format!(
+                "listen = \"127.0.0.1:8080\"\n[listeners.tls]\n{extra}\n[[listeners.tls.certificates]]\ncert = {cert:?}\nkey = {key:?}\n"
+            ),
+        )
+    };
+    let (code, out) = check(&tls("client_auth = \"optional\""));
+    assert_eq!(code, 2);
+    assert_eq!(
+        out,
+        ["F:5:15: client_auth needs client_ca (the CA client certificates must chain to)"]
+    );
+    let (code, out) = check(&tls("client_ca = \"no-such-ca.pem\""));
+    assert_eq!(code, 2);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(
+        out[0].starts_with("F:5:13: cannot read CA certificates from ")
+            && out[0].contains("no-such-ca.pem"),
+        "{out:?}"
+    );
+    let (code, out) = check(&tls(&format!(
+        "client_ca = {cert:?}\nclient_auth = \"optional\""
+    )));
+    assert_eq!(code, 0, "{out:?}");
+}

@@ -295,3 +295,261 @@ async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
     assert_eq!(v["headers"]["x-forwarded-for"], "203.0.113.7");
     assert_eq!(v["headers"]["x-forwarded-proto"], "https");
 }
+
+/// `GET path` over HTTP/1.1 on a TLS connection to `addr` made with `cfg`,
+/// sending `headers`; the status and the backend's echo, or the error.
+async fn mtls_get(
+    addr: &str,
+    cfg: Arc<rustls::ClientConfig>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, serde_json::Value), String> {
+    let tls = connect(addr, cfg, "gw.test")
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = Request::get(path).header("host", "gw.test");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = send
+        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let v = serde_json::from_slice(&body.to_bytes()).unwrap_or(serde_json::Value::Null);
+    Ok((status, v))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_verified_and_described_to_the_upstream() {
+    use gateway_tests::pki::Ca;
+    let dir = tempfile::tempdir().unwrap();
+    let servers = Ca::new(dir.path(), "servers");
+    let clients = Ca::new(dir.path(), "clients");
+    let strangers = Ca::new(dir.path(), "strangers");
+    let server = servers.server("gw", &["gw.test"]);
+    let alice = clients.client("alice");
+    let mallory = strangers.client("mallory");
+    let backend = Backend::start("be").await;
+    let (require, optional, forward, plain) = (free_port(), free_port(), free_port(), free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let listener = |name: &str, port: u16, extra: &str, tls: &str| {
+        format!(
+            r#"
+[[listeners]]
+name = "{name}"
+listen = "127.0.0.1:{port}"
+{extra}
+{tls}"#
+        )
+    };
+    let tls = |auth: &str| {
+        format!(
+            r#"[listeners.tls]
+client_ca = "{ca}"
+{auth}
+[[listeners.tls.certificates]]
+cert = "{cert}"
+key = "{key}""#,
+            ca = clients.ca_file.display(),
+            cert = server.cert_file.display(),
+            key = server.key_file.display(),
+        )
+    };
+    let config = format!(
+        r#"
+[server]
+workers = 1
+watch_config = false
+[admin]
+listen = "{admin}"
+{l1}{l2}{l3}{l4}
+[[upstreams]]
+name = "be"
+targets = ["{b}"]
+[[routes]]
+name = "all"
+upstream = "be"
+"#,
+        l1 = listener("require", require, "", &tls("")),
+        l2 = listener("optional", optional, "", &tls("client_auth = \"optional\"")),
+        l3 = listener(
+            "forward",
+            forward,
+            "forward_client_cert = \"forward\"",
+            &tls("")
+        ),
+        l4 = listener("plain", plain, "", ""),
+        b = backend.addr,
+    );
+    let gw = Gateway::start(&config, &admin);
+    let at = |port: u16| format!("127.0.0.1:{port}");
+    let spoof = [("x-forwarded-client-cert", "Hash=00;Subject=\"CN=admin\"")];
+
+    // A certificate from the client CA: the upstream learns which, and a
+    // header the client wrote itself is replaced.
+    let (status, v) = mtls_get(&at(require), alice.client_config(&servers), "/x", &spoof)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    let xfcc = v["headers"]["x-forwarded-client-cert"].as_str().unwrap();
+    assert!(
+        xfcc.starts_with(&format!("Hash={};Subject=\"", alice.sha256())),
+        "{xfcc}"
+    );
+    assert!(xfcc.contains("CN=alice"), "{xfcc}");
+    // The access log names the certificate too.
+    let line = gw.access_log_line(&alice.sha256());
+    assert_eq!(line["gateway.listener"], "require", "{line}");
+    assert!(
+        line["tls.client.subject"]
+            .as_str()
+            .unwrap()
+            .contains("CN=alice"),
+        "{line}"
+    );
+
+    // Required: no certificate, or one from another CA, gets nothing
+    // served (TLS 1.3 reports the refusal at the first read).
+    for (who, cfg) in [
+        ("none", servers.client_config()),
+        ("stranger", mallory.client_config(&servers)),
+    ] {
+        let r = mtls_get(&at(require), cfg, "/x", &[]).await;
+        assert!(r.is_err(), "{who}: {r:?}");
+    }
+    assert_eq!(backend.hits(), 1);
+
+    // Optional: served without a certificate (and without the header);
+    // a certificate that does not verify is still refused.
+    let (status, v) = mtls_get(&at(optional), servers.client_config(), "/x", &spoof)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert!(v["headers"].get("x-forwarded-client-cert").is_none(), "{v}");
+    let (_, v) = mtls_get(&at(optional), alice.client_config(&servers), "/x", &[])
+        .await
+        .unwrap();
+    assert!(
+        v["headers"]["x-forwarded-client-cert"]
+            .as_str()
+            .unwrap()
+            .contains("CN=alice")
+    );
+    assert!(
+        mtls_get(&at(optional), mallory.client_config(&servers), "/x", &[])
+            .await
+            .is_err()
+    );
+
+    // forward_client_cert = "forward": what came in goes on, nothing added.
+    let (_, v) = mtls_get(&at(forward), alice.client_config(&servers), "/x", &spoof)
+        .await
+        .unwrap();
+    assert_eq!(v["headers"]["x-forwarded-client-cert"], spoof[0].1, "{v}");
+
+    // A plain listener removes a client's claim too.
+    let c = reqwest_like_get(&at(plain), &spoof).await;
+    assert!(c["headers"].get("x-forwarded-client-cert").is_none(), "{c}");
+}
+
+/// A plain HTTP/1.1 GET of `/x` to `addr` with `headers`; the backend's
+/// echo.
+async fn reqwest_like_get(addr: &str, headers: &[(&str, &str)]) -> serde_json::Value {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::get("/x").header("host", "gw.test");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = send
+        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_names_a_consumer() {
+    use gateway_tests::pki::Ca;
+    let dir = tempfile::tempdir().unwrap();
+    let servers = Ca::new(dir.path(), "servers");
+    let clients = Ca::new(dir.path(), "clients");
+    let server = servers.server("gw", &["gw.test"]);
+    let (alice, carol) = (clients.client("alice"), clients.client("carol"));
+    let backend = Backend::start("be").await;
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"
+[server]
+workers = 1
+watch_config = false
+[admin]
+listen = "{admin}"
+[[consumers]]
+name = "alice-svc"
+groups = ["ops"]
+cert_names = ["spiffe://example.test/alice", "alice"]
+[[listeners]]
+name = "mtls"
+listen = "127.0.0.1:{port}"
+[listeners.tls]
+client_ca = "{ca}"
+client_auth = "optional"
+[[listeners.tls.certificates]]
+cert = "{cert}"
+key = "{key}"
+[[upstreams]]
+name = "be"
+targets = ["{b}"]
+[[routes]]
+name = "ops"
+upstream = "be"
+[routes.auth]
+client_cert = {{}}
+groups = ["ops"]
+"#,
+        ca = clients.ca_file.display(),
+        cert = server.cert_file.display(),
+        key = server.key_file.display(),
+        b = backend.addr,
+    );
+    let gw = Gateway::start(&config, &admin);
+    let addr = format!("127.0.0.1:{port}");
+    let (status, v) = mtls_get(&addr, alice.client_config(&servers), "/x", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["headers"]["x-consumer"], "alice-svc", "{v}");
+    let line = gw.access_log_line(&alice.sha256());
+    assert_eq!(line["user.name"], "alice-svc", "{line}");
+    // A certificate from the CA that names no consumer, and none at all.
+    for (who, cfg) in [
+        ("carol", carol.client_config(&servers)),
+        ("no certificate", servers.client_config()),
+    ] {
+        let (status, v) = mtls_get(&addr, cfg, "/x", &[]).await.unwrap();
+        assert_eq!(status, 401, "{who}: {v}");
+        if who == "carol" {
+            assert_eq!(
+                v["detail"], "the client certificate (CN=carol) names no consumer",
+                "{v}"
+            );
+        }
+    }
+    assert_eq!(backend.hits(), 1);
+}

@@ -326,10 +326,11 @@ pub fn compile_route(
         && a.jwt.is_none()
         && a.introspection.is_none()
         && a.forward.is_none()
+        && a.client_cert.is_none()
     {
         problems.push(Problem::at(
             span.clone(),
-            "[routes.auth] accepts no credentials: add api_key, basic, jwt, introspection or forward",
+            "[routes.auth] accepts no credentials: add api_key, basic, jwt, introspection, client_cert or forward",
         ));
     }
     let realm = a.realm.get_ref();
@@ -418,6 +419,7 @@ pub fn compile_route(
         consumers: global.consumers.clone(),
         api_key,
         basic: a.basic.is_some(),
+        client_cert: a.client_cert.is_some(),
         jwt,
         introspection,
         forward,

@@ -30,6 +30,10 @@ pub struct Consumer {
     /// HTTP Basic password hash: bcrypt (`$2b$...`) or argon2 (`$argon2id$...`).
     #[serde(default)]
     pub password_hash: Option<Spanned<String>>,
+    /// Names this consumer's client certificates carry (mutual TLS): a URI
+    /// or DNS subject alternative name, or the subject's common name.
+    #[serde(default)]
+    pub cert_names: Vec<Spanned<String>>,
     /// The consumer's own limits: one budget across every route that
     /// authenticates it, on top of each route's `[routes.rate_limit]`.
     #[serde(default)]
@@ -124,6 +128,10 @@ pub struct RouteAuth {
     pub introspection: Option<ProviderRef>,
     #[serde(default)]
     pub forward: Option<Forward>,
+    /// The client certificate verified on the connection (a listener with
+    /// `client_ca`), matched to a consumer by `cert_names`.
+    #[serde(default)]
+    pub client_cert: Option<ClientCert>,
     /// `realm` of the `WWW-Authenticate` challenges.
     #[serde(default = "default_realm")]
     pub realm: Spanned<String>,
@@ -171,6 +179,11 @@ pub struct ApiKey {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Basic {}
+
+/// `[routes.auth.client_cert]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCert {}
 
 /// `[routes.auth.jwt]`.
 #[derive(Debug, Deserialize)]

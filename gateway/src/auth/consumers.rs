@@ -39,6 +39,8 @@ pub struct Consumers {
     by_api_key: HashMap<[u8; 32], Arc<Consumer>, crate::prehashed::PreHashed>,
     /// Basic user name → consumer and password hash.
     by_user: HashMap<Box<str>, (Arc<Consumer>, PasswordHash)>,
+    /// Client certificate names (`cert_names`) → consumer.
+    by_cert_name: HashMap<Box<str>, Arc<Consumer>>,
     /// Successful Basic verifications (see `basic`), valid for this set only.
     pub(super) verified: basic::VerifiedCache,
 }
@@ -58,6 +60,12 @@ impl Consumers {
             .get_key_value(digest)
             .filter(|(k, _)| bool::from(k.ct_eq(digest)))
             .map(|(_, c)| c)
+    }
+
+    /// The consumer of the first of `names` (a certificate's, most
+    /// specific first) that one claims.
+    pub fn by_cert_names(&self, names: &[Box<str>]) -> Option<&Arc<Consumer>> {
+        names.iter().find_map(|n| self.by_cert_name.get(n))
     }
 
     pub fn by_user(&self, user: &str) -> Option<&(Arc<Consumer>, PasswordHash)> {
@@ -100,6 +108,7 @@ struct Built {
     consumer: Arc<Consumer>,
     api_keys: Vec<[u8; 32]>,
     basic: Option<(Box<str>, PasswordHash)>,
+    cert_names: Vec<Box<str>>,
 }
 
 impl ConsumerStore {
@@ -333,6 +342,14 @@ fn build(
             None
         }
     };
+    for n in &c.cert_names {
+        if n.get_ref().is_empty() {
+            problems.push(Problem::at(
+                n.span(),
+                "a certificate name must not be empty",
+            ));
+        }
+    }
     let rate_limit = c.rate_limit.as_ref().and_then(|s| {
         if let Some(k) = &s.get_ref().key {
             problems.push(Problem::at(
@@ -357,6 +374,11 @@ fn build(
         }),
         api_keys,
         basic,
+        cert_names: c
+            .cert_names
+            .iter()
+            .map(|n| n.get_ref().as_str().into())
+            .collect(),
     })
 }
 
@@ -379,6 +401,17 @@ fn index(inline: &[Built], from_file: &[Built]) -> Result<Consumers, Vec<String>
         for k in &b.api_keys {
             if set.by_api_key.insert(*k, b.consumer.clone()).is_some() {
                 problems.push(format!("consumer {name:?} shares an API key with another"));
+            }
+        }
+        for n in &b.cert_names {
+            if set
+                .by_cert_name
+                .insert(n.clone(), b.consumer.clone())
+                .is_some()
+            {
+                problems.push(format!(
+                    "consumer {name:?}: certificate name {n:?} is taken"
+                ));
             }
         }
         if let Some((user, hash)) = &b.basic

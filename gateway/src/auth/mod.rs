@@ -52,6 +52,7 @@ pub enum AuthMethod {
     Jwt,
     Introspection,
     Forward,
+    ClientCert,
 }
 
 impl AuthMethod {
@@ -62,6 +63,7 @@ impl AuthMethod {
             AuthMethod::Jwt => "jwt",
             AuthMethod::Introspection => "introspection",
             AuthMethod::Forward => "forward",
+            AuthMethod::ClientCert => "client_cert",
         }
     }
 }
@@ -172,6 +174,8 @@ pub struct RouteAuth {
     consumers: Arc<ConsumerStore>,
     api_key: Option<ApiKeyIn>,
     basic: bool,
+    /// The connection's verified client certificate names the consumer.
+    client_cert: bool,
     jwt: Option<(Arc<Provider>, oidc::Validations)>,
     introspection: Option<(Arc<Provider>, Vec<String>)>,
     forward: Option<forward::ForwardAuth>,
@@ -255,6 +259,32 @@ impl RouteAuth {
             {
                 return self.api_key(&v).map(found);
             }
+        }
+        // A certificate is the connection's: a credential the request
+        // carries (above) is the more specific.
+        if self.client_cert
+            && let Some(cert) = &conn.client_cert
+        {
+            return match self.consumers.load().by_cert_names(&cert.names) {
+                Some(c) => Ok(found(Identity {
+                    name: c.name.clone(),
+                    method: AuthMethod::ClientCert,
+                    consumer: Some(c.clone()),
+                    claims: None,
+                    api_key: None,
+                })),
+                None => Err(self.unauthorized(
+                    format!(
+                        "the client certificate ({}) names no consumer",
+                        if cert.subject.is_empty() {
+                            "no subject"
+                        } else {
+                            &cert.subject
+                        }
+                    ),
+                    None,
+                )),
+            };
         }
         if let Some(f) = &self.forward {
             let admitted = f.check(conn, req).await?;

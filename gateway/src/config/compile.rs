@@ -343,6 +343,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             max_header_bytes,
             max_headers: l.max_headers,
             headers_with_underscores: l.headers_with_underscores,
+            forward_client_cert: l.forward_client_cert,
             max_body_bytes: l.max_body_bytes.0,
             router: Router::new(entries),
             auto_ban: l

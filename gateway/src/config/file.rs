@@ -206,12 +206,30 @@ pub struct Listener {
     /// What to do with request header fields whose names contain `_`.
     #[serde(default)]
     pub headers_with_underscores: Underscores,
+    /// What becomes of `X-Forwarded-Client-Cert` on the way upstream.
+    #[serde(default)]
+    pub forward_client_cert: ForwardClientCert,
     /// Default request body limit for routes on this listener.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: ByteSize,
     /// Ban sources that keep failing authentication or limits.
     #[serde(default)]
     pub auto_ban: Option<Spanned<crate::policy::autoban::AutoBanSection>>,
+}
+
+/// `X-Forwarded-Client-Cert` (Envoy's format) on requests to upstreams
+/// (Envoy's `forward_client_cert_details`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardClientCert {
+    /// A client's own is removed (it could claim any certificate); a
+    /// client certificate verified on this connection (`client_ca`) is
+    /// described in a new one.
+    #[default]
+    Sanitize,
+    /// Passed on as it came, for a listener behind a proxy that terminates
+    /// mutual TLS and writes it; nothing is added.
+    Forward,
 }
 
 /// A listener's answer to request header fields whose names contain `_`
@@ -236,6 +254,23 @@ pub enum Underscores {
 pub struct Tls {
     /// Certificates chosen by SNI; the first is served when no name matches.
     pub certificates: Vec<Certificate>,
+    /// PEM CA certificates that client certificates must chain to (mutual
+    /// TLS); without it clients are not asked for one.
+    #[serde(default)]
+    pub client_ca: Option<Spanned<String>>,
+    /// Whether a client certificate is required (`require`, the default)
+    /// or only verified when one is presented (`optional`).
+    #[serde(default)]
+    pub client_auth: Option<Spanned<ClientAuth>>,
+}
+
+/// `[listeners.tls] client_auth`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    #[default]
+    Require,
+    Optional,
 }
 
 /// One certificate chain and key.

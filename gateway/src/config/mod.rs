@@ -80,6 +80,7 @@ pub struct ListenerConfig {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub headers_with_underscores: file::Underscores,
+    pub forward_client_cert: file::ForwardClientCert,
     pub max_body_bytes: u64,
     /// Routes served on this listener.
     pub router: Router,

@@ -154,6 +154,7 @@ async fn client(
         source: (peer != network_peer).then_some(network_peer),
         forwarded_for: crate::proxy::forward::client_text(peer.ip()),
         tls: s.tls.is_some(),
+        client_cert: None,
         trusted_proxies: s.trusted_proxies,
     });
     Some((stream, conn))
@@ -239,6 +240,14 @@ async fn serve(
                         return;
                     }
                 };
+            // Verified by the handshake (`client_ca`): described once here.
+            let conn = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                Some(leaf) => Arc::new(Conn {
+                    client_cert: Some(Arc::new(tls::ClientCert::describe(leaf))),
+                    ..(*conn).clone()
+                }),
+                None => conn,
+            };
             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                 h2::serve(tls, conn, &s, shared, shutdown).await;
             } else {

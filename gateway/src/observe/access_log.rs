@@ -57,6 +57,15 @@ pub struct Entry<'a> {
     /// The authenticated consumer.
     #[serde(rename = "user.name", skip_serializing_if = "Option::is_none")]
     pub user_name: Option<&'a str>,
+    /// The verified client certificate's SHA-256 (mutual TLS).
+    #[serde(
+        rename = "tls.client.hash.sha256",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_cert_sha256: Option<&'a str>,
+    /// ... and its subject.
+    #[serde(rename = "tls.client.subject", skip_serializing_if = "Option::is_none")]
+    pub client_cert_subject: Option<&'a str>,
 }
 
 /// A handle to the writer thread.

@@ -19,18 +19,34 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Removes hop-by-hop headers, including those named in `Connection`.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+/// `X-Forwarded-Client-Cert`: the client certificate a proxy verified, in
+/// Envoy's format.
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// Removes hop-by-hop headers, including those named in `Connection`, and
+/// with `client_cert`, a client-sent `X-Forwarded-Client-Cert`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, client_cert: bool) {
     // One pass over the names (standard names compare as small integers)
     // finds which are present; only those are removed (each removal
     // hashes). Most messages carry none, or only `Connection: keep-alive`.
+    // After the hop-by-hop names and `Proxy-Connection`.
+    const XFCC: u16 = 1 << 9;
     let mut present = 0u16;
     for n in h.keys() {
         // Every hop-by-hop name is 2 (`te`) to 19 bytes long and starts
         // with one of these letters: most names are ruled out by a byte.
         let s = n.as_str().as_bytes();
-        if !matches!(s.first(), Some(b'c' | b'k' | b'p' | b't' | b'u')) || s.len() > 19 {
-            continue;
+        match s.first() {
+            Some(b'c' | b'k' | b'p' | b't' | b'u') if s.len() <= 19 => {}
+            Some(b'x')
+                if client_cert
+                    && s.len() == X_FORWARDED_CLIENT_CERT.as_str().len()
+                    && *n == X_FORWARDED_CLIENT_CERT =>
+            {
+                present |= XFCC;
+                continue;
+            }
+            _ => continue,
         }
         if let Some(i) = HOP_BY_HOP.iter().position(|x| x == n) {
             present |= 1 << i;
@@ -40,6 +56,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
     if present == 0 {
         return;
+    }
+    if present & XFCC != 0 {
+        h.remove(&X_FORWARDED_CLIENT_CERT);
     }
     // Names listed in Connection are hop-by-hop too; `close` and
     // `keep-alive` (the usual values) name nothing else to remove.
@@ -169,10 +188,30 @@ mod tests {
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, false);
         assert!(h.get("x-secret").is_none());
         assert!(h.get(header::TE).is_none());
         assert!(h.get("x-keep").is_some());
+    }
+
+    #[test]
+    fn strips_a_client_certificate_claim_only_when_asked() {
+        let claim = || {
+            let mut h = HeaderMap::new();
+            h.insert(
+                &X_FORWARDED_CLIENT_CERT,
+                HeaderValue::from_static("Hash=00"),
+            );
+            h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.1"));
+            h
+        };
+        let mut h = claim();
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.get(&X_FORWARDED_CLIENT_CERT).is_none(), "{h:?}");
+        assert!(h.get("x-forwarded-for").is_some());
+        let mut h = claim();
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get(&X_FORWARDED_CLIENT_CERT).is_some());
     }
 
     #[test]
@@ -180,10 +219,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("a"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 2);
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, false);
         assert!(h.get("proxy-connection").is_none());
         assert_eq!(h.len(), 2);
     }

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 
-use crate::config::file::Underscores;
+use crate::config::file::{ForwardClientCert, Underscores};
 use crate::config::{ListenerConfig, RouteAction, RouteConfig};
 use crate::error::{ErrorKind, ProxyError};
 use crate::observe::access_log::{self, AccessLog};
@@ -59,6 +59,9 @@ pub struct Conn {
     /// The network peer's address as `X-Forwarded-For` writes it.
     pub forwarded_for: HeaderValue,
     pub tls: bool,
+    /// The client certificate verified in the TLS handshake (listeners
+    /// with `client_ca`).
+    pub client_cert: Option<Arc<crate::listener::tls::ClientCert>>,
     /// The listener trusts some peers' `X-Forwarded-For`
     /// (`trusted_proxies`): each request's client is worked out from it.
     pub trusted_proxies: bool,
@@ -122,6 +125,7 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
                 source: conn.source.or(Some(conn.peer)),
                 forwarded_for: conn.forwarded_for.clone(),
                 tls: conn.tls,
+                client_cert: conn.client_cert.clone(),
                 trusted_proxies: true,
             };
             &behind
@@ -195,6 +199,8 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
             upstream: ctx.upstream.as_deref(),
             error: ctx.error.map(ErrorKind::as_str),
             user_name: ctx.policy.identity.as_ref().map(|i| &*i.name),
+            client_cert_sha256: conn.client_cert.as_ref().map(|c| &*c.sha256),
+            client_cert_subject: conn.client_cert.as_ref().map(|c| &*c.subject),
         });
     }
     resp
@@ -223,7 +229,14 @@ async fn process(
     if listener.headers_with_underscores != Underscores::Allow {
         underscores(listener.headers_with_underscores, req.headers_mut())?;
     }
-    forward::strip_hop_by_hop(req.headers_mut());
+    // A client's own `X-Forwarded-Client-Cert` could claim any
+    // certificate: only the one verified on this connection is described.
+    let sanitize = listener.forward_client_cert == ForwardClientCert::Sanitize;
+    forward::strip_hop_by_hop(req.headers_mut(), sanitize);
+    if sanitize && let Some(c) = &conn.client_cert {
+        req.headers_mut()
+            .insert(forward::X_FORWARDED_CLIENT_CERT.clone(), c.xfcc.clone());
+    }
     one_host(&mut req)?;
     let uri = req.uri().clone();
     let path = router::normalize::normalize(uri.path()).map_err(|e| {
@@ -349,7 +362,7 @@ async fn process(
 
     // Phase 7: respond.
     let (mut parts, incoming) = resp.into_parts();
-    forward::strip_hop_by_hop(&mut parts.headers);
+    forward::strip_hop_by_hop(&mut parts.headers, false);
     route.response_headers.apply(&mut parts.headers);
     Ok(Response::from_parts(
         parts,
