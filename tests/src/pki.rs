@@ -6,10 +6,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SerialNumber, date_time_ymd,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// Serial numbers, unique within the process.
+fn next_serial() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 /// A CA whose certificate is at `ca_file`.
 pub struct Ca {
@@ -22,6 +29,7 @@ pub struct Ca {
 
 /// A certificate the CA signed, with its key, as files and as DER.
 pub struct Leaf {
+    serial: u64,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     chain: Vec<CertificateDer<'static>>,
@@ -70,6 +78,31 @@ impl Ca {
         .with_root_certificates(roots)
     }
 
+    /// A revocation list of this CA revoking `revoked`, written to
+    /// `dir/STEM.crl.pem`.
+    pub fn crl(&self, stem: &str, revoked: &[&Leaf]) -> PathBuf {
+        let params = CertificateRevocationListParams {
+            this_update: date_time_ymd(2025, 1, 1),
+            next_update: date_time_ymd(2099, 1, 1),
+            crl_number: SerialNumber::from(next_serial()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|l| RevokedCertParams {
+                    serial_number: SerialNumber::from(l.serial),
+                    revocation_time: date_time_ymd(2025, 6, 1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).expect("sign CRL");
+        let path = self.dir.join(format!("{stem}.crl.pem"));
+        std::fs::write(&path, crl.pem().expect("CRL PEM")).expect("write CRL");
+        path
+    }
+
     /// A server certificate for `names` (DNS names or IP addresses),
     /// written to `dir/STEM.pem` and `dir/STEM.key`.
     pub fn server(&self, stem: &str, names: &[&str]) -> Leaf {
@@ -87,6 +120,8 @@ impl Ca {
                 .expect("leaf params");
         params.distinguished_name.push(DnType::CommonName, stem);
         params.use_authority_key_identifier_extension = true;
+        let serial = next_serial();
+        params.serial_number = Some(SerialNumber::from(serial));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![usage];
         let key = KeyPair::generate().expect("leaf key");
@@ -96,6 +131,7 @@ impl Ca {
         std::fs::write(&cert_file, cert.pem()).expect("write certificate");
         std::fs::write(&key_file, key.serialize_pem()).expect("write key");
         Leaf {
+            serial,
             cert_file,
             key_file,
             chain: vec![cert.der().clone()],

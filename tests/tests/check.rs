@@ -339,6 +339,22 @@ fn client_certificate_settings_are_checked() {
             && out[0].contains("no-such-ca.pem"),
         "{out:?}"
     );
+    let (code, out) = check(&tls("client_crl = \"revoked.pem\""));
+    assert_eq!(code, 2);
+    assert_eq!(
+        out,
+        ["F:5:14: client_crl needs client_ca (the CA client certificates must chain to)"]
+    );
+    // A file that holds no revocation list (a certificate, say).
+    let (code, out) = check(&tls(&format!(
+        "client_ca = {cert:?}\nclient_crl = {cert:?}"
+    )));
+    assert_eq!(code, 2);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(
+        out[0].starts_with("F:6:14: ") && out[0].ends_with("holds no revocation list"),
+        "{out:?}"
+    );
     let (code, out) = check(&tls(&format!(
         "client_ca = {cert:?}\nclient_auth = \"optional\""
     )));

@@ -553,3 +553,67 @@ groups = ["ops"]
     }
     assert_eq!(backend.hits(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_client_certificates_are_refused_and_the_list_reloads() {
+    use gateway_tests::pki::Ca;
+    let dir = tempfile::tempdir().unwrap();
+    let servers = Ca::new(dir.path(), "servers");
+    let clients = Ca::new(dir.path(), "clients");
+    let server = servers.server("gw", &["gw.test"]);
+    let (alice, carol) = (clients.client("alice"), clients.client("carol"));
+    // The listener reads `revoked.crl.pem`: carol's certificate first.
+    let crl = dir.path().join("revoked.crl.pem");
+    std::fs::copy(clients.crl("carol-revoked", &[&carol]), &crl).unwrap();
+    let backend = Backend::start("be").await;
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"
+[server]
+workers = 1
+[admin]
+listen = "{admin}"
+[[listeners]]
+name = "mtls"
+listen = "127.0.0.1:{port}"
+[listeners.tls]
+client_ca = "{ca}"
+client_crl = "{crl}"
+[[listeners.tls.certificates]]
+cert = "{cert}"
+key = "{key}"
+[[upstreams]]
+name = "be"
+targets = ["{b}"]
+[[routes]]
+name = "all"
+upstream = "be"
+"#,
+        ca = clients.ca_file.display(),
+        crl = crl.display(),
+        cert = server.cert_file.display(),
+        key = server.key_file.display(),
+        b = backend.addr,
+    );
+    let gw = Gateway::start(&config, &admin);
+    let addr = format!("127.0.0.1:{port}");
+    let get =
+        |who: &gateway_tests::pki::Leaf| mtls_get(&addr, who.client_config(&servers), "/x", &[]);
+    assert_eq!(get(&alice).await.unwrap().0, 200);
+    assert!(get(&carol).await.is_err(), "carol is revoked");
+
+    // A new list (alice revoked instead) takes effect on reload, for new
+    // connections.
+    std::fs::copy(clients.crl("alice-revoked", &[&alice]), &crl).unwrap();
+    gw.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while get(&alice).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new list never applied"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&carol).await.unwrap().0, 200);
+}

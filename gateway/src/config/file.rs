@@ -262,6 +262,10 @@ pub struct Tls {
     /// or only verified when one is presented (`optional`).
     #[serde(default)]
     pub client_auth: Option<Spanned<ClientAuth>>,
+    /// PEM certificate revocation lists of the `client_ca` CAs: revoked
+    /// client certificates are refused.
+    #[serde(default)]
+    pub client_crl: Option<Spanned<String>>,
 }
 
 /// `[listeners.tls] client_auth`.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use rustls::crypto::ring;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use toml::Spanned;
@@ -102,6 +102,12 @@ pub fn server_config(
                     "client_auth needs client_ca (the CA client certificates must chain to)",
                 )]);
             }
+            if let Some(c) = &t.client_crl {
+                return Err(vec![Problem::at(
+                    c.span(),
+                    "client_crl needs client_ca (the CA client certificates must chain to)",
+                )]);
+            }
             builder.with_no_client_auth()
         }
         Some(ca) => {
@@ -113,9 +119,20 @@ pub fn server_config(
                 Some(ClientAuth::Optional) => verifier.allow_unauthenticated(),
                 _ => verifier,
             };
-            let verifier = verifier
-                .build()
-                .map_err(|e| vec![Problem::at(ca.span(), format!("client_ca: {e}"))])?;
+            // The client's own certificate is checked against the lists;
+            // one whose issuer has none there is refused.
+            let verifier = match &t.client_crl {
+                None => verifier,
+                Some(c) => verifier
+                    .with_crls(load_crls(base, c).map_err(|e| vec![e])?)
+                    .only_check_end_entity_revocation(),
+            };
+            let verifier = verifier.build().map_err(|e| {
+                vec![Problem::at(
+                    ca.span(),
+                    format!("client certificate verification: {e}"),
+                )]
+            })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -199,6 +216,29 @@ pub(crate) fn load_certified_key(
         return None;
     }
     Some(ck)
+}
+
+/// The certificate revocation lists of the PEM file `crl`.
+fn load_crls(
+    base: &Path,
+    crl: &Spanned<String>,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, Problem> {
+    let path = crate::config::compile_resolve(base, crl.get_ref());
+    let crls: Vec<_> = CertificateRevocationListDer::pem_file_iter(&path)
+        .and_then(|it| it.collect())
+        .map_err(|e| {
+            Problem::at(
+                crl.span(),
+                format!("cannot read revocation lists from {}: {e}", path.display()),
+            )
+        })?;
+    if crls.is_empty() {
+        return Err(Problem::at(
+            crl.span(),
+            format!("{} holds no revocation list", path.display()),
+        ));
+    }
+    Ok(crls)
 }
 
 /// A client certificate verified in a handshake, as the upstream is told
