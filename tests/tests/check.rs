@@ -360,3 +360,29 @@ fn client_certificate_settings_are_checked() {
     )));
     assert_eq!(code, 0, "{out:?}");
 }
+
+#[test]
+fn bad_redirects() {
+    let redirect =
+        |body: &str| BASE.replace("upstream = \"be\"\n", &format!("[routes.redirect]\n{body}"));
+    let (code, out) = check(&redirect(
+        "status = 200\nscheme = \"ftp\"\nhost = \"a/b\"\n",
+    ));
+    assert_eq!(code, 2);
+    assert_eq!(
+        out,
+        [
+            "F:10:10: redirect status 200: expected 301, 302, 303, 307 or 308",
+            "F:11:10: redirect scheme \"ftp\": expected \"http\" or \"https\"",
+            "F:12:8: redirect host \"a/b\" is not a host name",
+        ]
+    );
+    let (code, out) = check(&format!("{BASE}[routes.redirect]\nscheme = \"https\"\n"));
+    assert_eq!(code, 2);
+    assert_eq!(
+        out,
+        ["F:8:8: route \"r\" has `redirect` and `upstream` or `respond`; give one"]
+    );
+    let (code, out) = check(&redirect("scheme = \"https\"\n"));
+    assert_eq!(code, 0, "{out:?}");
+}

@@ -123,6 +123,35 @@ path = "/ver"
 headers = [{ name = "x-version", regex = "v[0-9]+" }]
 "#;
 
+const REDIRECTS: &str = r#"
+[[routes]]
+name = "to-https"
+response_headers.set = { "x-route" = "to-https" }
+[routes.match]
+path_prefix = "/secure/"
+[routes.redirect]
+scheme = "https"
+
+[[routes]]
+name = "moved"
+strip_prefix = "/old"
+[routes.match]
+path_prefix = "/old/"
+[routes.redirect]
+host = "new.example.com"
+port = 8443
+status = 308
+strip_query = true
+
+[[routes]]
+name = "renamed"
+rewrite = "/v2/things/{id}"
+[routes.match]
+path = "/things/{id}"
+[routes.redirect]
+status = 302
+"#;
+
 async fn start() -> Env {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
@@ -146,7 +175,7 @@ targets = ["{a}"]
 [[upstreams]]
 name = "b"
 targets = ["{b}"]
-{ROUTES}"#,
+{ROUTES}{REDIRECTS}"#,
         a = a.addr,
         b = b.addr,
     );
@@ -458,4 +487,47 @@ headers = [{ name = "x", regex = "(" }]
     ] {
         assert!(out.contains(&want), "missing {want:?} in:\n{out}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_keep_what_they_do_not_replace() {
+    let env = start().await;
+    for (target, host, status, location) in [
+        // To HTTPS: the request's host without its port, path and query.
+        (
+            "/secure/a?x=1",
+            "shop.example.net:8080",
+            301,
+            "https://shop.example.net/secure/a?x=1",
+        ),
+        // The normalized path (the one the route matched).
+        (
+            "/secure/b/../c",
+            "shop.example.net",
+            301,
+            "https://shop.example.net/secure/c",
+        ),
+        // Another host and port, strip_prefix, no query, 308.
+        (
+            "/old/b/c?q=2",
+            "x:8080",
+            308,
+            "http://new.example.com:8443/b/c",
+        ),
+        // Same scheme and host: the request's port stays; rewrite applies.
+        (
+            "/things/42?z=1",
+            "h:9000",
+            302,
+            "http://h:9000/v2/things/42?z=1",
+        ),
+    ] {
+        let r = env.send("GET", target, &[("host", host)]).await;
+        assert_eq!(r.status.as_u16(), status, "{target}: {}", r.text());
+        assert_eq!(r.header("location"), Some(location), "{target}");
+        assert_eq!(r.header("content-length"), Some("0"), "{target}");
+    }
+    // Route response headers apply to the redirect too.
+    let r = env.send("GET", "/secure/x", &[("host", "a.test")]).await;
+    assert_eq!(r.header("x-route"), Some("to-https"));
 }

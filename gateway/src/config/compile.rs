@@ -173,6 +173,17 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             }
         };
         let action = match (&r.upstream, &r.respond) {
+            _ if r.redirect.is_some() && (r.upstream.is_some() || r.respond.is_some()) => {
+                problems.push(Problem::at(
+                    r.name.span(),
+                    format!("route {name:?} has `redirect` and `upstream` or `respond`; give one"),
+                ));
+                None
+            }
+            (None, None) if r.redirect.is_some() => r
+                .redirect
+                .as_ref()
+                .and_then(|rd| redirect_action(rd, &mut problems)),
             (Some(u), None) => match upstream_index.get(u.get_ref().as_str()) {
                 Some(&i) => Some(RouteAction::Upstream(i)),
                 None => {
@@ -197,7 +208,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             (None, None) => {
                 problems.push(Problem::at(
                     r.name.span(),
-                    format!("route {name:?} needs `upstream` or `respond`"),
+                    format!("route {name:?} needs `upstream`, `respond` or `redirect`"),
                 ));
                 None
             }
@@ -401,6 +412,62 @@ fn parse_addr(s: &Spanned<String>) -> Result<SocketAddr, Problem> {
             format!("invalid listen address {:?}: expected IP:PORT", s.get_ref()),
         )
     })
+}
+
+fn redirect_action(
+    rd: &Spanned<file::Redirect>,
+    problems: &mut Vec<Problem>,
+) -> Option<RouteAction> {
+    let r = rd.get_ref();
+    let before = problems.len();
+    let status = match *r.status.get_ref() {
+        s @ (301 | 302 | 303 | 307 | 308) => StatusCode::from_u16(s).ok(),
+        s => {
+            let span = if r.status.span().is_empty() {
+                rd.span()
+            } else {
+                r.status.span()
+            };
+            problems.push(Problem::at(
+                span,
+                format!("redirect status {s}: expected 301, 302, 303, 307 or 308"),
+            ));
+            None
+        }
+    };
+    let scheme = match r.scheme.as_ref().map(|s| (s, s.get_ref().as_str())) {
+        None => None,
+        Some((_, "http")) => Some("http"),
+        Some((_, "https")) => Some("https"),
+        Some((s, other)) => {
+            problems.push(Problem::at(
+                s.span(),
+                format!("redirect scheme {other:?}: expected \"http\" or \"https\""),
+            ));
+            None
+        }
+    };
+    if let Some(h) = &r.host {
+        let ok = !h.get_ref().is_empty()
+            && !h.get_ref().contains([':', '/', '?', '#', '@'])
+            && h.get_ref().parse::<http::uri::Authority>().is_ok();
+        if !ok {
+            problems.push(Problem::at(
+                h.span(),
+                format!("redirect host {:?} is not a host name", h.get_ref()),
+            ));
+        }
+    }
+    if problems.len() > before {
+        return None;
+    }
+    Some(RouteAction::Redirect(crate::config::Redirect {
+        status: status?,
+        scheme,
+        host: r.host.as_ref().map(|h| h.get_ref().to_ascii_lowercase()),
+        port: r.port,
+        strip_query: r.strip_query,
+    }))
 }
 
 fn respond_action(

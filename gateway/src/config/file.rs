@@ -381,12 +381,16 @@ pub struct Route {
     pub listeners: Vec<Spanned<String>>,
     #[serde(rename = "match", default)]
     pub matcher: Match,
-    /// Upstream pool name; exactly one of `upstream` and `respond`.
+    /// Upstream pool name; exactly one of `upstream`, `respond` and
+    /// `redirect`.
     #[serde(default)]
     pub upstream: Option<Spanned<String>>,
     /// A response the gateway gives itself.
     #[serde(default)]
     pub respond: Option<Spanned<Respond>>,
+    /// A redirect the gateway answers with.
+    #[serde(default)]
+    pub redirect: Option<Spanned<Redirect>>,
     /// Remove this prefix from the path before forwarding.
     #[serde(default)]
     pub strip_prefix: Option<Spanned<String>>,
@@ -540,6 +544,34 @@ fn default_pool_max_idle() -> usize {
 }
 fn default_status() -> u16 {
     200
+}
+
+/// `[routes.redirect]`: the request is sent elsewhere, keeping what is
+/// not replaced (nginx's `return 301 https://$host$request_uri`, Envoy's
+/// `redirect`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    /// `"http"` or `"https"`; default: the request's.
+    #[serde(default)]
+    pub scheme: Option<Spanned<String>>,
+    /// Host name; default: the request's.
+    #[serde(default)]
+    pub host: Option<Spanned<String>>,
+    /// Port; default: the request's when neither scheme nor host changes,
+    /// else none (the scheme's).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Leave the query string out.
+    #[serde(default)]
+    pub strip_query: bool,
+    /// 301, 302, 303, 307 or 308.
+    #[serde(default = "default_redirect_status")]
+    pub status: Spanned<u16>,
+}
+
+fn default_redirect_status() -> Spanned<u16> {
+    Spanned::new(0..0, 301)
 }
 fn default_content_type() -> String {
     "text/plain; charset=utf-8".to_string()

@@ -116,6 +116,19 @@ pub enum RouteAction {
         body: Bytes,
         content_type: HeaderValue,
     },
+    /// Answer with a redirect.
+    Redirect(Redirect),
+}
+
+/// A compiled `[routes.redirect]`; the path is the route's (after
+/// `strip_prefix` or `rewrite`).
+#[derive(Debug)]
+pub struct Redirect {
+    pub status: StatusCode,
+    pub scheme: Option<&'static str>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub strip_query: bool,
 }
 
 /// One route's behaviour once matched.

@@ -10,7 +10,7 @@
 //! 3. `route`     – host/path/method/header/query match → route or 404/405
 //! 4. `policy`    – route IP allow/deny, CORS, authentication, rate limits,
 //!    validation (see `crate::policy`)
-//! 5. `transform` – direct response, or the upstream request: path rewrite,
+//! 5. `transform` – direct response, redirect, or the upstream request: path rewrite,
 //!    forwarding and hop-by-hop headers, header edits, body limit
 //! 6. `upstream`  – pooled call with timeout
 //! 7. `respond`   – response header hygiene and edits
@@ -325,6 +325,9 @@ async fn process(
                 body.clone(),
                 content_type.clone(),
             ));
+        }
+        RouteAction::Redirect(rd) => {
+            return redirect_response(route, rd, conn, &req, &path, &params);
         }
         RouteAction::Upstream(i) => *i,
     };
@@ -703,6 +706,85 @@ fn direct_response(
     resp
 }
 
+/// The path after the route's `rewrite` or `strip_prefix`.
+fn route_path<'a>(
+    route: &RouteConfig,
+    path: &'a str,
+    params: &router::Params,
+) -> std::borrow::Cow<'a, str> {
+    if let Some(rw) = &route.rewrite {
+        rw.apply(path, params).into()
+    } else if let Some(prefix) = &route.strip_prefix {
+        match path.strip_prefix(prefix.trim_end_matches('/')) {
+            Some("") => "/".into(),
+            Some(rest) if rest.starts_with('/') => rest.into(),
+            _ => path.into(),
+        }
+    } else {
+        path.into()
+    }
+}
+
+/// Phase 5 for `[routes.redirect]`: `Location` is the request's URL with
+/// the redirect's scheme, host and port, and the route's path.
+fn redirect_response(
+    route: &RouteConfig,
+    rd: &crate::config::Redirect,
+    conn: &Conn,
+    req: &Request<Incoming>,
+    path: &str,
+    params: &router::Params,
+) -> Result<Response<Body>, ProxyError> {
+    let scheme = rd.scheme.unwrap_or(if conn.tls { "https" } else { "http" });
+    // Phase 2 (`one_host`) made `Host` the request's one host.
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok());
+    let mut location = String::with_capacity(64 + path.len());
+    location.push_str(scheme);
+    location.push_str("://");
+    let host = match (&rd.host, &authority) {
+        (Some(h), _) => h.as_str(),
+        (None, Some(a)) => a.host(),
+        (None, None) => {
+            return Err(ProxyError::new(
+                ErrorKind::BadRequest,
+                "cannot redirect a request without a host",
+            ));
+        }
+    };
+    location.push_str(host);
+    // The request's port stays only while scheme and host do.
+    let port = match rd.port {
+        Some(p) => Some(p),
+        None if rd.scheme.is_none() && rd.host.is_none() => {
+            authority.as_ref().and_then(http::uri::Authority::port_u16)
+        }
+        None => None,
+    };
+    if let Some(p) = port {
+        location.push(':');
+        location.push_str(itoa::Buffer::new().format(p));
+    }
+    location.push_str(&route_path(route, path, params));
+    if !rd.strip_query
+        && let Some(q) = req.uri().query()
+    {
+        location.push('?');
+        location.push_str(q);
+    }
+    let location = HeaderValue::try_from(location).map_err(|e| {
+        ProxyError::new(ErrorKind::BadRequest, "cannot build the redirect location").with_source(e)
+    })?;
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = rd.status;
+    resp.headers_mut().insert(header::LOCATION, location);
+    route.response_headers.apply(resp.headers_mut());
+    Ok(resp)
+}
+
 /// Phase 5: the request as the upstream will see it. `content_length` is
 /// the one phase 2 read; `buffered` replaces the client's body when a
 /// phase-4 step had to read it whole.
@@ -730,17 +812,7 @@ fn upstream_request(
         )
         .closing());
     }
-    let new_path: std::borrow::Cow<'_, str> = if let Some(rw) = &route.rewrite {
-        rw.apply(path, params).into()
-    } else if let Some(prefix) = &route.strip_prefix {
-        match path.strip_prefix(prefix.trim_end_matches('/')) {
-            Some("") => "/".into(),
-            Some(rest) if rest.starts_with('/') => rest.into(),
-            _ => path.into(),
-        }
-    } else {
-        path.into()
-    };
+    let new_path = route_path(route, path, params);
     // Phase 2 (`one_host`) made `Host` the request's one host.
     let original_host = parts.headers.get(header::HOST).cloned();
     // An origin-form target whose path neither normalization nor the route
