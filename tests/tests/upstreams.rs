@@ -2942,3 +2942,36 @@ async fn a_tls_handshake_that_never_ends_is_bounded_by_connect_timeout() {
     }
     assert!(env.gw.stderr().contains("connect timed out after 300ms"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_hosted_https_upstream_gets_its_own_name_as_sni_and_host() {
+    use gateway_tests::pki::Ca;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "up");
+    let partner = Backend::start_tls(
+        "partner",
+        ca.server("partner", &["api.partner.test"])
+            .server_config(&[b"http/1.1"], None),
+    )
+    .await;
+    let env = Env::start(
+        &tls_upstream(
+            "partner",
+            partner.addr,
+            &format!(
+                "sni = \"api.partner.test\"\nca_file = {:?}",
+                ca.ca_file.display().to_string()
+            ),
+        )
+        .replace(
+            "[routes.match]",
+            "request_headers.set = { host = \"api.partner.test\" }\n[routes.match]",
+        ),
+    );
+    let r = env.get("/partner/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["headers"]["host"], "api.partner.test", "{v}");
+    // The client's host is still passed on as X-Forwarded-Host.
+    assert_ne!(v["headers"]["x-forwarded-host"], "api.partner.test", "{v}");
+}
