@@ -307,7 +307,20 @@ async fn mtls_get(
     let tls = connect(addr, cfg, "gw.test")
         .await
         .map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+    http1_get(tls, path, headers).await
+}
+
+/// `GET path` with `headers` over HTTP/1.1 on `io`: the status and the
+/// backend's echo (null when the body is not JSON), or the error.
+async fn http1_get<T>(
+    io: T,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, serde_json::Value), String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
@@ -329,17 +342,86 @@ async fn mtls_get(
     Ok((status, v))
 }
 
+/// A CA for the gateway's certificate, one for clients, the gateway's
+/// certificate and a backend.
+struct Mtls {
+    dir: tempfile::TempDir,
+    servers: gateway_tests::pki::Ca,
+    clients: gateway_tests::pki::Ca,
+    server: gateway_tests::pki::Leaf,
+    backend: Backend,
+}
+
+impl Mtls {
+    async fn new() -> Mtls {
+        let dir = tempfile::tempdir().unwrap();
+        let servers = gateway_tests::pki::Ca::new(dir.path(), "servers");
+        let clients = gateway_tests::pki::Ca::new(dir.path(), "clients");
+        let server = servers.server("gw", &["gw.test"]);
+        Mtls {
+            dir,
+            servers,
+            clients,
+            server,
+            backend: Backend::start("be").await,
+        }
+    }
+
+    /// A gateway with one listener trusting the client CA (`tls` adds to
+    /// its `[listeners.tls]`), `top` before it and `route` in its one
+    /// route; and the listener's address.
+    fn start(&self, top: &str, tls: &str, route: &str) -> (Gateway, String) {
+        let port = free_port();
+        let admin = format!("127.0.0.1:{}", free_port());
+        let config = format!(
+            r#"
+[server]
+workers = 1
+[admin]
+listen = "{admin}"
+{top}
+[[listeners]]
+name = "mtls"
+listen = "127.0.0.1:{port}"
+[listeners.tls]
+client_ca = "{ca}"
+{tls}
+[[listeners.tls.certificates]]
+cert = "{cert}"
+key = "{key}"
+[[upstreams]]
+name = "be"
+targets = ["{b}"]
+[[routes]]
+name = "all"
+upstream = "be"
+{route}
+"#,
+            ca = self.clients.ca_file.display(),
+            cert = self.server.cert_file.display(),
+            key = self.server.key_file.display(),
+            b = self.backend.addr,
+        );
+        (Gateway::start(&config, &admin), format!("127.0.0.1:{port}"))
+    }
+
+    /// `mtls_get` of `/x` presenting `who`'s certificate.
+    async fn get(
+        &self,
+        addr: &str,
+        who: &gateway_tests::pki::Leaf,
+    ) -> Result<(u16, serde_json::Value), String> {
+        mtls_get(addr, who.client_config(&self.servers), "/x", &[]).await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_are_verified_and_described_to_the_upstream() {
-    use gateway_tests::pki::Ca;
-    let dir = tempfile::tempdir().unwrap();
-    let servers = Ca::new(dir.path(), "servers");
-    let clients = Ca::new(dir.path(), "clients");
-    let strangers = Ca::new(dir.path(), "strangers");
-    let server = servers.server("gw", &["gw.test"]);
+    let m = Mtls::new().await;
+    let (servers, clients, server, backend) = (&m.servers, &m.clients, &m.server, &m.backend);
+    let strangers = gateway_tests::pki::Ca::new(m.dir.path(), "strangers");
     let alice = clients.client("alice");
     let mallory = strangers.client("mallory");
-    let backend = Backend::start("be").await;
     let (require, optional, forward, plain) = (free_port(), free_port(), free_port(), free_port());
     let admin = format!("127.0.0.1:{}", free_port());
     let listener = |name: &str, port: u16, extra: &str, tls: &str| {
@@ -397,7 +479,7 @@ upstream = "be"
 
     // A certificate from the client CA: the upstream learns which, and a
     // header the client wrote itself is replaced.
-    let (status, v) = mtls_get(&at(require), alice.client_config(&servers), "/x", &spoof)
+    let (status, v) = mtls_get(&at(require), alice.client_config(servers), "/x", &spoof)
         .await
         .unwrap();
     assert_eq!(status, 200, "{v}");
@@ -422,7 +504,7 @@ upstream = "be"
     // served (TLS 1.3 reports the refusal at the first read).
     for (who, cfg) in [
         ("none", servers.client_config()),
-        ("stranger", mallory.client_config(&servers)),
+        ("stranger", mallory.client_config(servers)),
     ] {
         let r = mtls_get(&at(require), cfg, "/x", &[]).await;
         assert!(r.is_err(), "{who}: {r:?}");
@@ -436,7 +518,7 @@ upstream = "be"
         .unwrap();
     assert_eq!(status, 200, "{v}");
     assert!(v["headers"].get("x-forwarded-client-cert").is_none(), "{v}");
-    let (_, v) = mtls_get(&at(optional), alice.client_config(&servers), "/x", &[])
+    let (_, v) = mtls_get(&at(optional), alice.client_config(servers), "/x", &[])
         .await
         .unwrap();
     assert!(
@@ -446,174 +528,80 @@ upstream = "be"
             .contains("CN=alice")
     );
     assert!(
-        mtls_get(&at(optional), mallory.client_config(&servers), "/x", &[])
+        mtls_get(&at(optional), mallory.client_config(servers), "/x", &[])
             .await
             .is_err()
     );
 
     // forward_client_cert = "forward": what came in goes on, nothing added.
-    let (_, v) = mtls_get(&at(forward), alice.client_config(&servers), "/x", &spoof)
+    let (_, v) = mtls_get(&at(forward), alice.client_config(servers), "/x", &spoof)
         .await
         .unwrap();
     assert_eq!(v["headers"]["x-forwarded-client-cert"], spoof[0].1, "{v}");
 
     // A plain listener removes a client's claim too.
-    let c = reqwest_like_get(&at(plain), &spoof).await;
+    let tcp = TcpStream::connect(at(plain)).await.unwrap();
+    let (_, c) = http1_get(tcp, "/x", &spoof).await.unwrap();
     assert!(c["headers"].get("x-forwarded-client-cert").is_none(), "{c}");
-}
-
-/// A plain HTTP/1.1 GET of `/x` to `addr` with `headers`; the backend's
-/// echo.
-async fn reqwest_like_get(addr: &str, headers: &[(&str, &str)]) -> serde_json::Value {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = Request::get("/x").header("host", "gw.test");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = send
-        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
-        .await
-        .unwrap();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&body).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_names_a_consumer() {
-    use gateway_tests::pki::Ca;
-    let dir = tempfile::tempdir().unwrap();
-    let servers = Ca::new(dir.path(), "servers");
-    let clients = Ca::new(dir.path(), "clients");
-    let server = servers.server("gw", &["gw.test"]);
-    let (alice, carol) = (clients.client("alice"), clients.client("carol"));
-    let backend = Backend::start("be").await;
-    let port = free_port();
-    let admin = format!("127.0.0.1:{}", free_port());
-    let config = format!(
-        r#"
-[server]
-workers = 1
-watch_config = false
-[admin]
-listen = "{admin}"
-[[consumers]]
+    let m = Mtls::new().await;
+    let (alice, carol) = (m.clients.client("alice"), m.clients.client("carol"));
+    let (gw, addr) = m.start(
+        r#"[[consumers]]
 name = "alice-svc"
 groups = ["ops"]
-cert_names = ["spiffe://example.test/alice", "alice"]
-[[listeners]]
-name = "mtls"
-listen = "127.0.0.1:{port}"
-[listeners.tls]
-client_ca = "{ca}"
-client_auth = "optional"
-[[listeners.tls.certificates]]
-cert = "{cert}"
-key = "{key}"
-[[upstreams]]
-name = "be"
-targets = ["{b}"]
-[[routes]]
-name = "ops"
-upstream = "be"
-[routes.auth]
-client_cert = {{}}
-groups = ["ops"]
-"#,
-        ca = clients.ca_file.display(),
-        cert = server.cert_file.display(),
-        key = server.key_file.display(),
-        b = backend.addr,
+cert_names = ["spiffe://example.test/alice", "alice"]"#,
+        "client_auth = \"optional\"",
+        "[routes.auth]\nclient_cert = {}\ngroups = [\"ops\"]",
     );
-    let gw = Gateway::start(&config, &admin);
-    let addr = format!("127.0.0.1:{port}");
-    let (status, v) = mtls_get(&addr, alice.client_config(&servers), "/x", &[])
-        .await
-        .unwrap();
+    let (status, v) = m.get(&addr, &alice).await.unwrap();
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["headers"]["x-consumer"], "alice-svc", "{v}");
     let line = gw.access_log_line(&alice.sha256());
     assert_eq!(line["user.name"], "alice-svc", "{line}");
     // A certificate from the CA that names no consumer, and none at all.
-    for (who, cfg) in [
-        ("carol", carol.client_config(&servers)),
-        ("no certificate", servers.client_config()),
-    ] {
-        let (status, v) = mtls_get(&addr, cfg, "/x", &[]).await.unwrap();
-        assert_eq!(status, 401, "{who}: {v}");
-        if who == "carol" {
-            assert_eq!(
-                v["detail"], "the client certificate (CN=carol) names no consumer",
-                "{v}"
-            );
-        }
-    }
-    assert_eq!(backend.hits(), 1);
+    let (status, v) = m.get(&addr, &carol).await.unwrap();
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(
+        v["detail"], "the client certificate (CN=carol) names no consumer",
+        "{v}"
+    );
+    let (status, v) = mtls_get(&addr, m.servers.client_config(), "/x", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(m.backend.hits(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_client_certificates_are_refused_and_the_list_reloads() {
-    use gateway_tests::pki::Ca;
-    let dir = tempfile::tempdir().unwrap();
-    let servers = Ca::new(dir.path(), "servers");
-    let clients = Ca::new(dir.path(), "clients");
-    let server = servers.server("gw", &["gw.test"]);
-    let (alice, carol) = (clients.client("alice"), clients.client("carol"));
+    let m = Mtls::new().await;
+    let (alice, carol) = (m.clients.client("alice"), m.clients.client("carol"));
     // The listener reads `revoked.crl.pem`: carol's certificate first.
-    let crl = dir.path().join("revoked.crl.pem");
-    std::fs::copy(clients.crl("carol-revoked", &[&carol]), &crl).unwrap();
-    let backend = Backend::start("be").await;
-    let port = free_port();
-    let admin = format!("127.0.0.1:{}", free_port());
-    let config = format!(
-        r#"
-[server]
-workers = 1
-[admin]
-listen = "{admin}"
-[[listeners]]
-name = "mtls"
-listen = "127.0.0.1:{port}"
-[listeners.tls]
-client_ca = "{ca}"
-client_crl = "{crl}"
-[[listeners.tls.certificates]]
-cert = "{cert}"
-key = "{key}"
-[[upstreams]]
-name = "be"
-targets = ["{b}"]
-[[routes]]
-name = "all"
-upstream = "be"
-"#,
-        ca = clients.ca_file.display(),
-        crl = crl.display(),
-        cert = server.cert_file.display(),
-        key = server.key_file.display(),
-        b = backend.addr,
+    let crl = m.dir.path().join("revoked.crl.pem");
+    std::fs::copy(m.clients.crl("carol-revoked", &[&carol]), &crl).unwrap();
+    let (gw, addr) = m.start(
+        "",
+        &format!("client_crl = {:?}", crl.display().to_string()),
+        "",
     );
-    let gw = Gateway::start(&config, &admin);
-    let addr = format!("127.0.0.1:{port}");
-    let get =
-        |who: &gateway_tests::pki::Leaf| mtls_get(&addr, who.client_config(&servers), "/x", &[]);
-    assert_eq!(get(&alice).await.unwrap().0, 200);
-    assert!(get(&carol).await.is_err(), "carol is revoked");
+    assert_eq!(m.get(&addr, &alice).await.unwrap().0, 200);
+    assert!(m.get(&addr, &carol).await.is_err(), "carol is revoked");
 
     // A new list (alice revoked instead) takes effect on reload, for new
     // connections.
-    std::fs::copy(clients.crl("alice-revoked", &[&alice]), &crl).unwrap();
+    std::fs::copy(m.clients.crl("alice-revoked", &[&alice]), &crl).unwrap();
     gw.signal(libc::SIGHUP);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while get(&alice).await.is_ok() {
+    while m.get(&addr, &alice).await.is_ok() {
         assert!(
             std::time::Instant::now() < deadline,
             "the new list never applied"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(get(&carol).await.unwrap().0, 200);
+    assert_eq!(m.get(&addr, &carol).await.unwrap().0, 200);
 }
