@@ -31,7 +31,7 @@ listen = "{admin}"
 enabled = false
 [[listeners]]
 name = "public"
-listen = "0.0.0.0:8080"
+listen = "[::]:8080"
 [listeners.auto_ban]
 auth_failures = 5
 window = "1m"
@@ -84,4 +84,57 @@ pin_path = "{pins}"
     // Another source is unaffected.
     let other = bed.clients[1].run(move || get(None, target(2), "/", Duration::from_secs(2)));
     assert_eq!(other, Ok(401), "client 1 still reaches the gateway");
+
+    // Over IPv6 a source is its /64: five failures from one address ban
+    // the network, so another address of it is dropped too, unseen before.
+    bed.add_client_addr(0, "fd00:199:1::77");
+    let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+    let target6 = SocketAddr::new(v6("fd00:199:1::1"), 8080);
+    let statuses = bed.clients[0].run(move || {
+        (0..5)
+            .map(|_| {
+                get(
+                    Some(v6("fd00:199:1::2")),
+                    target6,
+                    "/",
+                    Duration::from_secs(2),
+                )
+            })
+            .collect::<Vec<_>>()
+    });
+    assert!(statuses.iter().all(|s| *s == Ok(401)), "{statuses:?}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let o = bed.clients[0].run(move || {
+            get(
+                Some(v6("fd00:199:1::77")),
+                target6,
+                "/",
+                Duration::from_millis(200),
+            )
+        });
+        if o == Err(Outcome::TimedOut) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "another address of the banned /64 still reaches the gateway: {o:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, out, err) = run_cli(&["deny", "list", "--pin-path", &dir]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("fd00:199:1::/64"),
+        "the /64 ban is listed: {out}"
+    );
+    let other = bed.clients[1].run(move || {
+        get(
+            None,
+            SocketAddr::new(v6("fd00:199:2::1"), 8080),
+            "/",
+            Duration::from_secs(2),
+        )
+    });
+    assert_eq!(other, Ok(401), "client 1's /64 still reaches the gateway");
 }
