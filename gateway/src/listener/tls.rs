@@ -1,7 +1,10 @@
 //! TLS termination settings: PEM chains and keys loaded at config load, one
 //! rustls `ServerConfig` per listener with certificates chosen by SNI
 //! (exact names, then `*.example.com` wildcards, then the first certificate),
-//! TLS 1.2 and 1.3 only, ALPN `h2`/`http/1.1`.
+//! TLS 1.2 and 1.3 only, ALPN `h2`/`http/1.1`. With `client_ca`, client
+//! certificates are verified (and checked against `client_crl`), and a
+//! verified one is described once per connection (`ClientCert`: its hash,
+//! subject, names, and the `X-Forwarded-Client-Cert` value).
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -29,7 +29,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, client_cert: bool) {
     // One pass over the names (standard names compare as small integers)
     // finds which are present; only those are removed (each removal
     // hashes). Most messages carry none, or only `Connection: keep-alive`.
-    // After the hop-by-hop names and `Proxy-Connection`.
+    // Bits: the hop-by-hop names, `Proxy-Connection`, then this one.
     const XFCC: u16 = 1 << 9;
     let mut present = 0u16;
     for n in h.keys() {
