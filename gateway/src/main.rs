@@ -116,7 +116,7 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(c) => {
                 for l in &c.listeners {
                     println!("listener {} ({})", l.name, l.addr);
-                    print!("{}", l.router.display(&c.routes));
+                    print!("{}", l.router.display(&c.routes, &c.upstreams));
                 }
                 Ok(ExitCode::SUCCESS)
             }

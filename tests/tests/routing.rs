@@ -415,7 +415,7 @@ targets = ["127.0.0.1:1"]
 [[upstreams]]
 name = "b"
 targets = ["127.0.0.1:2"]
-{ROUTES}"#,
+{ROUTES}{REDIRECTS}"#,
         free_port()
     );
     std::fs::write(&path, config).expect("write config");
@@ -439,14 +439,26 @@ targets = ["127.0.0.1:2"]
             "search",
             "user",
             "user-edit",
+            "renamed",
             "files",
+            "to-https",
             "api-beta",
             "api",
+            "moved",
         ],
         "{out}"
     );
     assert!(out.contains("template /users/{id}"), "{out}");
     assert!(out.contains("header x-beta present"), "{out}");
+    // Where each goes.
+    let row = |name: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no {name} row: {out}"))
+            .to_string()
+    };
+    assert!(row("user").contains("upstream b"), "{out}");
+    assert!(row("to-https").contains("redirect 301"), "{out}");
 }
 
 #[test]

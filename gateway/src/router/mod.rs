@@ -289,14 +289,17 @@ impl Router {
         self.routes.iter().map(|(id, _)| *id)
     }
 
-    /// The routing table in precedence order, for `gateway routes`.
+    /// The routing table in precedence order, for `gateway routes`;
+    /// `upstreams` names the routes' upstreams.
     pub fn display<'a>(
         &'a self,
         routes: &'a [crate::config::RouteConfig],
+        upstreams: &'a [crate::config::UpstreamConfig],
     ) -> impl fmt::Display + 'a {
         RouteTable {
             router: self,
             routes,
+            upstreams,
         }
     }
 }
@@ -305,6 +308,23 @@ impl Router {
 struct RouteTable<'a> {
     router: &'a Router,
     routes: &'a [crate::config::RouteConfig],
+    upstreams: &'a [crate::config::UpstreamConfig],
+}
+
+impl RouteTable<'_> {
+    /// Where a route sends what it matches.
+    fn target(&self, route: Option<&crate::config::RouteConfig>) -> String {
+        use crate::config::RouteAction;
+        match route.map(|r| &r.action) {
+            Some(RouteAction::Upstream(i)) => match self.upstreams.get(*i) {
+                Some(u) => format!("upstream {}", u.name),
+                None => "upstream ?".into(),
+            },
+            Some(RouteAction::Respond { status, .. }) => format!("respond {}", status.as_u16()),
+            Some(RouteAction::Redirect(r)) => format!("redirect {}", r.status.as_u16()),
+            None => "?".into(),
+        }
+    }
 }
 
 impl fmt::Display for RouteTable<'_> {
@@ -319,10 +339,12 @@ impl fmt::Display for RouteTable<'_> {
             "HOSTS".into(),
             "METHODS".into(),
             "PATH".into(),
+            "TARGET".into(),
             "PREDICATES".into(),
         ]];
         for (n, (id, m)) in self.router.routes.iter().enumerate() {
-            let name = self.routes.get(*id).map_or("?", |r| &r.name);
+            let route = self.routes.get(*id);
+            let name = route.map_or("?", |r| &r.name);
             let hosts: Vec<String> = m.hosts.iter().map(ToString::to_string).collect();
             let methods: Vec<&str> = m.methods.iter().map(Method::as_str).collect();
             rows.push([
@@ -331,10 +353,11 @@ impl fmt::Display for RouteTable<'_> {
                 or(hosts.join(","), "*"),
                 or(methods.join(","), "*"),
                 m.path.to_string(),
+                self.target(route),
                 or(m.describe_predicates(), "-"),
             ]);
         }
-        let mut widths = [0; 6];
+        let mut widths = [0; 7];
         for row in &rows {
             for (w, cell) in widths.iter_mut().zip(row) {
                 *w = (*w).max(cell.chars().count());

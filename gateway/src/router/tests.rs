@@ -841,7 +841,7 @@ query = [{ name = "debug", present = false }]"#,
             upstream_policy: Default::default(),
         })
         .collect();
-    let out = r.display(&routes).to_string();
+    let out = r.display(&routes, &[]).to_string();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
     assert!(
@@ -851,6 +851,8 @@ query = [{ name = "debug", present = false }]"#,
     assert!(lines[1].contains("users"), "{out}");
     assert!(lines[1].contains("api.example.com,*.example.com"), "{out}");
     assert!(lines[1].contains("GET,HEAD"), "{out}");
+    // Route 0's upstream 0 is not in the (empty) list.
+    assert!(lines[1].contains("upstream ?"), "{out}");
     assert!(lines[1].contains("template /users/{id}"), "{out}");
     assert!(
         lines[1].contains(r#"header x-tenant = "acme", query debug absent"#),
