@@ -2729,6 +2729,13 @@ async fn tls_upstreams_verify_the_certificate_chain_and_name() {
     let r = env.get("/named/x").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(backend_of(&r), "by-name");
+    // The admin API says how each upstream speaks TLS.
+    let u = env.upstream("named").await;
+    assert_eq!(u["protocol"], "http1", "{u}");
+    assert_eq!(u["tls"]["server_name"], "api.internal", "{u}");
+    assert_eq!(u["tls"]["verify"], true, "{u}");
+    assert_eq!(u["tls"]["client_certificate"], false, "{u}");
+    assert_eq!(env.upstream("unverified").await["tls"]["verify"], false);
     assert_eq!(env.get("/unverified/x").await.status, 200);
 
     // The target's address is not a name in its certificate, or the

@@ -618,6 +618,11 @@ impl Pool {
         serde_json::json!({
             "name": &*self.config.name,
             "balance": s.balance.as_str(),
+            "protocol": match self.config.protocol {
+                UpstreamProtocol::Http1 => "http1",
+                UpstreamProtocol::Http2 => "http2",
+            },
+            "tls": self.config.tls.as_ref().map(tls::Tls::status),
             "targets": set.targets.iter().map(|t| t.status(now)).collect::<Vec<_>>(),
             "healthy_targets": set.targets.iter().filter(|t| t.available(now)).count(),
             "circuit": self.breaker.as_ref().map(Breaker::status),

@@ -34,6 +34,10 @@ pub struct Tls {
     pub config: Arc<rustls::ClientConfig>,
     /// Fixed server name, when one applies to every target.
     pub server_name: Option<ServerName<'static>>,
+    /// Whether the targets' certificates are verified.
+    pub verify: bool,
+    /// Whether a client certificate is offered (mutual TLS).
+    pub client_cert: bool,
     /// Digest of the settings and the files' contents: a reload that
     /// changes neither keeps the pool (and its connections).
     digest: u64,
@@ -55,6 +59,15 @@ impl std::fmt::Debug for Tls {
 }
 
 impl Tls {
+    /// For `GET /admin/upstreams`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "server_name": self.server_name.as_ref().map(|n| n.to_str().into_owned()),
+            "verify": self.verify,
+            "client_certificate": self.client_cert,
+        })
+    }
+
     /// The name sent to and verified for `target`.
     pub fn server_name(&self, target: &Authority) -> std::io::Result<ServerName<'static>> {
         if let Some(n) = &self.server_name {
@@ -254,6 +267,7 @@ pub fn compile(
             return None;
         }
     };
+    let offers_cert = client_cert.is_some();
     let mut config = match client_cert {
         Some(key) => builder.with_client_cert_resolver(Arc::new(ClientCert(key))),
         None => builder.with_no_client_auth(),
@@ -265,6 +279,8 @@ pub fn compile(
     Some(Tls {
         config: Arc::new(config),
         server_name,
+        verify: t.verify,
+        client_cert: offers_cert,
         digest: digest.finish(),
     })
 }
