@@ -2679,24 +2679,24 @@ path_prefix = "/{name}/"
     )
 }
 
+/// A backend speaking HTTP/1.1 over TLS only, with a certificate from
+/// `ca` for `names` (DNS names or IP addresses).
+async fn tls_backend(ca: &gateway_tests::pki::Ca, name: &str, names: &[&str]) -> Backend {
+    Backend::start_tls(
+        name,
+        ca.server(name, names).server_config(&[b"http/1.1"], None),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_upstreams_verify_the_certificate_chain_and_name() {
     use gateway_tests::pki::Ca;
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "up");
     let other = Ca::new(dir.path(), "other");
-    let h1: &[&[u8]] = &[b"http/1.1"];
-    let by_ip = Backend::start_tls(
-        "by-ip",
-        ca.server("ip", &["127.0.0.1"]).server_config(h1, None),
-    )
-    .await;
-    let by_name = Backend::start_tls(
-        "by-name",
-        ca.server("named", &["api.internal"])
-            .server_config(h1, None),
-    )
-    .await;
+    let by_ip = tls_backend(&ca, "by-ip", &["127.0.0.1"]).await;
+    let by_name = tls_backend(&ca, "by-name", &["api.internal"]).await;
     let ca_file = format!("ca_file = {:?}", ca.ca_file.display().to_string());
     let other_ca = format!("ca_file = {:?}", other.ca_file.display().to_string());
     let env = Env::start(
@@ -2854,12 +2854,7 @@ async fn tls_health_checks_and_a_reload_that_changes_only_a_ca_file() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "up");
     let other = Ca::new(dir.path(), "other");
-    let good = Backend::start_tls(
-        "good",
-        ca.server("good", &["127.0.0.1"])
-            .server_config(&[b"http/1.1"], None),
-    )
-    .await;
+    let good = tls_backend(&ca, "good", &["127.0.0.1"]).await;
     // A plain backend among TLS targets fails every check's handshake.
     let plain = Backend::start("plain").await;
     // The upstream trusts whatever `trust.pem` holds: the wrong CA first.
@@ -2955,12 +2950,7 @@ async fn a_virtual_hosted_https_upstream_gets_its_own_name_as_sni_and_host() {
     use gateway_tests::pki::Ca;
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "up");
-    let partner = Backend::start_tls(
-        "partner",
-        ca.server("partner", &["api.partner.test"])
-            .server_config(&[b"http/1.1"], None),
-    )
-    .await;
+    let partner = tls_backend(&ca, "partner", &["api.partner.test"]).await;
     let env = Env::start(
         &tls_upstream(
             "partner",
