@@ -386,3 +386,15 @@ fn bad_redirects() {
     let (code, out) = check(&redirect("scheme = \"https\"\n"));
     assert_eq!(code, 0, "{out:?}");
 }
+
+#[test]
+fn client_cert_auth_needs_a_listener_that_verifies_certificates() {
+    let (code, out) = check(&format!("{BASE}[routes.auth]\nclient_cert = {{}}\n"));
+    assert_eq!(code, 2);
+    assert_eq!(
+        out,
+        [
+            "F:10:1: route \"r\" takes client_cert, but none of its listeners verifies client certificates (set tls.client_ca)"
+        ]
+    );
+}

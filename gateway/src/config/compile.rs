@@ -157,6 +157,29 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
                 format!("duplicate route name {name:?}"),
             ));
         }
+        // A client-certificate credential needs a listener that asks for one.
+        if let Some(a) = &r.auth
+            && a.get_ref().client_cert.is_some()
+            && !f
+                .listeners
+                .iter()
+                .filter(|l| {
+                    r.listeners.is_empty()
+                        || r.listeners.iter().any(|n| n.get_ref() == l.name.get_ref())
+                })
+                .any(|l| {
+                    l.tls
+                        .as_ref()
+                        .is_some_and(|t| t.get_ref().client_ca.is_some())
+                })
+        {
+            problems.push(Problem::at(
+                a.span(),
+                format!(
+                    "route {name:?} takes client_cert, but none of its listeners verifies client certificates (set tls.client_ca)"
+                ),
+            ));
+        }
         for l in &r.listeners {
             if !listener_names.contains(l.get_ref().as_str()) {
                 problems.push(Problem::at(
