@@ -12,6 +12,7 @@ pub mod error;
 pub mod hex;
 pub mod listener;
 pub mod observe;
+pub mod pem;
 pub mod policy;
 pub mod prehashed;
 

@@ -61,13 +61,13 @@ impl HttpClient {
     pub fn system() -> Result<HttpClient, String> {
         static SYSTEM: OnceLock<Result<HttpClient, String>> = OnceLock::new();
         SYSTEM
-            .get_or_init(|| HttpClient::new(crate::upstream::tls::system_roots()))
+            .get_or_init(|| HttpClient::new(crate::pem::system_roots()))
             .clone()
     }
 
     /// A client trusting only the CA certificates in the PEM file `path`.
     pub fn with_ca_file(path: &Path) -> Result<HttpClient, String> {
-        HttpClient::new(Arc::new(crate::upstream::tls::load_ca_file(path)?))
+        HttpClient::new(Arc::new(crate::pem::ca_roots(path)?))
     }
 
     /// Sends `req` and reads the whole answer within `timeout`.

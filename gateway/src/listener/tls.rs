@@ -11,8 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::crypto::ring;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use toml::Spanned;
@@ -67,7 +66,7 @@ pub fn server_config(
         ));
     }
     for c in &tls.get_ref().certificates {
-        let Some(key) = load_certified_key(base, &c.cert, &c.key, &mut problems) else {
+        let Some(key) = crate::pem::certified_key(base, &c.cert, &c.key, &mut problems) else {
             continue;
         };
         let key = Arc::new(key);
@@ -115,8 +114,7 @@ pub fn server_config(
         }
         Some(ca) => {
             let path = crate::config::compile_resolve(base, ca.get_ref());
-            let roots = crate::upstream::tls::load_ca_file(&path)
-                .map_err(|e| vec![Problem::at(ca.span(), e)])?;
+            let roots = crate::pem::ca_roots(&path).map_err(|e| vec![Problem::at(ca.span(), e)])?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let verifier = match t.client_auth.as_ref().map(|a| *a.get_ref()) {
                 Some(ClientAuth::Optional) => verifier.allow_unauthenticated(),
@@ -127,7 +125,7 @@ pub fn server_config(
             let verifier = match &t.client_crl {
                 None => verifier,
                 Some(c) => verifier
-                    .with_crls(load_crls(base, c).map_err(|e| vec![e])?)
+                    .with_crls(crate::pem::crls(base, c).map_err(|e| vec![e])?)
                     .only_check_end_entity_revocation(),
             };
             let verifier = verifier.build().map_err(|e| {
@@ -150,98 +148,6 @@ pub fn server_config(
         vec![b"http/1.1".to_vec()]
     };
     Ok(Arc::new(cfg))
-}
-
-pub(crate) fn load_certified_key(
-    base: &Path,
-    cert: &Spanned<String>,
-    key: &Spanned<String>,
-    problems: &mut Vec<Problem>,
-) -> Option<CertifiedKey> {
-    let cert_path = crate::config::compile_resolve(base, cert.get_ref());
-    let key_path = crate::config::compile_resolve(base, key.get_ref());
-    let chain: Vec<CertificateDer<'static>> = match CertificateDer::pem_file_iter(&cert_path) {
-        Ok(it) => match it.collect::<Result<Vec<_>, _>>() {
-            Ok(c) if !c.is_empty() => c,
-            Ok(_) => {
-                problems.push(Problem::at(
-                    cert.span(),
-                    format!("no certificate found in {}", cert_path.display()),
-                ));
-                return None;
-            }
-            Err(e) => {
-                problems.push(Problem::at(
-                    cert.span(),
-                    format!("invalid certificate {}: {e}", cert_path.display()),
-                ));
-                return None;
-            }
-        },
-        Err(e) => {
-            problems.push(Problem::at(
-                cert.span(),
-                format!("cannot read certificate {}: {e}", cert_path.display()),
-            ));
-            return None;
-        }
-    };
-    let der = match PrivateKeyDer::from_pem_file(&key_path) {
-        Ok(k) => k,
-        Err(e) => {
-            problems.push(Problem::at(
-                key.span(),
-                format!("cannot read private key {}: {e}", key_path.display()),
-            ));
-            return None;
-        }
-    };
-    let signing = match ring::sign::any_supported_type(&der) {
-        Ok(s) => s,
-        Err(e) => {
-            problems.push(Problem::at(
-                key.span(),
-                format!("unsupported private key {}: {e}", key_path.display()),
-            ));
-            return None;
-        }
-    };
-    let ck = CertifiedKey::new(chain, signing);
-    if let Err(e) = ck.keys_match() {
-        problems.push(Problem::at(
-            key.span(),
-            format!(
-                "private key {} does not match certificate {}: {e}",
-                key_path.display(),
-                cert_path.display()
-            ),
-        ));
-        return None;
-    }
-    Some(ck)
-}
-
-/// The certificate revocation lists of the PEM file `crl`.
-fn load_crls(
-    base: &Path,
-    crl: &Spanned<String>,
-) -> Result<Vec<CertificateRevocationListDer<'static>>, Problem> {
-    let path = crate::config::compile_resolve(base, crl.get_ref());
-    let crls: Vec<_> = CertificateRevocationListDer::pem_file_iter(&path)
-        .and_then(|it| it.collect())
-        .map_err(|e| {
-            Problem::at(
-                crl.span(),
-                format!("cannot read revocation lists from {}: {e}", path.display()),
-            )
-        })?;
-    if crls.is_empty() {
-        return Err(Problem::at(
-            crl.span(),
-            format!("{} holds no revocation list", path.display()),
-        ));
-    }
-    Ok(crls)
 }
 
 /// A client certificate verified in a handshake, as the upstream is told

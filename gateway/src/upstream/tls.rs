@@ -6,20 +6,19 @@
 //! The server name is `sni` when set, else the DNS name of a `dns`
 //! upstream (its targets are addresses), else the target's own host; an IP
 //! address is verified against the certificate's IP entries and sends no
-//! SNI. Also home of the system root store, which the auth client shares.
+//! SNI. The files are read by `crate::pem`.
 
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use http::uri::Authority;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::{CryptoProvider, ring};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use toml::Spanned;
@@ -200,11 +199,11 @@ pub fn compile(
         (None, false) => Some(Arc::new(Unverified(provider.clone()))),
         (ca, true) => {
             let roots = match ca {
-                None => Ok(system_roots()),
+                None => Ok(crate::pem::system_roots()),
                 Some(ca) => {
                     let path = crate::config::compile_resolve(base, ca.get_ref());
                     hash_file(&path, &mut digest);
-                    load_ca_file(&path)
+                    crate::pem::ca_roots(&path)
                         .map(Arc::new)
                         .map_err(|e| (ca.span(), e))
                 }
@@ -244,7 +243,7 @@ pub fn compile(
                     &mut digest,
                 );
             }
-            crate::listener::tls::load_certified_key(base, cert, key, problems).map(Arc::new)
+            crate::pem::certified_key(base, cert, key, problems).map(Arc::new)
         }
         (Some(only), None) | (None, Some(only)) => {
             problems.push(Problem::at(
@@ -292,39 +291,6 @@ fn hash_file(path: &Path, digest: &mut impl Hasher) {
     if let Ok(bytes) = std::fs::read(path) {
         bytes.hash(digest);
     }
-}
-
-/// The system's trusted roots, loaded once per process.
-pub fn system_roots() -> Arc<RootCertStore> {
-    static SYSTEM: OnceLock<Arc<RootCertStore>> = OnceLock::new();
-    SYSTEM
-        .get_or_init(|| {
-            let mut roots = RootCertStore::empty();
-            let found = rustls_native_certs::load_native_certs();
-            for e in &found.errors {
-                tracing::warn!("system CA certificates: {e}");
-            }
-            roots.add_parsable_certificates(found.certs);
-            Arc::new(roots)
-        })
-        .clone()
-}
-
-/// The CA certificates of the PEM file `path`, as a root store.
-pub fn load_ca_file(path: &Path) -> Result<RootCertStore, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect())
-        .map_err(|e| format!("cannot read CA certificates from {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no certificate", path.display()));
-    }
-    let mut roots = RootCertStore::empty();
-    for c in certs {
-        roots
-            .add(c)
-            .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
-    }
-    Ok(roots)
 }
 
 /// The client certificate, offered whenever a target asks for one.
