@@ -136,20 +136,22 @@ pub async fn open(
     timeout: Duration,
     tls: Option<&Tls>,
 ) -> Result<Stream, ConnectError> {
-    let open = async {
-        let tcp = TcpStream::connect(addr.as_str()).await?;
-        tcp.set_nodelay(true)?;
-        match tls {
-            None => Ok(Stream::Plain(tcp)),
-            Some(tls) => match tls.handshake(tcp, addr).await {
-                Ok(s) => Ok(Stream::Tls(Box::new(s))),
-                Err(e) => Err(ConnectError::Tls(e)),
-            },
-        }
-    };
-    tokio::time::timeout(timeout, open)
+    tokio::time::timeout(timeout, dial(addr, tls))
         .await
         .map_err(|_| ConnectError::Timeout(timeout))?
+}
+
+/// `open` without a time limit of its own (the caller has one).
+pub async fn dial(addr: &Authority, tls: Option<&Tls>) -> Result<Stream, ConnectError> {
+    let tcp = TcpStream::connect(addr.as_str()).await?;
+    tcp.set_nodelay(true)?;
+    match tls {
+        None => Ok(Stream::Plain(tcp)),
+        Some(tls) => match tls.handshake(tcp, addr).await {
+            Ok(s) => Ok(Stream::Tls(Box::new(s))),
+            Err(e) => Err(ConnectError::Tls(e)),
+        },
+    }
 }
 
 /// An idle connection and when it became idle.

@@ -69,7 +69,7 @@ async fn check(
 ) -> Result<(), String> {
     let addr = t.addr.as_str();
     // The caller's timeout bounds the whole check.
-    let stream = super::conn::open(&t.addr, Duration::MAX, tls)
+    let stream = super::conn::dial(&t.addr, tls)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     if s.kind == HealthKind::Tcp {
