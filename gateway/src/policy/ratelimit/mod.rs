@@ -162,27 +162,6 @@ impl KeySource {
             ),
         })
     }
-
-    /// The key of a request from `ip` (already reduced to its
-    /// `SourcePrefix` network) with `headers`, sent by `identity`.
-    pub fn key<'a>(
-        &self,
-        ip: IpAddr,
-        headers: &'a HeaderMap,
-        identity: Option<&'a crate::auth::Identity>,
-    ) -> Key<'a> {
-        match self {
-            KeySource::Ip => Key::Ip(ip),
-            KeySource::Route => Key::Route,
-            KeySource::Consumer => identity.map_or(Key::Ip(ip), |i| Key::Named(i.name.as_bytes())),
-            KeySource::ApiKey => identity
-                .and_then(|i| i.api_key.as_ref())
-                .map_or(Key::Ip(ip), Key::Digest),
-            KeySource::Header(h) => headers
-                .get(h)
-                .map_or(Key::Ip(ip), |v| Key::Value(v.as_bytes())),
-        }
-    }
 }
 
 /// The outcome of one check, and what the `RateLimit-*` headers report.
@@ -363,14 +342,26 @@ impl RateLimit {
         &self.source
     }
 
-    /// The key of a request from `ip` with `headers`, sent by `identity`.
+    /// The key of a request from `ip` with `headers`, sent by `identity`;
+    /// a client address counts by its `SourcePrefix` network.
     pub fn key<'a>(
         &self,
         ip: IpAddr,
         headers: &'a HeaderMap,
         identity: Option<&'a crate::auth::Identity>,
     ) -> Key<'a> {
-        self.source.key(self.prefix.key(ip), headers, identity)
+        let by_ip = || Key::Ip(self.prefix.key(ip));
+        match &self.source {
+            KeySource::Ip => by_ip(),
+            KeySource::Route => Key::Route,
+            KeySource::Consumer => identity.map_or_else(by_ip, |i| Key::Named(i.name.as_bytes())),
+            KeySource::ApiKey => identity
+                .and_then(|i| i.api_key.as_ref())
+                .map_or_else(by_ip, Key::Digest),
+            KeySource::Header(h) => headers
+                .get(h)
+                .map_or_else(by_ip, |v| Key::Value(v.as_bytes())),
+        }
     }
 
     /// Step 4d: counts the request, or refuses it (`429`, or `503` when
