@@ -147,7 +147,7 @@ body = "x"
             "F:17:30: invalid upstream target \"no-port\": expected HOST:PORT",
             "F:22:8: duplicate route name \"r\"",
             "F:23:12: route \"r\" points at unknown upstream \"missing\"",
-            "F:26:12: route \"both\" has both `upstream` and `respond`; give one",
+            "F:25:8: route \"both\" gives more than one of `upstream`, `respond` and `redirect`; give one",
         ]
     );
 }
@@ -381,7 +381,9 @@ fn bad_redirects() {
     assert_eq!(code, 2);
     assert_eq!(
         out,
-        ["F:8:8: route \"r\" has `redirect` and `upstream` or `respond`; give one"]
+        [
+            "F:8:8: route \"r\" gives more than one of `upstream`, `respond` and `redirect`; give one"
+        ]
     );
     let (code, out) = check(&redirect("scheme = \"https\"\n"));
     assert_eq!(code, 0, "{out:?}");

@@ -195,19 +195,8 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
                 None
             }
         };
-        let action = match (&r.upstream, &r.respond) {
-            _ if r.redirect.is_some() && (r.upstream.is_some() || r.respond.is_some()) => {
-                problems.push(Problem::at(
-                    r.name.span(),
-                    format!("route {name:?} has `redirect` and `upstream` or `respond`; give one"),
-                ));
-                None
-            }
-            (None, None) if r.redirect.is_some() => r
-                .redirect
-                .as_ref()
-                .and_then(|rd| redirect_action(rd, &mut problems)),
-            (Some(u), None) => match upstream_index.get(u.get_ref().as_str()) {
+        let action = match (&r.upstream, &r.respond, &r.redirect) {
+            (Some(u), None, None) => match upstream_index.get(u.get_ref().as_str()) {
                 Some(&i) => Some(RouteAction::Upstream(i)),
                 None => {
                     problems.push(Problem::at(
@@ -220,18 +209,21 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
                     None
                 }
             },
-            (None, Some(resp)) => respond_action(resp, &mut problems),
-            (Some(u), Some(_)) => {
-                problems.push(Problem::at(
-                    u.span(),
-                    format!("route {name:?} has both `upstream` and `respond`; give one"),
-                ));
-                None
-            }
-            (None, None) => {
+            (None, Some(resp), None) => respond_action(resp, &mut problems),
+            (None, None, Some(rd)) => redirect_action(rd, &mut problems),
+            (None, None, None) => {
                 problems.push(Problem::at(
                     r.name.span(),
                     format!("route {name:?} needs `upstream`, `respond` or `redirect`"),
+                ));
+                None
+            }
+            _ => {
+                problems.push(Problem::at(
+                    r.name.span(),
+                    format!(
+                        "route {name:?} gives more than one of `upstream`, `respond` and `redirect`; give one"
+                    ),
                 ));
                 None
             }
@@ -443,16 +435,11 @@ fn redirect_action(
 ) -> Option<RouteAction> {
     let r = rd.get_ref();
     let before = problems.len();
-    let status = match *r.status.get_ref() {
+    let status = match r.status.as_ref().map_or(301, |s| *s.get_ref()) {
         s @ (301 | 302 | 303 | 307 | 308) => StatusCode::from_u16(s).ok(),
         s => {
-            let span = if r.status.span().is_empty() {
-                rd.span()
-            } else {
-                r.status.span()
-            };
             problems.push(Problem::at(
-                span,
+                r.status.as_ref().map_or(rd.span(), Spanned::span),
                 format!("redirect status {s}: expected 301, 302, 303, 307 or 308"),
             ));
             None

@@ -565,13 +565,9 @@ pub struct Redirect {
     /// Leave the query string out.
     #[serde(default)]
     pub strip_query: bool,
-    /// 301, 302, 303, 307 or 308.
-    #[serde(default = "default_redirect_status")]
-    pub status: Spanned<u16>,
-}
-
-fn default_redirect_status() -> Spanned<u16> {
-    Spanned::new(0..0, 301)
+    /// 301 (default), 302, 303, 307 or 308.
+    #[serde(default)]
+    pub status: Option<Spanned<u16>>,
 }
 fn default_content_type() -> String {
     "text/plain; charset=utf-8".to_string()
