@@ -252,6 +252,7 @@ async fn auto_ban_never_bans_an_xdp_allow_listed_source() {
 limit_exceeded = 2
 auth_failures = 0
 ttl = "1m"
+ipv4_prefix = 24
 [xdp]
 allow = ["127.0.0.4/32"]
 "#,
@@ -276,6 +277,12 @@ limits = [{ requests = 1, per = "1h" }]
     // into the [xdp] deny list (userspace enforcement here: --no-xdp).
     assert_eq!(get_from("127.0.0.4", addr, "/open").await, Some(200));
     assert_eq!(get_from("127.0.0.5", addr, "/open").await, None);
+    // Sources are /24s here, but the allow-listed address lies in this
+    // one: only the address that earned the ban is banned, not the /24.
+    assert_eq!(get_from("127.0.0.6", addr, "/open").await, Some(200));
+    let deny = admin_get(&env.gw, "/admin/xdp/deny");
+    assert!(deny.contains("127.0.0.5"), "{deny}");
+    assert!(!deny.contains("127.0.0.0/24"), "{deny}");
     let stderr = env.gw.stderr();
     assert!(
         stderr.contains("auto-ban skipped: the source is allow-listed"),
