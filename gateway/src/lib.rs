@@ -11,6 +11,8 @@ pub mod config;
 pub mod error;
 pub mod hex;
 pub mod listener;
+#[cfg(test)]
+mod mutate;
 pub mod observe;
 pub mod pem;
 pub mod policy;

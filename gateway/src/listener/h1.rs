@@ -1318,6 +1318,61 @@ mod tests {
         })
     }
 
+    #[test]
+    fn mutated_heads_are_refused_or_framed_unambiguously() {
+        // Hostile bytes around valid heads: never a panic; an accepted head
+        // is framed by exactly what its fields say (one Content-Length
+        // value, or a single chunked coding, never both); and it was not
+        // refused or taken any earlier when it arrived a byte at a time.
+        let seeds: [&[u8]; 6] = [
+            b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
+            b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+            b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"GET http://x/abs HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            b"PUT /p HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 0\r\nConnection: close, x-b\r\nX-B: 1\r\n\r\n",
+            b"\r\nOPTIONS * HTTP/1.1\nHost: x\n\n",
+        ];
+        let mut rng = fastrand::Rng::with_seed(21);
+        let mut accepted = 0;
+        for i in 0..20_000 {
+            let input = crate::mutate::mutate(&mut rng, seeds[i % seeds.len()]);
+            let (got, rest) = parse_all(&input);
+            let Ok(Some(head)) = got else { continue };
+            accepted += 1;
+            let len = input.len() - rest.len();
+            let shown = String::from_utf8_lossy(&input);
+            assert!(len > 0 && input.ends_with(&rest), "{shown}");
+            let h = &head.headers;
+            let lengths: Vec<_> = h.get_all(http::header::CONTENT_LENGTH).iter().collect();
+            let codings = h.get_all(http::header::TRANSFER_ENCODING).iter().count();
+            assert!(
+                codings <= 1 && (codings == 0 || lengths.is_empty()),
+                "{shown}"
+            );
+            let length = lengths
+                .iter()
+                .map(|v| crate::wire::content_length(v.as_bytes()).expect("valid length"))
+                .reduce(|a, b| {
+                    assert_eq!(a, b, "{shown}");
+                    a
+                });
+            let want = match (codings, length) {
+                (1, _) => Framing::Chunked(chunked::Decoder::default()),
+                (_, Some(n)) if n > 0 => Framing::Fixed(n),
+                _ => Framing::Done,
+            };
+            assert_eq!(head.framing, want, "{shown}");
+            for k in 0..len {
+                assert!(
+                    matches!(parse_all(&input[..k]).0, Ok(None)),
+                    "{shown}: its first {k} bytes were not just incomplete"
+                );
+            }
+        }
+        // The mutations leave enough heads whole for the checks to bite.
+        assert!(accepted > 2_000, "{accepted}");
+    }
+
     const NEXT: &[u8] =
         b"POST /x HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
 

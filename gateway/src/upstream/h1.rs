@@ -654,6 +654,71 @@ mod tests {
     }
 
     #[test]
+    fn mutated_response_heads_are_refused_or_framed_as_their_fields_say() {
+        // Hostile bytes from an upstream: never a panic; an accepted head
+        // is framed by its fields (a final chunked coding wins, another
+        // coding or no length reads to the close, which is then not
+        // reused); it was not taken any earlier when it arrived a byte at
+        // a time.
+        let seeds: [&[u8]; 5] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 9\r\n\r\n",
+        ];
+        let mut rng = fastrand::Rng::with_seed(31);
+        let mut accepted = 0;
+        for i in 0..20_000 {
+            let input = crate::mutate::mutate(&mut rng, seeds[i % seeds.len()]);
+            let head_only = i % 7 == 0;
+            let mut buf = BytesMut::from(&input[..]);
+            let Ok(Some((resp, framing, keep))) = parse_head(&mut buf, head_only) else {
+                continue;
+            };
+            accepted += 1;
+            let shown = String::from_utf8_lossy(&input);
+            let len = input.len() - buf.len();
+            let h = resp.headers();
+            let last_coding = h
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .next_back()
+                .map(|v| {
+                    v.to_str()
+                        .unwrap_or("")
+                        .rsplit(',')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_ascii_lowercase()
+                });
+            let bodiless = head_only
+                || resp.status() == StatusCode::NO_CONTENT
+                || resp.status() == StatusCode::NOT_MODIFIED;
+            match framing {
+                Framing::Done => assert!(bodiless || last_coding.is_none(), "{shown}"),
+                Framing::Chunked(_) => {
+                    assert_eq!(last_coding.as_deref(), Some("chunked"), "{shown}")
+                }
+                Framing::Close => assert!(!keep, "{shown}"),
+                Framing::Fixed(_) => assert!(last_coding.is_none(), "{shown}"),
+            }
+            if !bodiless {
+                assert!(!h.contains_key(header::CONTENT_LENGTH), "{shown}");
+            }
+            for k in 0..len {
+                let mut part = BytesMut::from(&input[..k]);
+                assert!(
+                    matches!(parse_head(&mut part, head_only), Ok(None)),
+                    "{shown}: its first {k} bytes were not just incomplete"
+                );
+            }
+        }
+        assert!(accepted > 2_000, "{accepted}");
+    }
+
+    #[test]
     fn framing_of_responses() {
         let (r, f, keep) = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false)
             .unwrap()
