@@ -11,7 +11,9 @@ pub mod config;
 pub mod error;
 pub mod hex;
 pub mod listener;
+/// The hostile-byte mutations the end-to-end tests also use (one copy).
 #[cfg(test)]
+#[path = "../../tests/src/mutate.rs"]
 mod mutate;
 pub mod observe;
 pub mod pem;

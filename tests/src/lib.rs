@@ -1,14 +1,16 @@
 //! Test harness for the end-to-end tests: real hyper backends on ephemeral
 //! ports (`backend`), the real gateway binary started on a generated config
 //! (`gateway`), small clients (`client`), a tiny DNS server (`dns`), a
-//! real redis-server (`redis`), a real OpenID Connect provider (`idp`) and
-//! network namespaces for the XDP tests (`netns`).
+//! real redis-server (`redis`), a real OpenID Connect provider (`idp`),
+//! network namespaces for the XDP tests (`netns`) and hostile-byte
+//! mutations of protocol messages (`mutate`).
 
 pub mod backend;
 pub mod client;
 pub mod dns;
 pub mod gateway;
 pub mod idp;
+pub mod mutate;
 pub mod netns;
 pub mod pki;
 pub mod redis;

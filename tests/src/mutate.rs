@@ -1,6 +1,7 @@
 //! Test support: seeded byte-level mutations of valid protocol messages, for
 //! the "hostile bytes never panic and never frame ambiguously" tests of the
-//! HTTP/1.1 parsers (`listener::h1`, `upstream::h1`, `chunked`).
+//! HTTP/1.1 parsers (`listener::h1`, `upstream::h1`, `chunked`) and of the
+//! gateway binary end to end. The gateway's unit tests include this file.
 
 /// Bytes that parsers treat specially; mutations favour them over random
 /// ones, since they are where two parsers disagree.
