@@ -31,6 +31,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Requests served.
     pub hits: Arc<AtomicUsize>,
+    /// The host (`Host`, or the HTTP/2 authority) of each request served.
+    hosts: Arc<std::sync::Mutex<Vec<String>>>,
     accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
     mode: Arc<AtomicU64>,
@@ -124,6 +126,8 @@ impl Backend {
         let acc = accepted.clone();
         let name: Arc<str> = name.into();
         let h = hits.clone();
+        let hosts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = hosts.clone();
         let mode = Arc::new(AtomicU64::new(0));
         let m = mode.clone();
         let (kill, killed) = tokio::sync::watch::channel(false);
@@ -139,11 +143,22 @@ impl Backend {
                 }
                 let name = name.clone();
                 let hits = h.clone();
+                let seen = seen.clone();
                 let mode = m.clone();
                 let killed = killed.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let host = req
+                            .headers()
+                            .get(http::header::HOST)
+                            .and_then(|v| v.to_str().ok())
+                            .or(req.uri().authority().map(|a| a.as_str()))
+                            .unwrap_or("")
+                            .to_string();
+                        if let Ok(mut seen) = seen.lock() {
+                            seen.push(host);
+                        }
                         hits.fetch_add(1, Ordering::Relaxed);
                         misbehave(
                             Mode::decode(mode.load(Ordering::Relaxed)),
@@ -165,6 +180,7 @@ impl Backend {
         Backend {
             addr,
             hits,
+            hosts,
             accepted,
             task,
             mode,
@@ -174,6 +190,11 @@ impl Backend {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::Relaxed)
+    }
+
+    /// The host of each request served so far, in order.
+    pub fn hosts(&self) -> Vec<String> {
+        self.hosts.lock().map(|h| h.clone()).unwrap_or_default()
     }
 
     /// Connections accepted so far.

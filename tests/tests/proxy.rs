@@ -385,21 +385,30 @@ async fn error_statuses_are_problem_json() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streamed_body_over_limit_is_413() {
+async fn streamed_body_over_limit_is_413_to_either_upstream_protocol() {
     let b = Backend::start("one").await;
     let b2 = Backend::start("two").await;
     let env = start(&b, &b2, "");
-    // Chunked, so the limit is only discovered while streaming.
+    // Chunked, so the limit is only discovered while streaming: the
+    // route's (10 bytes) to an HTTP/1.1 upstream, the listener's (64 KiB)
+    // to an HTTP/2 one, whose client only says it reset the stream.
     let chunk = "a".repeat(8000);
-    let mut req = String::from(
-        "POST /small/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
-    );
-    for _ in 0..3 {
-        req.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+    for (path, chunks) in [("/small/x", 3), ("/h2/x", 10)] {
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        );
+        for _ in 0..chunks {
+            req.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+        }
+        req.push_str("0\r\n\r\n");
+        let resp = client::raw(&env.listen, &req);
+        assert!(resp.starts_with("HTTP/1.1 413"), "{path}: {resp}");
     }
-    req.push_str("0\r\n\r\n");
-    let resp = client::raw(&env.listen, &req);
-    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    // Neither counts against the upstreams.
+    let m = client::get(&format!("http://{}/metrics", env.gw.admin))
+        .await
+        .text();
+    assert!(!m.contains("gateway_upstream_errors_total"), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -971,6 +980,14 @@ async fn http1_connection_semantics() {
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     assert!(r.contains("malformed chunked request body"), "{r}");
     assert_eq!(r.matches("HTTP/1.1").count(), 1, "{r}");
+    // So it is when the body is already streaming to an HTTP/2 upstream,
+    // whose client only says it reset the stream (not a 502).
+    let r = client::raw(
+        &env.listen,
+        "POST /h2/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("malformed chunked request body"), "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

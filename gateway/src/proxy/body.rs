@@ -100,8 +100,59 @@ pub enum Upload {
     /// The client: the next chunk has not arrived (its own timeout,
     /// `body_read_timeout`, runs).
     Client,
-    /// Nobody: the body has been sent whole (or has failed), since then.
+    /// Nobody: the body has been sent whole, since then.
     Done(Instant),
+    /// The client's side of the body failed. The try learns why from here:
+    /// hyper's HTTP/2 client only reports that it reset the stream.
+    Failed(ClientFault),
+}
+
+/// How a request body failed on the client's side; what the client is
+/// answered (`ClientFault::error`). Never the upstream's fault: it counts
+/// against no breaker or outlier streak and is not retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientFault {
+    /// Over the route's `max_body_bytes`: 413.
+    TooLarge(u64),
+    /// No data for `body_read_timeout`: 408.
+    Timeout(Duration),
+    /// Not whole within `request_timeout`: 408.
+    RequestTimeout(Duration),
+    /// Malformed chunked framing: 400.
+    Malformed(&'static str),
+    /// Closed, reset or cut short: 400.
+    BrokenOff,
+}
+
+impl ClientFault {
+    /// The answer owed to the client; the connection closes after it (the
+    /// rest of the body was not read).
+    pub fn error(self) -> crate::error::ProxyError {
+        use crate::error::{ErrorKind, ProxyError};
+        let (kind, detail) = match self {
+            ClientFault::TooLarge(limit) => (
+                ErrorKind::PayloadTooLarge,
+                format!("request body exceeds {limit} bytes"),
+            ),
+            ClientFault::Timeout(t) => (
+                ErrorKind::RequestTimeout,
+                format!("the client sent no body data for {t:?}"),
+            ),
+            ClientFault::RequestTimeout(t) => (
+                ErrorKind::RequestTimeout,
+                format!("the request body did not arrive whole within {t:?} (request_timeout)"),
+            ),
+            ClientFault::Malformed(why) => (
+                ErrorKind::BadRequest,
+                format!("malformed chunked request body: {why}"),
+            ),
+            ClientFault::BrokenOff => (
+                ErrorKind::BadRequest,
+                "the client's request body broke off".to_string(),
+            ),
+        };
+        ProxyError::new(kind, detail).closing()
+    }
 }
 
 /// Errors a body can yield while streaming.
@@ -126,54 +177,29 @@ pub enum BodyError {
 }
 
 impl BodyError {
-    /// The answer owed to a client whose request body failed while it was
-    /// being sent upstream: `client_error`, or, for a body the client broke
-    /// off (closed, reset, truncated), a closing 400. Either way the
-    /// failure is the client's, never the target's (so it counts against
-    /// no breaker or outlier streak).
-    pub fn request_error(&self) -> crate::error::ProxyError {
-        use crate::error::{ErrorKind, ProxyError};
-        self.client_error().unwrap_or_else(|| {
-            ProxyError::new(
-                ErrorKind::BadRequest,
-                format!("the client's request body broke off: {self}"),
-            )
-            .closing()
-        })
-    }
-
-    /// The answer owed to a client whose request body failed this way
-    /// (`413` over the limit, `408` too slow, connection closed after it);
-    /// `None` for failures that are not the client's.
-    pub fn client_error(&self) -> Option<crate::error::ProxyError> {
-        use crate::error::{ErrorKind, ProxyError};
+    /// What this failure of a request body means for the client (the
+    /// upstream-side variants cannot happen to a request body; they read
+    /// as the body breaking off).
+    pub fn fault(&self) -> ClientFault {
         match self {
-            BodyError::TooLarge(limit) => Some(
-                ProxyError::new(
-                    ErrorKind::PayloadTooLarge,
-                    format!("request body exceeds {limit} bytes"),
-                )
-                .closing(),
-            ),
-            BodyError::Timeout(t) => Some(
-                ProxyError::new(
-                    ErrorKind::RequestTimeout,
-                    format!("the client sent no body data for {t:?}"),
-                )
-                .closing(),
-            ),
-            BodyError::RequestTimeout(_) => {
-                Some(ProxyError::new(ErrorKind::RequestTimeout, self.to_string()).closing())
-            }
-            BodyError::Client(e) if e.is_malformed() => {
-                Some(ProxyError::new(ErrorKind::BadRequest, e.to_string()).closing())
+            BodyError::TooLarge(limit) => ClientFault::TooLarge(*limit),
+            BodyError::Timeout(t) => ClientFault::Timeout(*t),
+            BodyError::RequestTimeout(t) => ClientFault::RequestTimeout(*t),
+            BodyError::Client(crate::listener::h1::ReadError::Framing(why)) => {
+                ClientFault::Malformed(why)
             }
             BodyError::Hyper(_)
             | BodyError::Client(_)
             | BodyError::Upstream(_)
             | BodyError::Stalled(_)
-            | BodyError::NotTaken(_) => None,
+            | BodyError::NotTaken(_) => ClientFault::BrokenOff,
         }
+    }
+
+    /// The answer owed to a client whose request body failed while it was
+    /// being sent upstream (see `ClientFault`).
+    pub fn request_error(&self) -> crate::error::ProxyError {
+        self.fault().error()
     }
 }
 
@@ -284,14 +310,12 @@ impl Guarded {
                     && !self.inner.is_end_stream()
                     && Instant::now() >= at
                 {
-                    self.done();
-                    return Poll::Ready(Some(Err(BodyError::RequestTimeout(t))));
+                    return self.fail(BodyError::RequestTimeout(t));
                 }
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > self.remaining {
-                        self.done();
-                        return Poll::Ready(Some(Err(BodyError::TooLarge(self.limit))));
+                        return self.fail(BodyError::TooLarge(self.limit));
                     }
                     self.remaining -= n;
                 }
@@ -302,10 +326,7 @@ impl Guarded {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => {
-                self.done();
-                Poll::Ready(Some(Err(e)))
-            }
+            Poll::Ready(Some(Err(e))) => self.fail(e),
             Poll::Ready(None) => {
                 self.done();
                 Poll::Ready(None)
@@ -321,17 +342,21 @@ impl Guarded {
                     self.deadline.as_mut().reset(at);
                 }
                 match self.deadline.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        self.done();
-                        Poll::Ready(Some(Err(match self.whole {
-                            Some((at, t)) if Instant::now() >= at => BodyError::RequestTimeout(t),
-                            _ => BodyError::Timeout(self.read_timeout),
-                        })))
-                    }
+                    Poll::Ready(()) => self.fail(match self.whole {
+                        Some((at, t)) if Instant::now() >= at => BodyError::RequestTimeout(t),
+                        _ => BodyError::Timeout(self.read_timeout),
+                    }),
                     Poll::Pending => Poll::Pending,
                 }
             }
         }
+    }
+
+    /// Yields `e`, after telling the try sending this body, if one watches,
+    /// why the client's side failed.
+    fn fail(&self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.tell(Upload::Failed(e.fault()));
+        Poll::Ready(Some(Err(e)))
     }
 
     /// Tells the try sending this body, if one watches, that the upload is

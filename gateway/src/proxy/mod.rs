@@ -359,8 +359,12 @@ async fn process(
     let result = call_upstream(pool, route, conn, upstream_req, started, timeout).await;
     crate::observe::metrics::record_upstream(&pool.config.name, started.elapsed());
     let (resp, held) = result.inspect_err(|e| {
-        let upstream_label = metrics::SharedString::from(pool.config.name.clone());
-        metrics::counter!("gateway_upstream_errors_total", "upstream" => upstream_label, "kind" => e.kind.as_str()).increment(1);
+        // A client's body failing on its way (413, 408, 400) is not the
+        // upstream's error.
+        if e.kind.side() != crate::error::Side::Downstream {
+            let upstream_label = metrics::SharedString::from(pool.config.name.clone());
+            metrics::counter!("gateway_upstream_errors_total", "upstream" => upstream_label, "kind" => e.kind.as_str()).increment(1);
+        }
     })?;
 
     // Phase 7: respond.

@@ -461,8 +461,8 @@ impl Pool {
             .and_then(|o| o.slow)
             .map(|(t, _)| (t, now + t));
         // A streamed upload is the client's time: slowness counts from its
-        // end.
-        let uploaded = upload.as_ref().filter(|_| slow.is_some()).cloned();
+        // end; and a failure of it is the client's.
+        let uploaded = upload.clone();
         let result = match &self.h2 {
             Some(client) => {
                 let path = req
@@ -545,7 +545,14 @@ impl Pool {
                 )
             }
             Ok(Err(e)) => {
-                let (error, reason) = classify(&self.config.name, &target.addr, e);
+                let client_fault = uploaded.as_ref().and_then(|u| match *u.borrow() {
+                    crate::proxy::body::Upload::Failed(f) => Some(f),
+                    _ => None,
+                });
+                let (error, reason) = match client_fault {
+                    Some(f) => (f.error(), None),
+                    None => classify(&self.config.name, &target.addr, e),
+                };
                 // A client-side body problem says nothing about the target.
                 let o = (error.kind.side() != Side::Downstream).then_some((Outcome::Failure, 0));
                 (
@@ -848,7 +855,7 @@ async fn upload_clock(
         let now = *upload.borrow_and_update();
         match now {
             // A body dropped unfinished is not being sent any more either.
-            Upload::Done(_) => break,
+            Upload::Done(_) | Upload::Failed(_) => break,
             Upload::Client => {
                 if upload.changed().await.is_err() {
                     break;
