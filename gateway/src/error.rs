@@ -118,6 +118,16 @@ pub struct ProxyError {
     /// Whether the connection must be closed after the response.
     pub close: bool,
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// A body to answer with instead of problem+json: another service's
+    /// own verdict (forward auth's denial page), with its content type.
+    pub passed_on: Option<Box<PassedOn>>,
+}
+
+/// A body another service answered with, passed on to the client as is.
+#[derive(Debug)]
+pub struct PassedOn {
+    pub content_type: Option<HeaderValue>,
+    pub body: bytes::Bytes,
 }
 
 impl ProxyError {
@@ -129,6 +139,7 @@ impl ProxyError {
             extra: None,
             close: false,
             source: None,
+            passed_on: None,
         }
     }
 
@@ -148,6 +159,12 @@ impl ProxyError {
         self.extra
             .get_or_insert_with(Default::default)
             .insert(key.to_string(), value);
+        self
+    }
+
+    /// Answers with `body` (of `content_type`) instead of problem+json.
+    pub fn with_body(mut self, content_type: Option<HeaderValue>, body: bytes::Bytes) -> Self {
+        self.passed_on = Some(Box::new(PassedOn { content_type, body }));
         self
     }
 

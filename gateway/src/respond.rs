@@ -1,6 +1,7 @@
 //! The one place that turns errors into responses: RFC 9457
 //! `application/problem+json` bodies with `type`, `title`, `status`,
-//! `detail` and the request id. Nothing else builds error responses.
+//! `detail` and the request id (or, for another service's verdict passed
+//! on, that service's own body). Nothing else builds error responses.
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
@@ -87,11 +88,24 @@ fn problem_body(
 /// The problem+json response for `err`, tagged with `request_id`.
 pub fn error_response(err: &ProxyError, request_id: &str) -> Response<Body> {
     let status = status_of(err.kind);
-    let body = problem_body(err.kind, &err.detail, request_id, err.extra.as_ref());
-    let mut resp = Response::new(Body::full(Bytes::from(body)));
+    let (body, content_type) = match &err.passed_on {
+        Some(p) => (p.body.clone(), p.content_type.clone()),
+        None => (
+            Bytes::from(problem_body(
+                err.kind,
+                &err.detail,
+                request_id,
+                err.extra.as_ref(),
+            )),
+            Some(HeaderValue::from_static(PROBLEM_JSON)),
+        ),
+    };
+    let mut resp = Response::new(Body::full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    if let Some(ct) = content_type {
+        h.insert(CONTENT_TYPE, ct);
+    }
     for (name, value) in &err.headers {
         h.append(name.clone(), value.clone());
     }

@@ -1203,14 +1203,16 @@ introspection = {{ provider = "opaque" }}
 
 /// A forward-auth service: `Bearer good` → 200 naming consumer "zed" with
 /// roles; `Bearer bad` → 401 with a challenge; `Bearer nope` → 403;
-/// `Bearer login` → 302 to a login page with a cookie; `Bearer lost` → 302
-/// without a `Location`; `Bearer busy` → 429 with `Retry-After`; `Bearer
-/// odd` → 400; anything else → 500. It answers with what it received in `x-seen-*`.
+/// `Bearer login` → 302 to a login page with a cookie and an HTML body;
+/// `Bearer lost` → 302 without a `Location`; `Bearer busy` → 429 with
+/// `Retry-After` and a JSON body; `Bearer odd` → 400; anything else → 500.
+/// It answers with what it received in `x-seen-*`.
 async fn start_verdicts() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     serve_fn(|_, head, _| {
         let h = &head.headers;
         let auth = h.get("authorization").and_then(|v| v.to_str().ok());
         let mut resp = http::Response::builder();
+        let mut body = Bytes::new();
         resp = match auth {
             Some("Bearer good") => resp
                 .status(200)
@@ -1221,16 +1223,22 @@ async fn start_verdicts() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>)
                 .status(401)
                 .header("www-authenticate", "Bearer realm=\"fwd\""),
             Some("Bearer nope") => resp.status(403),
-            Some("Bearer login") => resp
-                .status(302)
-                .header("location", "http://login.test/start?rd=/fwd/x")
-                .header("set-cookie", "csrf=abc; HttpOnly")
-                .header("x-not-copied", "1"),
+            Some("Bearer login") => {
+                body = Bytes::from_static(b"<a href=\"http://login.test/start\">log in</a>");
+                resp.status(302)
+                    .header("content-type", "text/html")
+                    .header("location", "http://login.test/start?rd=/fwd/x")
+                    .header("set-cookie", "csrf=abc; HttpOnly")
+                    .header("x-not-copied", "1")
+            }
             Some("Bearer lost") => resp.status(302),
-            Some("Bearer busy") => resp
-                .status(429)
-                .header("retry-after", "7")
-                .header("x-not-copied", "1"),
+            Some("Bearer busy") => {
+                body = Bytes::from_static(br#"{"error":"slow down"}"#);
+                resp.status(429)
+                    .header("content-type", "application/json")
+                    .header("retry-after", "7")
+                    .header("x-not-copied", "1")
+            }
             Some("Bearer odd") => resp.status(400),
             _ => resp.status(500),
         };
@@ -1239,7 +1247,7 @@ async fn start_verdicts() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>)
                 resp = resp.header(format!("x-seen-{}", &name[12..]), v.clone());
             }
         }
-        resp.body(Full::<Bytes>::default()).expect("response")
+        resp.body(Full::new(body)).expect("response")
     })
     .await
 }
@@ -1320,7 +1328,10 @@ forward = {{ url = "http://127.0.0.1:{dead}/check", timeout = "1s" }}
     // A redirect (a login flow) reaches the client with its Location and
     // cookie; one without a Location is a broken answer.
     let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer login")]).await;
-    problem(&r, 302);
+    assert_eq!(r.status, 302);
+    // With the service's own page.
+    assert_eq!(r.header("content-type"), Some("text/html"));
+    assert_eq!(r.text(), "<a href=\"http://login.test/start\">log in</a>");
     assert_eq!(
         r.header("location"),
         Some("http://login.test/start?rd=/fwd/x")
@@ -1329,15 +1340,20 @@ forward = {{ url = "http://127.0.0.1:{dead}/check", timeout = "1s" }}
     assert_eq!(r.header("x-not-copied"), None);
     let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer lost")]).await;
     problem(&r, 502);
-    // Any other 4xx is the service's verdict too, with its Retry-After.
+    // Any other 4xx is the service's verdict too, with its Retry-After
+    // and its own explanation.
     let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer busy")]).await;
-    let v = problem(&r, 429);
-    assert_eq!(v["type"], "https://gateway.dev/problems/auth-denied", "{v}");
-    assert_eq!(v["title"], "Too Many Requests", "{v}");
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.text(), r#"{"error":"slow down"}"#);
     assert_eq!(r.header("retry-after"), Some("7"));
     assert_eq!(r.header("x-not-copied"), None);
+    assert!(r.header("x-request-id").is_some());
+    // A verdict without a body gets the gateway's problem+json.
     let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer odd")]).await;
-    assert_eq!(problem(&r, 400)["title"], "Bad Request");
+    let v = problem(&r, 400);
+    assert_eq!(v["type"], "https://gateway.dev/problems/auth-denied", "{v}");
+    assert_eq!(v["title"], "Bad Request", "{v}");
     // A 5xx, or no answer, fails closed.
     let r = send(&base, "GET", "/fwd/x", &[]).await;
     problem(&r, 502);

@@ -2,18 +2,22 @@
 //! GET with the chosen client headers and `X-Forwarded-Method`, `-Uri`,
 //! `-Host`, `-For`, `-Proto`. A 2xx answer admits the request (its chosen
 //! headers are copied onto the upstream request, one of them may name the
-//! consumer); any 4xx is the service's verdict, passed on to the client
-//! with its `WWW-Authenticate`, `Retry-After` and `Set-Cookie` (401 and 403
-//! keep their own error kinds; a 429 counts towards auto-ban like the
-//! gateway's own), and so are redirects (301, 302, 303, 307, 308 with
-//! their `Location` and `Set-Cookie`: a login flow); anything else (a 5xx,
-//! a redirect without `Location`), or no answer, fails closed with 502.
+//! consumer). Any 4xx is the service's verdict (401 and 403 keep their own
+//! error kinds; a 429 counts towards auto-ban like the gateway's own), and
+//! so are redirects (301, 302, 303, 307, 308 with a `Location`: a login
+//! flow): the client gets its status, its `WWW-Authenticate`,
+//! `Retry-After`, `Location` and `Set-Cookie`, and its body with its
+//! `Content-Type` when it sent one (problem+json when not). Anything else
+//! (a 5xx, a redirect without `Location`), or no answer, fails closed with
+//! 502.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proxy::body::Incoming;
-use http::header::{HeaderName, HeaderValue, LOCATION, RETRY_AFTER, SET_COOKIE, WWW_AUTHENTICATE};
+use http::header::{
+    CONTENT_TYPE, HeaderName, HeaderValue, LOCATION, RETRY_AFTER, SET_COOKIE, WWW_AUTHENTICATE,
+};
 use http::{Request, StatusCode, Uri};
 use http_body_util::Full;
 
@@ -100,11 +104,19 @@ impl ForwardAuth {
                 .collect();
             return Ok(Admitted { consumer, headers });
         }
+        // The service's own page or JSON explains its verdict better than
+        // the gateway could: a body it sent goes to the client as it is.
         let passed_on = |mut e: ProxyError, names: &[&HeaderName]| {
             for name in names {
                 for v in resp.headers().get_all(*name) {
                     e = e.with_header((*name).clone(), v.clone());
                 }
+            }
+            if !resp.body().is_empty() {
+                e = e.with_body(
+                    resp.headers().get(CONTENT_TYPE).cloned(),
+                    resp.body().clone(),
+                );
             }
             e
         };
