@@ -25,9 +25,21 @@ pub struct Bans {
 #[derive(Debug, Default)]
 struct Table {
     bans: HashMap<IpNet, Instant>,
-    /// The prefix lengths `bans` has held, longest first: an address is
+    /// The prefix lengths `bans` holds, longest first: an address is
     /// looked up once per length (there are one or two in practice).
     lens: Vec<(bool, u8)>,
+}
+
+impl Table {
+    /// Forgets prefix lengths no ban has any more, so that lookups stop
+    /// trying them.
+    fn trim_lens(&mut self) {
+        let bans = &self.bans;
+        self.lens.retain(|&(v6, len)| {
+            bans.keys()
+                .any(|n| n.addr().is_ipv6() == v6 && n.prefix_len() == len)
+        });
+    }
 }
 
 impl Bans {
@@ -42,6 +54,7 @@ impl Bans {
         // past the bans in force by more than it had.
         if t.bans.len() >= 64 {
             t.bans.retain(|_, u| *u > now);
+            t.trim_lens();
         }
         let len = (net.addr().is_ipv6(), net.prefix_len());
         if !t.lens.contains(&len) {
@@ -76,6 +89,7 @@ impl Bans {
                 return true;
             }
             t.bans.remove(&net);
+            t.trim_lens();
             self.len.store(t.bans.len(), Ordering::Relaxed);
             tracing::info!(source = %display_net(&net), "ban expired; source admitted again");
         }
@@ -93,6 +107,7 @@ impl Bans {
             }
             live
         });
+        t.trim_lens();
         self.len.store(t.bans.len(), Ordering::Relaxed);
         let mut v: Vec<_> = t.bans.iter().map(|(n, u)| (*n, *u - now)).collect();
         v.sort();
@@ -118,5 +133,18 @@ mod tests {
         b.insert("192.0.2.1/32".parse().unwrap(), Duration::from_secs(60));
         assert!(b.contains("192.0.2.1".parse().unwrap()));
         assert!(!b.contains(IpAddr::from(5u32.to_be_bytes())));
+    }
+
+    #[test]
+    fn lookups_try_only_the_prefix_lengths_of_bans_in_force() {
+        let b = Bans::default();
+        b.insert("2001:db8::/64".parse().unwrap(), Duration::from_secs(60));
+        b.insert("198.51.100.0/24".parse().unwrap(), Duration::ZERO);
+        b.insert("192.0.2.1/32".parse().unwrap(), Duration::from_secs(60));
+        assert!(b.contains("2001:db8::7".parse().unwrap()));
+        assert!(!b.contains("198.51.100.9".parse().unwrap()), "expired");
+        let lens = |b: &Bans| b.map.lock().unwrap().lens.clone();
+        assert_eq!(lens(&b), [(true, 64), (false, 32)]);
+        assert_eq!(b.list().len(), 2);
     }
 }
