@@ -27,18 +27,10 @@ const SEEDS: &[&str] = &[
     "GET /a HTTP/1.0\r\nHost: s0000\r\nConnection: keep-alive\r\n\r\nPOST /a HTTP/1.1\r\nHost: s0000\r\nContent-Length: 37\r\n\r\nGET /hidden HTTP/1.1\r\nHost: s0000\r\n\r\n",
 ];
 
-/// Occurrences of a header field line starting with `name` (lowercase, as
-/// the gateway writes them). A line break inside a JSON body is escaped,
-/// so only real field lines count.
-fn fields(raw: &str, name: &str) -> usize {
-    raw.matches(&format!("\r\n{name}: ")).count()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutated_request_streams_frame_alike_in_the_gateway_and_the_backends() {
-    let h1 = Backend::start("h1").await;
-    let h2 = Backend::start("h2").await;
-    let port = free_port();
+/// The gateway with one worker, one listener (its address is returned)
+/// and `upstreams_and_routes`.
+fn gateway(upstreams_and_routes: &str) -> (Gateway, String) {
+    let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
     let gw = Gateway::start(
         &format!(
@@ -52,8 +44,28 @@ listen = "{admin}"
 enabled = false
 [[listeners]]
 name = "main"
-listen = "127.0.0.1:{port}"
+listen = "{listen}"
 header_read_timeout = "2s"
+{upstreams_and_routes}"#
+        ),
+        &admin,
+    );
+    (gw, listen)
+}
+
+/// Occurrences of a header field line starting with `name` (lowercase, as
+/// the gateway writes them). A line break inside a JSON body is escaped,
+/// so only real field lines count.
+fn fields(raw: &str, name: &str) -> usize {
+    raw.matches(&format!("\r\n{name}: ")).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_request_streams_frame_alike_in_the_gateway_and_the_backends() {
+    let h1 = Backend::start("h1").await;
+    let h2 = Backend::start("h2").await;
+    let (gw, listen) = gateway(&format!(
+        r#"
 [[upstreams]]
 name = "h1"
 targets = ["{h1}"]
@@ -72,12 +84,9 @@ upstream = "h1"
 [routes.match]
 path_prefix = "/"
 "#,
-            h1 = h1.addr,
-            h2 = h2.addr,
-        ),
-        &admin,
-    );
-    let listen = format!("127.0.0.1:{port}");
+        h1 = h1.addr,
+        h2 = h2.addr,
+    ));
     let mut rng = fastrand::Rng::with_seed(41);
     let deadline = Instant::now() + Duration::from_secs(60);
     // Per stream: its tag, the backends' answers it got, the bytes sent.
@@ -178,22 +187,15 @@ fn is_token(v: &str) -> bool {
 /// request's `X-Seq` token (`/big`: a long answer, not mutated, whose body
 /// is answers for `evil`), keeps the connection for the next one, and
 /// closes it when none comes within 50 ms (which ends answers framed by
-/// the close). Returns its address and the requests it read.
-async fn hostile_backend() -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+/// the close). Returns its address.
+async fn hostile_backend() -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let read = std::sync::Arc::new(AtomicUsize::new(0));
-    let count = read.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            let count = count.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -215,7 +217,6 @@ async fn hostile_backend() -> (
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
                     buf.drain(..end);
-                    count.fetch_add(1, Ordering::Relaxed);
                     let seq = head
                         .split("\r\nx-seq: ")
                         .nth(1)
@@ -251,27 +252,14 @@ async fn hostile_backend() -> (
             });
         }
     });
-    (addr, read)
+    addr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutated_upstream_answers_never_reach_another_request() {
-    let (backend, _read) = hostile_backend().await;
-    let port = free_port();
-    let admin = format!("127.0.0.1:{}", free_port());
-    let gw = Gateway::start(
-        &format!(
-            r#"
-[server]
-workers = 1
-watch_config = false
-[admin]
-listen = "{admin}"
-[access_log]
-enabled = false
-[[listeners]]
-name = "main"
-listen = "127.0.0.1:{port}"
+    let backend = hostile_backend().await;
+    let (gw, listen) = gateway(&format!(
+        r#"
 [[upstreams]]
 name = "hostile"
 targets = ["{backend}"]
@@ -282,10 +270,7 @@ upstream = "hostile"
 [routes.match]
 path_prefix = "/"
 "#
-        ),
-        &admin,
-    );
-    let listen = format!("127.0.0.1:{port}");
+    ));
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut sent, mut own) = (0u64, 0);
     while sent < 400 && Instant::now() < deadline {
