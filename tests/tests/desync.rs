@@ -4,7 +4,10 @@
 //! HTTP/1.1 and HTTP/2. The gateway and a backend must agree on where every
 //! request ends: each request a backend serves comes back to the client as
 //! an answer of its own, every answer is either a backend's or the
-//! gateway's own problem+json, and the gateway keeps serving.
+//! gateway's own problem+json, and the gateway keeps serving. The same
+//! holds from the other side (mutated answers from an upstream, answers
+//! left half read) and across protocols (an HTTP/2 `content-length` that
+//! the frames belie, H2.CL, translated to HTTP/1.1).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -325,4 +328,88 @@ path_prefix = "/"
         own as u64 > sent / 5,
         "{own} of {sent} answers carried their token"
     );
+}
+
+/// Sends one HTTP/2 request on a new h2c connection with `data` as its
+/// body (whatever its `content-length` says), in two DATA frames 100 ms
+/// apart when it has bytes (so that the first goes upstream before the
+/// second ends the stream); its status and body, or why there is none.
+async fn h2_exchange(
+    listen: &str,
+    req: http::Request<()>,
+    data: &'static [u8],
+) -> Result<(u16, String), String> {
+    let tcp = tokio::net::TcpStream::connect(listen)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut client, conn) = h2::client::handshake(tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let (answer, mut body) = client.send_request(req, false).map_err(|e| e.to_string())?;
+    if !data.is_empty() {
+        body.send_data(bytes::Bytes::from_static(data), false)
+            .map_err(|e| e.to_string())?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    body.send_data(bytes::Bytes::new(), true)
+        .map_err(|e| e.to_string())?;
+
+    let resp = answer.await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let mut recv = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        out.extend_from_slice(&chunk);
+        let _ = recv.flow_control().release_capacity(chunk.len());
+    }
+    Ok((status, String::from_utf8_lossy(&out).into_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_bodies_that_belie_their_length_do_not_desync_the_upstream_connection() {
+    // An HTTP/2 request's `content-length` is only a claim: the frames carry
+    // the body. Translated to HTTP/1.1, a claim of 40 bytes over a body of
+    // 5 would leave the upstream waiting for 35 bytes that the next
+    // request's head would then supply (H2.CL smuggling); so must neither
+    // be sent on a connection that is used again.
+    let b = Backend::start("h1").await;
+    let (_gw, listen) = gateway(&format!(
+        r#"
+[[upstreams]]
+name = "h1"
+targets = ["{}"]
+[[routes]]
+name = "h1"
+upstream = "h1"
+[routes.match]
+path_prefix = "/"
+"#,
+        b.addr
+    ));
+    for (claim, data) in [("40", &b"hello"[..]), ("2", &b"hello"[..])] {
+        let req = http::Request::post(format!("http://{listen}/claimed"))
+            .header("content-length", claim)
+            .body(())
+            .expect("request");
+        let got = h2_exchange(&listen, req, data).await;
+        // Refused (a stream error, or the gateway's 400), never served.
+        assert!(
+            !matches!(got, Ok((s, _)) if s < 400),
+            "content-length {claim} over {} bytes: {got:?}",
+            data.len()
+        );
+        let req = http::Request::get(format!("http://{listen}/next"))
+            .body(())
+            .expect("request");
+        let (status, body) = h2_exchange(&listen, req, b"").await.expect("next request");
+        assert_eq!(status, 200, "{body}");
+        let echo: serde_json::Value = serde_json::from_str(&body).expect("echo");
+        assert_eq!(echo["path"], "/next", "{echo}");
+    }
+    // Every request the backend read was one the gateway meant: the two
+    // that were answered, and at most the refused ones' heads.
+    let hosts = b.hosts();
+    assert!(hosts.len() <= 4, "{hosts:?}");
 }
