@@ -7,7 +7,7 @@
 //! gateway's own problem+json, and the gateway keeps serving. The same
 //! holds from the other side (mutated answers from an upstream, answers
 //! left half read) and across protocols (an HTTP/2 `content-length` that
-//! the frames belie, H2.CL, translated to HTTP/1.1).
+//! the frames belie, H2.CL, translated to HTTP/1.1, either way).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -412,4 +412,71 @@ path_prefix = "/"
     // that were answered, and at most the refused ones' heads.
     let hosts = b.hosts();
     assert!(hosts.len() <= 4, "{hosts:?}");
+}
+
+/// An HTTP/2 backend whose every answer claims `content-length: 40` and
+/// sends 5 bytes: what a broken or hostile upstream can do.
+async fn lying_h2_backend() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let resp = http::Response::builder()
+                        .status(200)
+                        .header("content-length", "40")
+                        .body(())
+                        .expect("response");
+                    if let Ok(mut body) = respond.send_response(resp, false) {
+                        let _ = body.send_data(bytes::Bytes::from_static(b"short"), true);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_answer_shorter_than_its_length_ends_the_client_connection() {
+    // Translated to HTTP/1.1, an answer that claims 40 bytes and ends at 5
+    // cannot be finished; were the next answer written on the same
+    // connection, the client would read its first 35 bytes as this body.
+    let backend = lying_h2_backend().await;
+    let (_gw, listen) = gateway(&format!(
+        r#"
+[[upstreams]]
+name = "liar"
+targets = ["{backend}"]
+protocol = "http2"
+[[routes]]
+name = "liar"
+upstream = "liar"
+[routes.match]
+path_prefix = "/"
+"#
+    ));
+    let raw = tokio::task::spawn_blocking(move || {
+        client::raw(
+            &listen,
+            "GET /lie HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+    })
+    .await
+    .expect("client thread");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    assert!(head.starts_with("HTTP/1.1 200"), "{raw}");
+    // The first answer's framing, whatever it is, is not completed by the
+    // next one: the connection ends after the bytes that exist.
+    assert_eq!(raw.matches("HTTP/1.1 ").count(), 1, "{raw}");
+    assert!(
+        body.len() < 40 || !head.contains("content-length: 40"),
+        "{raw}"
+    );
 }
