@@ -59,6 +59,16 @@ fn unknown_key() {
 }
 
 #[test]
+fn duplicate_key_is_named() {
+    let (code, out) = check(&BASE.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\nlisten = \"127.0.0.1:8081\"",
+    ));
+    assert_eq!(code, 2);
+    assert_eq!(out, ["F:4:1: key `listen` is given more than once"]);
+}
+
+#[test]
 fn wrong_type() {
     let (code, out) = check(&BASE.replace(
         "listen = \"127.0.0.1:8080\"",

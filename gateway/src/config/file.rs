@@ -29,6 +29,11 @@ pub fn parse(text: &str) -> Result<File, Vec<Problem>> {
 pub fn parse_sections<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<Problem>> {
     use toml::de::{DeArray, DeTable, DeValue, Deserializer};
     let problem = |e: toml::de::Error| match e.span() {
+        // toml says "duplicate key" at the key: name it.
+        Some(span) if e.message() == "duplicate key" => {
+            let key = text.get(span.clone()).unwrap_or("").trim();
+            Problem::at(span, format!("key `{key}` is given more than once"))
+        }
         Some(span) => Problem::at(span, e.message().to_string()),
         None => Problem::whole(e.message().to_string()),
     };

@@ -212,3 +212,98 @@ impl Config {
 pub(crate) fn compile_resolve(base: &Path, p: &str) -> PathBuf {
     compile::resolve(base, p)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped example, mutated line by line and byte by byte: never a
+    /// panic; a refusal names each problem at a place inside the file
+    /// (`FILE:LINE:COL: message`), and one problem with the whole file is
+    /// only an unreadable one.
+    #[test]
+    fn mutated_configs_are_refused_at_their_places_or_accepted() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/gateway.toml");
+        let text = std::fs::read_to_string(&path).expect("conf/gateway.toml");
+        Config::from_text(&path, text.clone()).expect("the example is valid");
+        let lines: Vec<&str> = text.lines().collect();
+        // Values of other types and odd spellings to put in place of one.
+        const VALUES: &[&str] = &[
+            "\"\"",
+            "0",
+            "-1",
+            "1e400",
+            "\"1x\"",
+            "[]",
+            "{}",
+            "[\"a\", 1]",
+            "true",
+            "\"::\"",
+            "\"999.0.0.1/40\"",
+            "\"a(\"",
+            "\"/\"",
+            "\"0s\"",
+            "\"9999999999999d\"",
+            "\"-5s\"",
+        ];
+        let mut rng = fastrand::Rng::with_seed(51);
+        let (mut refused, mut accepted) = (0, 0);
+        for i in 0..3_000 {
+            let mutated = if i % 3 == 0 {
+                let bytes = crate::mutate::mutate(&mut rng, text.as_bytes());
+                String::from_utf8_lossy(&bytes).into_owned()
+            } else {
+                let mut ls: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+                for _ in 0..rng.usize(1..=3) {
+                    let at = rng.usize(0..ls.len());
+                    match rng.u8(0..4) {
+                        // Another value for a key.
+                        0 | 1 => {
+                            if let Some((key, _)) = ls[at].split_once(" = ") {
+                                ls[at] = format!("{key} = {}", VALUES[rng.usize(0..VALUES.len())]);
+                            }
+                        }
+                        // A line twice, or gone.
+                        2 => {
+                            let copy = ls[at].clone();
+                            ls.insert(at, copy);
+                        }
+                        _ => {
+                            ls.remove(at);
+                        }
+                    }
+                }
+                ls.join("\n")
+            };
+            match Config::from_text(&path, mutated.clone()) {
+                Ok(_) => accepted += 1,
+                Err(e) => {
+                    refused += 1;
+                    assert!(!e.problems.is_empty(), "{mutated}");
+                    for p in &e.problems {
+                        assert!(!p.message.is_empty(), "{mutated}");
+                        let span = p.span.clone().unwrap_or_else(|| {
+                            panic!("a problem without a place: {}\n{mutated}", p.message)
+                        });
+                        assert!(span.start <= mutated.len(), "{}\n{mutated}", p.message);
+                    }
+                    let prefix = format!("{}:", path.display());
+                    for l in e.lines() {
+                        let (line, col) = l[prefix.len()..]
+                            .split_once(": ")
+                            .and_then(|(at, _)| at.split_once(':'))
+                            .unwrap_or_else(|| panic!("not FILE:LINE:COL: {l}"));
+                        assert!(
+                            line.parse::<usize>().is_ok() && col.parse::<usize>().is_ok(),
+                            "{l}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(
+            refused > 500 && accepted > 100,
+            "refused {refused}, accepted {accepted}"
+        );
+    }
+}
