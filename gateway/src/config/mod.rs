@@ -217,15 +217,26 @@ pub(crate) fn compile_resolve(base: &Path, p: &str) -> PathBuf {
 mod tests {
     use super::*;
 
-    /// The shipped example, mutated line by line and byte by byte: never a
-    /// panic; a refusal names each problem at a place inside the file
-    /// (`FILE:LINE:COL: message`), and one problem with the whole file is
-    /// only an unreadable one.
+    /// The shipped example and a config with every section, mutated line by
+    /// line and byte by byte: never a panic; a refusal names each problem
+    /// at a place inside the file (`FILE:LINE:COL: message`), and one
+    /// problem with the whole file is only an unreadable one.
     #[test]
     fn mutated_configs_are_refused_at_their_places_or_accepted() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/gateway.toml");
-        let text = std::fs::read_to_string(&path).expect("conf/gateway.toml");
-        Config::from_text(&path, text.clone()).expect("the example is valid");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for path in [
+            dir.join("../conf/gateway.toml"),
+            dir.join("src/config/testdata/every_section.toml"),
+        ] {
+            mutate_config(&path);
+        }
+    }
+
+    fn mutate_config(path: &Path) {
+        let text = std::fs::read_to_string(path).expect("seed config");
+        if let Err(e) = Config::from_text(path, text.clone()) {
+            panic!("the seed is valid: {e}");
+        }
         let lines: Vec<&str> = text.lines().collect();
         // Values of other types and odd spellings to put in place of one.
         const VALUES: &[&str] = &[
@@ -275,7 +286,7 @@ mod tests {
                 }
                 ls.join("\n")
             };
-            match Config::from_text(&path, mutated.clone()) {
+            match Config::from_text(path, mutated.clone()) {
                 Ok(_) => accepted += 1,
                 Err(e) => {
                     refused += 1;
