@@ -120,13 +120,6 @@ pub enum ReadError {
     Io(#[from] io::Error),
 }
 
-impl ReadError {
-    /// The client sent something that is not HTTP (as opposed to going away).
-    pub fn is_malformed(&self) -> bool {
-        matches!(self, ReadError::Framing(_))
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
