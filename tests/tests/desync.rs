@@ -7,7 +7,9 @@
 //! gateway's own problem+json, and the gateway keeps serving. The same
 //! holds from the other side (mutated answers from an upstream, answers
 //! left half read) and across protocols (an HTTP/2 `content-length` that
-//! the frames belie, H2.CL, translated to HTTP/1.1, either way).
+//! the frames belie, H2.CL, translated to HTTP/1.1, either way); and an
+//! HTTP/2 client that opens and cancels streams at once (rapid reset) is
+//! cut off before its streams become upstream requests.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -489,4 +491,60 @@ path_prefix = "/"
         assert_eq!(raw.matches("HTTP/1.1 ").count(), 1, "{protocol}: {raw}");
         assert!(body.len() < 40, "{protocol}: {raw}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_ends_the_connection_not_the_upstream() {
+    // CVE-2023-44487: streams opened and cancelled at once cost the client
+    // nothing; each must not become an upstream request, and the
+    // connection that does it is closed.
+    let b = Backend::start("h1").await;
+    let (gw, listen) = gateway(&format!(
+        r#"
+[[upstreams]]
+name = "h1"
+targets = ["{}"]
+[[routes]]
+name = "h1"
+upstream = "h1"
+[routes.match]
+path_prefix = "/"
+"#,
+        b.addr
+    ));
+    let tcp = tokio::net::TcpStream::connect(&listen)
+        .await
+        .expect("connect");
+    let (mut client, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    let driver = tokio::spawn(conn);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut cancelled = 0;
+    while cancelled < 20_000 && Instant::now() < deadline {
+        let req = http::Request::get(format!("http://{listen}/delay/50"))
+            .body(())
+            .expect("request");
+        let Ok(ready) = client.ready().await else {
+            break;
+        };
+        client = ready;
+        let Ok((_answer, mut stream)) = client.send_request(req, true) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        cancelled += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        driver.is_finished(),
+        "still open after {cancelled} cancelled streams"
+    );
+    assert!(cancelled < 20_000, "{cancelled}");
+    assert!(
+        b.hits() < 100,
+        "{} of {cancelled} reached the upstream",
+        b.hits()
+    );
+    // Others are served as before.
+    let r = client::get(&format!("http://{listen}/after")).await;
+    assert_eq!(r.status, 200, "{}", gw.stderr());
 }
