@@ -186,7 +186,7 @@ flavour = 1
     let (code, out) = check(text);
     assert_eq!(code, 2);
     let want = [
-        "F:2:11: invalid type: string \"four\", expected usize",
+        "F:2:11: invalid type: string \"four\", expected a non-negative integer",
         "F:6:1: unknown field `colour`, expected one of `name`, `listen`,",
         "F:7:1: missing field `name`",
         "F:12:11: invalid duration \"soon\"",

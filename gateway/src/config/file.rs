@@ -24,6 +24,34 @@ pub fn parse(text: &str) -> Result<File, Vec<Problem>> {
     parse_sections(text)
 }
 
+/// serde's words for a type mismatch in TOML's: arrays and tables, not
+/// sequences, maps and structs; integers and numbers, not `u16` and `f64`.
+fn in_toml_words(message: &str) -> String {
+    let (head, expected) = match message.split_once(", expected ") {
+        Some((h, e)) => (h, Some(e)),
+        None => (message, None),
+    };
+    let head = head
+        .replace("invalid type: sequence", "invalid type: array")
+        .replace("invalid type: map", "invalid type: table");
+    let expected = expected.map(|e| match e {
+        "a sequence" => "an array".to_string(),
+        "a map" => "a table".to_string(),
+        "usize" | "u64" => "a non-negative integer".to_string(),
+        "u32" => "an integer from 0 to 4294967295".to_string(),
+        "u16" => "an integer from 0 to 65535".to_string(),
+        "u8" => "an integer from 0 to 255".to_string(),
+        "i64" | "i32" => "an integer".to_string(),
+        "f64" | "f32" => "a number".to_string(),
+        e if e.starts_with("struct ") => "a table".to_string(),
+        e => e.to_string(),
+    });
+    match expected {
+        Some(e) => format!("{head}, expected {e}"),
+        None => head,
+    }
+}
+
 /// `parse` for any file of top-level sections and arrays of tables (the
 /// config file, the consumers file).
 pub fn parse_sections<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<Problem>> {
@@ -34,8 +62,8 @@ pub fn parse_sections<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, V
             let key = text.get(span.clone()).unwrap_or("").trim();
             Problem::at(span, format!("key `{key}` is given more than once"))
         }
-        Some(span) => Problem::at(span, e.message().to_string()),
-        None => Problem::whole(e.message().to_string()),
+        Some(span) => Problem::at(span, in_toml_words(e.message())),
+        None => Problem::whole(in_toml_words(e.message())),
     };
     let root = DeTable::parse(text).map_err(|e| vec![problem(e)])?;
     let span = root.span();
@@ -576,4 +604,38 @@ pub struct Redirect {
 }
 fn default_content_type() -> String {
     "text/plain; charset=utf-8".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_mismatches_are_told_in_toml_words() {
+        for (serde, ours) in [
+            (
+                "invalid type: sequence, expected struct Breaker",
+                "invalid type: array, expected a table",
+            ),
+            (
+                "invalid type: string \"x\", expected a sequence",
+                "invalid type: string \"x\", expected an array",
+            ),
+            (
+                "invalid value: integer `70000`, expected u16",
+                "invalid value: integer `70000`, expected an integer from 0 to 65535",
+            ),
+            (
+                "invalid type: map, expected f64",
+                "invalid type: table, expected a number",
+            ),
+            ("missing field `name`", "missing field `name`"),
+            (
+                "unknown variant `x`, expected `http1` or `http2`",
+                "unknown variant `x`, expected `http1` or `http2`",
+            ),
+        ] {
+            assert_eq!(in_toml_words(serde), ours);
+        }
+    }
 }
