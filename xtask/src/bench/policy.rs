@@ -22,10 +22,12 @@
 //! `target/bench-policy/`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+
+use super::http::proc::Proc;
 
 /// Options: `--duration SECS` (8), `--rounds N` (3), `--quick` (2 s, one
 /// round), `--no-build`, `--server-cpu N` (1), `--client-cpu N` (0).
@@ -74,18 +76,6 @@ fn opts(args: &[String]) -> anyhow::Result<Opts> {
     Ok(o)
 }
 
-/// A process we started; killed when dropped.
-struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -103,6 +93,8 @@ fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
     bail!("{what} is not listening on port {port} after 15 s")
 }
 
+/// Starts `program` on `cpu`: tied to our lifetime and stopped (with any
+/// children: nginx's workers) when dropped, as in the HTTP bench.
 fn spawn_on(
     cpu: usize,
     name: &'static str,
@@ -110,17 +102,9 @@ fn spawn_on(
     args: &[&str],
     log: &Path,
 ) -> anyhow::Result<Proc> {
-    let out = std::fs::File::create(log)?;
-    let child = Command::new("taskset")
-        .arg("-c")
-        .arg(cpu.to_string())
-        .arg(program)
-        .args(args)
-        .stdout(Stdio::from(out.try_clone()?))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .with_context(|| format!("cannot start {name} ({})", program.display()))?;
-    Ok(Proc { child })
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    Proc::spawn(name, cmd, cpu, log)
 }
 
 fn nginx_conf(dir: &Path, body: &str) -> anyhow::Result<PathBuf> {
@@ -368,10 +352,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut targets: Vec<(&str, String, u32)> = vec![(
         "nginx",
         format!("http://127.0.0.1:{ng_port}/"),
-        ng.child.id(),
+        ng.pid().unsigned_abs(),
     )];
     for (label, port, p) in &gateways {
-        targets.push((label, format!("http://127.0.0.1:{port}/"), p.child.id()));
+        targets.push((
+            label,
+            format!("http://127.0.0.1:{port}/"),
+            p.pid().unsigned_abs(),
+        ));
     }
 
     eprintln!("xtask: warming up");
