@@ -1205,7 +1205,8 @@ introspection = {{ provider = "opaque" }}
 /// roles; `Bearer bad` → 401 with a challenge; `Bearer nope` → 403;
 /// `Bearer login` → 302 to a login page with a cookie and an HTML body;
 /// `Bearer lost` → 302 without a `Location`; `Bearer busy` → 429 with
-/// `Retry-After` and a JSON body; `Bearer odd` → 400; anything else → 500.
+/// `Retry-After` and a JSON body; `Bearer odd` → 400; `Bearer zipped` → 403
+/// with a gzip-coded body; anything else → 500.
 /// It answers with what it received in `x-seen-*`.
 async fn start_verdicts() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     serve_fn(|_, head, _| {
@@ -1240,6 +1241,10 @@ async fn start_verdicts() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>)
                     .header("x-not-copied", "1")
             }
             Some("Bearer odd") => resp.status(400),
+            Some("Bearer zipped") => {
+                body = Bytes::from_static(b"\x1f\x8b\x08\x00not really");
+                resp.status(403).header("content-encoding", "gzip")
+            }
             _ => resp.status(500),
         };
         for name in ["x-forwarded-method", "x-forwarded-uri", "x-forwarded-host"] {
@@ -1349,6 +1354,16 @@ forward = {{ url = "http://127.0.0.1:{dead}/check", timeout = "1s" }}
     assert_eq!(r.header("retry-after"), Some("7"));
     assert_eq!(r.header("x-not-copied"), None);
     assert!(r.header("x-request-id").is_some());
+    // A coded body is not passed on without its coding: problem+json.
+    let r = send(
+        &base,
+        "GET",
+        "/fwd/x",
+        &[("authorization", "Bearer zipped")],
+    )
+    .await;
+    problem(&r, 403);
+    assert_eq!(r.header("content-encoding"), None);
     // A verdict without a body gets the gateway's problem+json.
     let r = send(&base, "GET", "/fwd/x", &[("authorization", "Bearer odd")]).await;
     let v = problem(&r, 400);

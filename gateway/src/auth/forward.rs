@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use crate::proxy::body::Incoming;
 use http::header::{
-    CONTENT_TYPE, HeaderName, HeaderValue, LOCATION, RETRY_AFTER, SET_COOKIE, WWW_AUTHENTICATE,
+    CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, LOCATION, RETRY_AFTER, SET_COOKIE,
+    WWW_AUTHENTICATE,
 };
 use http::{Request, StatusCode, Uri};
 use http_body_util::Full;
@@ -112,7 +113,13 @@ impl ForwardAuth {
                     e = e.with_header((*name).clone(), v.clone());
                 }
             }
-            if !resp.body().is_empty() {
+            // A coded body (gzip, ...) would reach the client without its
+            // coding named: only a plain one is passed on.
+            let coded = resp
+                .headers()
+                .get(CONTENT_ENCODING)
+                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+            if !resp.body().is_empty() && !coded {
                 e = e.with_body(
                     resp.headers().get(CONTENT_TYPE).cloned(),
                     resp.body().clone(),
