@@ -145,3 +145,42 @@ pub fn trickle(addr: &str, head: &str, chunks: Vec<(Duration, Vec<u8>)>) -> (Str
         took.unwrap_or_default(),
     )
 }
+
+/// Sends one HTTP/2 request on a new h2c connection, with the `h2` crate
+/// (which lets a test send what hyper's client would not): no body, or
+/// `data` as the body whatever its `content-length` says, in two DATA
+/// frames 100 ms apart (so that the first goes upstream before the second
+/// ends the stream). Its status and body, or why there is none.
+pub async fn h2_raw(
+    addr: &str,
+    req: http::Request<()>,
+    data: &'static [u8],
+) -> Result<(u16, String), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut client, conn) = h2::client::handshake(tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let (answer, mut body) = client
+        .send_request(req, data.is_empty())
+        .map_err(|e| e.to_string())?;
+    if !data.is_empty() {
+        body.send_data(Bytes::from_static(data), false)
+            .map_err(|e| e.to_string())?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        body.send_data(Bytes::new(), true)
+            .map_err(|e| e.to_string())?;
+    }
+    let resp = answer.await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let mut recv = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        out.extend_from_slice(&chunk);
+        let _ = recv.flow_control().release_capacity(chunk.len());
+    }
+    Ok((status, String::from_utf8_lossy(&out).into_owned()))
+}

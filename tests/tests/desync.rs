@@ -332,43 +332,6 @@ path_prefix = "/"
     );
 }
 
-/// Sends one HTTP/2 request on a new h2c connection with `data` as its
-/// body (whatever its `content-length` says), in two DATA frames 100 ms
-/// apart when it has bytes (so that the first goes upstream before the
-/// second ends the stream); its status and body, or why there is none.
-async fn h2_exchange(
-    listen: &str,
-    req: http::Request<()>,
-    data: &'static [u8],
-) -> Result<(u16, String), String> {
-    let tcp = tokio::net::TcpStream::connect(listen)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut client, conn) = h2::client::handshake(tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let (answer, mut body) = client.send_request(req, false).map_err(|e| e.to_string())?;
-    if !data.is_empty() {
-        body.send_data(bytes::Bytes::from_static(data), false)
-            .map_err(|e| e.to_string())?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    body.send_data(bytes::Bytes::new(), true)
-        .map_err(|e| e.to_string())?;
-
-    let resp = answer.await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let mut recv = resp.into_body();
-    let mut out = Vec::new();
-    while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
-        out.extend_from_slice(&chunk);
-        let _ = recv.flow_control().release_capacity(chunk.len());
-    }
-    Ok((status, String::from_utf8_lossy(&out).into_owned()))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_bodies_that_belie_their_length_do_not_desync_the_upstream_connection() {
     // An HTTP/2 request's `content-length` is only a claim: the frames carry
@@ -395,7 +358,7 @@ path_prefix = "/"
             .header("content-length", claim)
             .body(())
             .expect("request");
-        let got = h2_exchange(&listen, req, data).await;
+        let got = client::h2_raw(&listen, req, data).await;
         // Refused (a stream error, or the gateway's 400), never served.
         assert!(
             !matches!(got, Ok((s, _)) if s < 400),
@@ -405,7 +368,9 @@ path_prefix = "/"
         let req = http::Request::get(format!("http://{listen}/next"))
             .body(())
             .expect("request");
-        let (status, body) = h2_exchange(&listen, req, b"").await.expect("next request");
+        let (status, body) = client::h2_raw(&listen, req, b"")
+            .await
+            .expect("next request");
         assert_eq!(status, 200, "{body}");
         let echo: serde_json::Value = serde_json::from_str(&body).expect("echo");
         assert_eq!(echo["path"], "/next", "{echo}");

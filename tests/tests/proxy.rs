@@ -287,6 +287,22 @@ async fn http2_on_both_sides() {
     )
     .await;
     assert_eq!(r.json()["version"], "HTTP/2.0");
+
+    // An HTTP/2 client may send one `cookie` field per pair; an HTTP/1.1
+    // upstream gets them joined into one (RFC 9113 §8.2.3), an HTTP/2 one
+    // gets them as they came.
+    for (path, want) in [("/a", "a=1; b=2"), ("/h2/a", "b=2")] {
+        let req = Request::get(format!("{}{path}", env.base))
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(())
+            .unwrap();
+        let (status, body) = client::h2_raw(&env.listen, req, b"").await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+        // (The echo keeps the last of several fields.)
+        assert_eq!(echo["headers"]["cookie"], want, "{path}: {echo}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -276,8 +276,25 @@ fn encode_head(req: &Request<Body>, body: &Body, host: &str, out: &mut Vec<u8>) 
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut has_length = false;
     let mut has_host = false;
+    let mut cookies_written = false;
     for (name, value) in req.headers() {
         has_host |= name == header::HOST;
+        if name == header::COOKIE {
+            // HTTP/2 clients may split `Cookie` into one field per pair; an
+            // HTTP/1.1 server reads one field (RFC 9113 §8.2.3): joined.
+            if !cookies_written {
+                cookies_written = true;
+                out.extend_from_slice(b"cookie: ");
+                for (i, v) in req.headers().get_all(header::COOKIE).iter().enumerate() {
+                    if i > 0 {
+                        out.extend_from_slice(b"; ");
+                    }
+                    out.extend_from_slice(v.as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
+            }
+            continue;
+        }
         if name == header::CONTENT_LENGTH {
             has_length = true;
             // A fixed body's length is written below from the body itself.
