@@ -308,6 +308,8 @@ async fn echo(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<By
     let method = req.method().to_string();
     let version = format!("{:?}", req.version());
     let query = req.uri().query().map(str::to_string);
+    // HTTP/2's `:authority` (HTTP/1.1 requests have none in origin form).
+    let authority = req.uri().authority().map(|a| a.to_string());
     let headers: serde_json::Map<String, serde_json::Value> = req
         .headers()
         .iter()
@@ -330,6 +332,7 @@ async fn echo(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<By
             "method": method,
             "path": path,
             "query": query,
+            "authority": authority,
             "version": version,
             "headers": headers,
             "body_len": body.len(),

@@ -273,11 +273,18 @@ async fn http2_on_both_sides() {
         env.listen.as_str(),
         "h2 :authority becomes Host upstream"
     );
-    // h1 client -> gateway -> h2 upstream.
-    let r = client::get(&format!("{}/h2/b", env.base)).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.json()["version"], "HTTP/2.0");
-    assert_eq!(r.json()["path"], "/b");
+    // h1 client -> gateway -> h2 upstream: the request's host is the
+    // `:authority` (not the target's address), with no second `Host`.
+    let r = client::raw(
+        &env.listen,
+        "GET /h2/b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let echo: serde_json::Value =
+        serde_json::from_str(r.split_once("\r\n\r\n").map_or("", |(_, b)| b)).unwrap();
+    assert_eq!(echo["version"], "HTTP/2.0", "{r}");
+    assert_eq!(echo["path"], "/b");
+    assert_eq!(echo["authority"], "x", "{echo}");
+    assert!(echo["headers"].get("host").is_none(), "{echo}");
     // h2c both ways.
     let r = client::send(
         &client::h2c(),
@@ -303,6 +310,26 @@ async fn http2_on_both_sides() {
         // (The echo keeps the last of several fields.)
         assert_eq!(echo["headers"]["cookie"], want, "{path}: {echo}");
     }
+    // Requests for different hosts share the target's one HTTP/2
+    // connection: clients choosing hosts cannot make the gateway open more.
+    assert_eq!(b2.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_that_went_away_is_dialed_again() {
+    let b = Backend::start("one").await;
+    let b2 = Backend::start("two").await;
+    let env = start(&b, &b2, "");
+    assert_eq!(client::get(&format!("{}/h2/a", env.base)).await.status, 200);
+    // Its connection closed and nothing listening: 502.
+    let addr = b2.kill().await;
+    assert_eq!(client::get(&format!("{}/h2/b", env.base)).await.status, 502);
+    // Back on the same address: the next request dials it again.
+    let b2 = Backend::start_at(addr, "two").await;
+    let r = client::get(&format!("{}/h2/c", env.base)).await;
+    assert_eq!(r.status, 200, "{}", env.gw.stderr());
+    assert_eq!(r.json()["version"], "HTTP/2.0");
+    assert_eq!(b2.connections(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,17 +118,6 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// hyper-util's client may use a `Stream` (HTTP/2 over TLS).
-impl hyper_util::client::legacy::connect::Connection for Stream {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        let c = hyper_util::client::legacy::connect::Connected::new();
-        match self {
-            Stream::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => c.negotiated_h2(),
-            _ => c,
-        }
-    }
-}
-
 /// A new connection to `addr`, TLS when `tls` says so, within `timeout`
 /// (connect and handshake together).
 pub async fn open(

@@ -19,6 +19,7 @@ pub mod discovery;
 pub mod dns;
 pub mod file;
 pub mod h1;
+pub mod h2;
 pub mod health;
 pub mod limit;
 pub mod outlier;
@@ -33,12 +34,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::config::UpstreamConfig;
@@ -58,9 +56,9 @@ pub struct Pool {
     pub config: UpstreamConfig,
     set: ArcSwap<TargetSet>,
     next: AtomicUsize,
-    /// HTTP/2 upstreams: hyper-util's client (one multiplexed connection
-    /// per target). HTTP/1.1 upstreams use `conn`'s per-target pools.
-    h2: Option<H2Client>,
+    /// HTTP/2 upstreams: one multiplexed connection per target (`h2`).
+    /// HTTP/1.1 upstreams use `conn`'s per-target pools.
+    h2: Option<h2::Conns>,
     h1: conn::Settings,
     pub breaker: Option<Breaker>,
     pub limiter: Option<Limiter>,
@@ -82,54 +80,6 @@ impl std::fmt::Debug for Pool {
             .field("name", &self.config.name)
             .field("targets", &self.set.load().len())
             .finish_non_exhaustive()
-    }
-}
-
-/// hyper-util's HTTP/2 client, over plain TCP (h2c) or TLS (ALPN `h2`).
-enum H2Client {
-    Plain(Client<HttpConnector, Body>),
-    Tls(Client<tls::Connector, Body>),
-}
-
-impl H2Client {
-    fn new(config: &UpstreamConfig) -> H2Client {
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_target)
-            .http2_only(true);
-        match &config.tls {
-            None => {
-                let mut connector = HttpConnector::new();
-                connector.set_nodelay(true);
-                connector.set_connect_timeout(Some(config.connect_timeout));
-                connector.enforce_http(true);
-                H2Client::Plain(builder.build(connector))
-            }
-            // The connections the HTTP/1.1 client and the health checks
-            // make: one handshake path, one server-name rule, the connect
-            // and the handshake under `connect_timeout`.
-            Some(t) => H2Client::Tls(builder.build(tls::Connector {
-                tls: t.clone(),
-                timeout: config.connect_timeout,
-            })),
-        }
-    }
-
-    fn scheme(&self) -> Scheme {
-        match self {
-            H2Client::Plain(_) => Scheme::HTTP,
-            H2Client::Tls(_) => Scheme::HTTPS,
-        }
-    }
-
-    fn request(&self, r: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
-        match self {
-            H2Client::Plain(c) => c.request(r),
-            H2Client::Tls(c) => c.request(r),
-        }
     }
 }
 
@@ -214,7 +164,7 @@ impl Pool {
     /// discovery answers again (or if it cannot).
     pub fn replacing(config: &UpstreamConfig, previous: Option<&Pool>) -> Arc<Pool> {
         let s = &config.settings;
-        let h2 = (config.protocol == UpstreamProtocol::Http2).then(|| H2Client::new(config));
+        let h2 = (config.protocol == UpstreamProtocol::Http2).then(|| h2::Conns::new(config));
         let h1 = conn::Settings {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.pool_idle_timeout,
@@ -340,6 +290,9 @@ impl Pool {
             }
         }
         self.metrics.targets.set(targets.len() as f64);
+        if let Some(h2) = &self.h2 {
+            h2.keep_only(&targets);
+        }
         self.set.store(Arc::new(TargetSet::new(
             targets,
             self.config.settings.balance,
@@ -464,34 +417,42 @@ impl Pool {
         // end; and a failure of it is the client's.
         let uploaded = upload.clone();
         let result = match &self.h2 {
-            Some(client) => {
+            Some(conns) => {
                 let path = req
                     .uri()
                     .path_and_query()
                     .cloned()
                     .unwrap_or_else(|| PathAndQuery::from_static("/"));
-                let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(client.scheme());
-                parts.authority = Some(target.addr.clone());
-                parts.path_and_query = Some(path);
                 // hyper's client takes the request: a copy of the head, so
-                // that the caller keeps one for another try.
+                // that the caller keeps one for another try. Its host goes
+                // as `:authority`, not as a second, possibly different
+                // `Host` (RFC 9113 §8.3.1); the target's address only for a
+                // request without one.
+                let mut headers = req.headers().clone();
+                let authority = headers
+                    .remove(http::header::HOST)
+                    .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                    .unwrap_or_else(|| target.addr.clone());
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(conns.scheme());
+                parts.authority = Some(authority);
+                parts.path_and_query = Some(path);
                 let mut r = Request::new(std::mem::replace(req.body_mut(), Body::empty()));
                 *r.method_mut() = req.method().clone();
-                *r.headers_mut() = req.headers().clone();
+                *r.headers_mut() = headers;
                 *r.uri_mut() = Uri::from_parts(parts).map_err(|e| {
                     refused(ProxyError::new(ErrorKind::Internal, "bad upstream URI").with_source(e))
                 })?;
                 *r.version_mut() = http::Version::HTTP_2;
                 match upload {
-                    None => tokio::time::timeout_at(deadline, client.request(r))
+                    None => tokio::time::timeout_at(deadline, conns.send(&target.addr, r))
                         .await
                         .map_err(|_| Expired::Answer),
-                    Some(u) => uploading(timeout, u, client.request(r)).await,
+                    Some(u) => uploading(timeout, u, conns.send(&target.addr, r)).await,
                 }
                 .map(|r| {
                     r.map(|resp| resp.map(UpstreamBody::Hyper))
-                        .map_err(TryError::Legacy)
+                        .map_err(TryError::H2)
                 })
             }
             // Origin form and HTTP/1.1 on the wire, Host as the client sent
@@ -721,8 +682,8 @@ async fn export(pool: std::sync::Weak<Pool>) {
 /// Why a try got no response.
 #[derive(Debug)]
 enum TryError {
-    /// hyper-util's client (HTTP/2 upstreams).
-    Legacy(hyper_util::client::legacy::Error),
+    /// The HTTP/2 exchange failed (`h2`).
+    H2(h2::Error),
     /// No HTTP/1.1 connection could be made.
     Connect(conn::ConnectError),
     /// The HTTP/1.1 exchange failed.
@@ -772,7 +733,7 @@ fn classify(name: &str, target: &Authority, e: TryError) -> (ProxyError, Option<
         return (b.request_error(), None);
     }
     let (is_connect, source): (bool, Box<dyn std::error::Error + Send + Sync>) = match e {
-        TryError::Legacy(e) => (e.is_connect(), Box::new(e)),
+        TryError::H2(e) => (e.nothing_sent(), Box::new(e)),
         TryError::Connect(e) => (true, Box::new(e)),
         TryError::Send(e) => (false, Box::new(e)),
     };

@@ -98,45 +98,6 @@ impl Tls {
     }
 }
 
-/// hyper-util's connector for HTTP/2 over TLS: a connection from
-/// `conn::open` to the URI's authority (a target's address).
-#[derive(Clone, Debug)]
-pub struct Connector {
-    pub tls: Tls,
-    /// Connect and handshake together.
-    pub timeout: std::time::Duration,
-}
-
-impl tower_service::Service<http::Uri> for Connector {
-    type Response = hyper_util::rt::TokioIo<super::conn::Stream>;
-    type Error = super::conn::ConnectError;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let addr = uri.authority().cloned().ok_or_else(|| {
-                super::conn::ConnectError::Io(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("{uri} names no target"),
-                ))
-            })?;
-            super::conn::open(&addr, this.timeout, Some(&this.tls))
-                .await
-                .map(hyper_util::rt::TokioIo::new)
-        })
-    }
-}
-
 /// Whether `e` (or an error in its source chain) is a TLS failure: a
 /// handshake that failed or a certificate that was refused.
 pub fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {

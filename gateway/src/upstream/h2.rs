@@ -1,0 +1,149 @@
+//! HTTP/2 upstream connections: one multiplexed connection per target
+//! (hyper's connection-level client over `conn::open`, so plain h2c or TLS
+//! with ALPN `h2`), dialed on the target's first request and again after
+//! the last one closed (the upstream's GOAWAY, an error). Every request
+//! names its own host as `:authority` (RFC 9113 §8.3.1) on the one
+//! connection: connections are per target, never per host, so clients
+//! choosing hosts cannot make the gateway open more of them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::conn::{self, ConnectError};
+use super::target::Target;
+use super::tls::Tls;
+use crate::config::UpstreamConfig;
+use crate::proxy::body::Body;
+
+/// Why an HTTP/2 exchange got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("HTTP/2 handshake: {0}")]
+    Handshake(#[source] hyper::Error),
+    #[error(transparent)]
+    Request(hyper::Error),
+}
+
+impl Error {
+    /// Nothing of the request reached the upstream: no connection, or a
+    /// request the connection refused before sending it (it was closing).
+    pub fn nothing_sent(&self) -> bool {
+        match self {
+            Error::Connect(_) | Error::Handshake(_) => true,
+            Error::Request(e) => e.is_canceled(),
+        }
+    }
+}
+
+/// The HTTP/2 connections of one upstream's targets.
+pub struct Conns {
+    scheme: Scheme,
+    tls: Option<Tls>,
+    connect_timeout: Duration,
+    by_target: Mutex<HashMap<Authority, Arc<Slot>>>,
+}
+
+/// One target's connection.
+#[derive(Default)]
+struct Slot {
+    live: Mutex<Option<SendRequest<Body>>>,
+    /// Held while dialing, so that requests arriving meanwhile wait for
+    /// that connection instead of each dialing its own.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn current(&self) -> Option<SendRequest<Body>> {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|s| !s.is_closed())
+            .cloned()
+    }
+}
+
+impl Conns {
+    pub fn new(config: &UpstreamConfig) -> Conns {
+        Conns {
+            scheme: if config.tls.is_some() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            },
+            tls: config.tls.clone(),
+            connect_timeout: config.connect_timeout,
+            by_target: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `http` (h2c) or `https`.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme.clone()
+    }
+
+    /// Sends `req` (its URI absolute: the scheme, the request's host, the
+    /// path) to the target at `addr`.
+    pub async fn send(
+        &self,
+        addr: &Authority,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, Error> {
+        let slot = self.slot(addr);
+        let mut sender = match slot.current() {
+            Some(s) => s,
+            None => self.dial(&slot, addr).await?,
+        };
+        sender.send_request(req).await.map_err(Error::Request)
+    }
+
+    /// Forgets the connections of targets not in `set` (discovery dropped
+    /// them); requests in flight on them finish.
+    pub fn keep_only(&self, set: &[Arc<Target>]) {
+        self.by_target
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|addr, _| set.iter().any(|t| t.addr == *addr));
+    }
+
+    fn slot(&self, addr: &Authority) -> Arc<Slot> {
+        self.by_target
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(addr.clone())
+            .or_default()
+            .clone()
+    }
+
+    async fn dial(&self, slot: &Slot, addr: &Authority) -> Result<SendRequest<Body>, Error> {
+        let _one = slot.dialing.lock().await;
+        if let Some(s) = slot.current() {
+            return Ok(s);
+        }
+        let io = conn::open(addr, self.connect_timeout, self.tls.as_ref()).await?;
+        let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(io));
+        let (sender, connection) = tokio::time::timeout(self.connect_timeout, handshake)
+            .await
+            .map_err(|_| Error::Connect(ConnectError::Timeout(self.connect_timeout)))?
+            .map_err(Error::Handshake)?;
+        let target = addr.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%target, "HTTP/2 upstream connection ended: {e}");
+            }
+        });
+        *slot.live.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+        Ok(sender)
+    }
+}
