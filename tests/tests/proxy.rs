@@ -310,6 +310,17 @@ async fn http2_on_both_sides() {
         // (The echo keeps the last of several fields.)
         assert_eq!(echo["headers"]["cookie"], want, "{path}: {echo}");
     }
+    // `te: trailers` (gRPC's) goes on to an HTTP/2 upstream, not to an
+    // HTTP/1.1 one (hop-by-hop there).
+    for (path, want) in [("/h2/te", Some("trailers")), ("/te", None)] {
+        let req = Request::get(format!("{}{path}", env.base))
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (_, body) = client::h2_raw(&env.listen, req, b"").await.unwrap();
+        let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(echo["headers"]["te"].as_str(), want, "{path}: {echo}");
+    }
     // Requests for different hosts share the target's one HTTP/2
     // connection: clients choosing hosts cannot make the gateway open more.
     assert_eq!(b2.connections(), 1);

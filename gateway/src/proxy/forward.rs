@@ -17,6 +17,9 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// `TE`'s place in `HOP_BY_HOP`.
+const TE_BIT: usize = 4;
+
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// `X-Forwarded-Client-Cert`: the client certificate a proxy verified, in
@@ -60,6 +63,13 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, client_cert: bool) {
     if present & XFCC != 0 {
         h.remove(&X_FORWARDED_CLIENT_CERT);
     }
+    // `TE: trailers` is the one TE an HTTP/2 hop carries, and gRPC servers
+    // look for it (Envoy keeps it, nginx's grpc_pass sends it): it stays,
+    // and the HTTP/1.1 client leaves it out (`upstream::h1::encode_head`).
+    let te_trailers = present & (1 << TE_BIT) != 0
+        && h.get_all(header::TE)
+            .iter()
+            .all(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers"));
     // Names listed in Connection are hop-by-hop too; `close` and
     // `keep-alive` (the usual values) name nothing else to remove.
     if present & 1 != 0 {
@@ -75,6 +85,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, client_cert: bool) {
                 if let Ok(n) = HeaderName::from_bytes(token.as_bytes())
                     && n != header::CONTENT_LENGTH
                     && n != header::HOST
+                    && !(te_trailers && n == header::TE)
                 {
                     named.push(n);
                 }
@@ -85,7 +96,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, client_cert: bool) {
         }
     }
     for (i, n) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
+        if present & (1 << i) != 0 && !(te_trailers && i == TE_BIT) {
             h.remove(n);
         }
     }
@@ -187,11 +198,28 @@ mod tests {
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h, false);
         assert!(h.get("x-secret").is_none());
         assert!(h.get(header::TE).is_none());
         assert!(h.get("x-keep").is_some());
+    }
+
+    #[test]
+    fn keeps_te_trailers_only() {
+        assert_eq!(HOP_BY_HOP[TE_BIT], header::TE);
+        for (te, kept) in [
+            ("trailers", true),
+            (" Trailers ", true),
+            ("trailers, gzip", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_static("te"));
+            h.insert(header::TE, HeaderValue::from_static(te));
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.contains_key(header::TE), kept, "{te:?}");
+            assert!(!h.contains_key(header::CONNECTION));
+        }
     }
 
     #[test]

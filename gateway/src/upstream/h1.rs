@@ -279,6 +279,11 @@ fn encode_head(req: &Request<Body>, body: &Body, host: &str, out: &mut Vec<u8>) 
     let mut cookies_written = false;
     for (name, value) in req.headers() {
         has_host |= name == header::HOST;
+        // Kept for HTTP/2 hops only (`proxy::forward::strip_hop_by_hop`);
+        // HTTP/1.1 would need it named in `Connection`.
+        if name == header::TE {
+            continue;
+        }
         if name == header::COOKIE {
             // HTTP/2 clients may split `Cookie` into one field per pair; an
             // HTTP/1.1 server reads one field (RFC 9113 §8.2.3): joined.
