@@ -1107,3 +1107,89 @@ headers_with_underscores = "reject"
         "{m}"
     );
 }
+
+/// An HTTP/2 backend answering every request as a gRPC server does: a
+/// data frame, then trailers with `grpc-status`.
+async fn grpc_like_backend() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let resp = http::Response::builder()
+                        .status(200)
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .expect("response");
+                    let Ok(mut body) = respond.send_response(resp, false) else {
+                        continue;
+                    };
+                    let _ = body.send_data(Bytes::from_static(b"\0\0\0\0\x02hi"), false);
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    trailers.insert("grpc-message", http::HeaderValue::from_static("ok"));
+                    let _ = body.send_trailers(trailers);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_trailers_pass_through_http2_both_sides() {
+    let backend = grpc_like_backend().await;
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let _gw = Gateway::start(
+        &format!(
+            r#"
+[admin]
+listen = "{admin}"
+[[listeners]]
+name = "main"
+listen = "127.0.0.1:{port}"
+[[upstreams]]
+name = "grpc"
+targets = ["{backend}"]
+protocol = "http2"
+[[routes]]
+name = "grpc"
+upstream = "grpc"
+[routes.match]
+path_prefix = "/"
+"#
+        ),
+        &admin,
+    );
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut client, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::post(format!("http://127.0.0.1:{port}/pkg.Svc/Call"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (answer, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(Bytes::from_static(b"\0\0\0\0\0"), true)
+        .unwrap();
+    let resp = answer.await.expect("answer");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        data.extend_from_slice(&chunk.expect("data"));
+    }
+    assert_eq!(data, b"\0\0\0\0\x02hi");
+    let trailers = body.trailers().await.expect("trailers").expect("some");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "ok");
+}
