@@ -1142,12 +1142,11 @@ async fn grpc_like_backend() -> std::net::SocketAddr {
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_trailers_pass_through_http2_both_sides() {
-    let backend = grpc_like_backend().await;
+/// A gateway with one HTTP/2 upstream at `backend` for every path.
+fn h2_gateway(backend: std::net::SocketAddr) -> (Gateway, u16) {
     let port = free_port();
     let admin = format!("127.0.0.1:{}", free_port());
-    let _gw = Gateway::start(
+    let gw = Gateway::start(
         &format!(
             r#"
 [admin]
@@ -1156,18 +1155,70 @@ listen = "{admin}"
 name = "main"
 listen = "127.0.0.1:{port}"
 [[upstreams]]
-name = "grpc"
+name = "h2"
 targets = ["{backend}"]
 protocol = "http2"
 [[routes]]
-name = "grpc"
-upstream = "grpc"
+name = "h2"
+upstream = "h2"
 [routes.match]
 path_prefix = "/"
 "#
         ),
         &admin,
     );
+    (gw, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_unprocessed_is_tried_again_whatever_the_method() {
+    // RFC 9113 §8.7: REFUSED_STREAM says the request was not processed
+    // (a server draining, or at its stream limit), so even a POST may go
+    // again. This backend refuses every other stream.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if seen
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                        .is_multiple_of(2)
+                    {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let resp = http::Response::builder().status(201).body(()).unwrap();
+                    let _ = respond.send_response(resp, true);
+                }
+            });
+        }
+    });
+    let (gw, port) = h2_gateway(backend);
+    // (A body the gateway streams cannot be sent twice; this one is empty.)
+    let r = client::send(
+        &client::http1(),
+        Request::post(format!("http://127.0.0.1:{port}/orders"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", gw.stderr());
+    assert_eq!(streams.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_trailers_pass_through_http2_both_sides() {
+    let backend = grpc_like_backend().await;
+    let (_gw, port) = h2_gateway(backend);
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");

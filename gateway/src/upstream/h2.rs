@@ -34,13 +34,24 @@ pub enum Error {
 }
 
 impl Error {
-    /// Nothing of the request reached the upstream: no connection, or a
-    /// request the connection refused before sending it (it was closing).
-    pub fn nothing_sent(&self) -> bool {
-        match self {
-            Error::Connect(_) | Error::Handshake(_) => true,
-            Error::Request(e) => e.is_canceled(),
-        }
+    /// No connection could be made.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::Connect(_) | Error::Handshake(_))
+    }
+
+    /// The request was not processed, so another try is safe whatever its
+    /// method: the connection was closing before it went out, or the
+    /// upstream reset its stream with `REFUSED_STREAM` (RFC 9113 §8.7: a
+    /// server draining with GOAWAY, or at its stream limit).
+    pub fn unprocessed(&self) -> bool {
+        let Error::Request(e) = self else {
+            return false;
+        };
+        e.is_canceled()
+            || std::error::Error::source(e)
+                .and_then(|s| s.downcast_ref::<h2::Error>())
+                .and_then(h2::Error::reason)
+                == Some(h2::Reason::REFUSED_STREAM)
     }
 }
 

@@ -732,8 +732,21 @@ fn classify(name: &str, target: &Authority, e: TryError) -> (ProxyError, Option<
     if let TryError::Send(h1::Error::Body(b)) = &e {
         return (b.request_error(), None);
     }
+    if let TryError::H2(e) = &e
+        && e.unprocessed()
+    {
+        return (
+            ProxyError::new(
+                ErrorKind::UpstreamProtocol,
+                format!("upstream {name:?} ({target}) refused the request unprocessed"),
+            )
+            .with_source(e.to_string()),
+            // Nothing was processed: as safe to retry as a failed connect.
+            Some(Reason::Connect),
+        );
+    }
     let (is_connect, source): (bool, Box<dyn std::error::Error + Send + Sync>) = match e {
-        TryError::H2(e) => (e.nothing_sent(), Box::new(e)),
+        TryError::H2(e) => (e.is_connect(), Box::new(e)),
         TryError::Connect(e) => (true, Box::new(e)),
         TryError::Send(e) => (false, Box::new(e)),
     };
