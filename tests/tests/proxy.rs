@@ -344,6 +344,47 @@ async fn an_http2_upstream_that_went_away_is_dialed_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_upstream_connection_is_let_go() {
+    // One connection while requests keep coming; after `pool_idle_timeout`
+    // without one, a new one (a middlebox may have dropped the old).
+    let b2 = Backend::start("two").await;
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let gw = Gateway::start(
+        &format!(
+            r#"
+[admin]
+listen = "{admin}"
+[[listeners]]
+name = "main"
+listen = "127.0.0.1:{port}"
+[[upstreams]]
+name = "h2"
+targets = ["{}"]
+protocol = "http2"
+pool_idle_timeout = "1s"
+[[routes]]
+name = "h2"
+upstream = "h2"
+[routes.match]
+path_prefix = "/"
+"#,
+            b2.addr
+        ),
+        &admin,
+    );
+    let url = format!("http://127.0.0.1:{port}/x");
+    for _ in 0..3 {
+        assert_eq!(client::get(&url).await.status, 200, "{}", gw.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(b2.connections(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(client::get(&url).await.status, 200);
+    assert_eq!(b2.connections(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_response() {
     let b = Backend::start("one").await;
     let b2 = Backend::start("two").await;

@@ -1,14 +1,15 @@
 //! HTTP/2 upstream connections: one multiplexed connection per target
 //! (hyper's connection-level client over `conn::open`, so plain h2c or TLS
 //! with ALPN `h2`), dialed on the target's first request and again after
-//! the last one closed (the upstream's GOAWAY, an error). Every request
+//! the last one closed (the upstream's GOAWAY, an error) or sat idle for
+//! `pool_idle_timeout`. Every request
 //! names its own host as `:authority` (RFC 9113 §8.3.1) on the one
 //! connection: connections are per target, never per host, so clients
 //! choosing hosts cannot make the gateway open more of them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::uri::{Authority, Scheme};
 use http::{Request, Response};
@@ -60,26 +61,39 @@ pub struct Conns {
     scheme: Scheme,
     tls: Option<Tls>,
     connect_timeout: Duration,
+    /// `pool_idle_timeout`.
+    idle_timeout: Duration,
     by_target: Mutex<HashMap<Authority, Arc<Slot>>>,
 }
 
 /// One target's connection.
 #[derive(Default)]
 struct Slot {
-    live: Mutex<Option<SendRequest<Body>>>,
+    /// The connection and when a request last started on it.
+    live: Mutex<Option<(SendRequest<Body>, Instant)>>,
     /// Held while dialing, so that requests arriving meanwhile wait for
     /// that connection instead of each dialing its own.
     dialing: tokio::sync::Mutex<()>,
 }
 
 impl Slot {
-    fn current(&self) -> Option<SendRequest<Body>> {
-        self.live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .filter(|s| !s.is_closed())
-            .cloned()
+    /// The connection, unless it has closed or no request started on it
+    /// for `idle` (a firewall or NAT may have forgotten it silently: a
+    /// request on it would wait for its timeout). A connection let go
+    /// finishes its streams in flight, then closes.
+    fn current(&self, idle: Duration) -> Option<SendRequest<Body>> {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        match live.as_mut() {
+            Some((s, used)) if !s.is_closed() && now.duration_since(*used) <= idle => {
+                *used = now;
+                Some(s.clone())
+            }
+            _ => {
+                *live = None;
+                None
+            }
+        }
     }
 }
 
@@ -93,6 +107,7 @@ impl Conns {
             },
             tls: config.tls.clone(),
             connect_timeout: config.connect_timeout,
+            idle_timeout: config.pool_idle_timeout,
             by_target: Mutex::new(HashMap::new()),
         }
     }
@@ -110,7 +125,7 @@ impl Conns {
         req: Request<Body>,
     ) -> Result<Response<Incoming>, Error> {
         let slot = self.slot(addr);
-        let mut sender = match slot.current() {
+        let mut sender = match slot.current(self.idle_timeout) {
             Some(s) => s,
             None => self.dial(&slot, addr).await?,
         };
@@ -137,7 +152,7 @@ impl Conns {
 
     async fn dial(&self, slot: &Slot, addr: &Authority) -> Result<SendRequest<Body>, Error> {
         let _one = slot.dialing.lock().await;
-        if let Some(s) = slot.current() {
+        if let Some(s) = slot.current(self.idle_timeout) {
             return Ok(s);
         }
         let io = conn::open(addr, self.connect_timeout, self.tls.as_ref()).await?;
@@ -154,7 +169,8 @@ impl Conns {
                 tracing::debug!(%target, "HTTP/2 upstream connection ended: {e}");
             }
         });
-        *slot.live.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+        *slot.live.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((sender.clone(), Instant::now()));
         Ok(sender)
     }
 }
