@@ -58,6 +58,24 @@ header_read_timeout = "2s"
     (gw, listen)
 }
 
+/// `gateway` with one upstream at `addr` (with `settings`, TOML lines of
+/// `[[upstreams]]`) for every path.
+fn gateway_to(addr: impl std::fmt::Display, settings: &str) -> (Gateway, String) {
+    gateway(&format!(
+        r#"
+[[upstreams]]
+name = "u"
+targets = ["{addr}"]
+{settings}
+[[routes]]
+name = "all"
+upstream = "u"
+[routes.match]
+path_prefix = "/"
+"#
+    ))
+}
+
 /// Occurrences of a header field line starting with `name` (lowercase, as
 /// the gateway writes them). A line break inside a JSON body is escaped,
 /// so only real field lines count.
@@ -263,19 +281,7 @@ async fn hostile_backend() -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutated_upstream_answers_never_reach_another_request() {
     let backend = hostile_backend().await;
-    let (gw, listen) = gateway(&format!(
-        r#"
-[[upstreams]]
-name = "hostile"
-targets = ["{backend}"]
-timeout = "2s"
-[[routes]]
-name = "all"
-upstream = "hostile"
-[routes.match]
-path_prefix = "/"
-"#
-    ));
+    let (gw, listen) = gateway_to(backend, "timeout = \"2s\"");
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut sent, mut own) = (0u64, 0);
     while sent < 400 && Instant::now() < deadline {
@@ -340,19 +346,7 @@ async fn http2_bodies_that_belie_their_length_do_not_desync_the_upstream_connect
     // request's head would then supply (H2.CL smuggling); so must neither
     // be sent on a connection that is used again.
     let b = Backend::start("h1").await;
-    let (_gw, listen) = gateway(&format!(
-        r#"
-[[upstreams]]
-name = "h1"
-targets = ["{}"]
-[[routes]]
-name = "h1"
-upstream = "h1"
-[routes.match]
-path_prefix = "/"
-"#,
-        b.addr
-    ));
+    let (_gw, listen) = gateway_to(b.addr, "");
     for (claim, data) in [("40", &b"hello"[..]), ("2", &b"hello"[..])] {
         let req = http::Request::post(format!("http://{listen}/claimed"))
             .header("content-length", claim)
@@ -428,19 +422,7 @@ async fn an_answer_shorter_than_its_length_ends_the_client_connection() {
     for http2 in [false, true] {
         let backend = lying_backend(http2).await;
         let protocol = if http2 { "http2" } else { "http1" };
-        let (_gw, listen) = gateway(&format!(
-            r#"
-[[upstreams]]
-name = "liar"
-targets = ["{backend}"]
-protocol = "{protocol}"
-[[routes]]
-name = "liar"
-upstream = "liar"
-[routes.match]
-path_prefix = "/"
-"#
-        ));
+        let (_gw, listen) = gateway_to(backend, &format!("protocol = \"{protocol}\""));
         let raw = tokio::task::spawn_blocking(move || {
             client::raw(
                 &listen,
@@ -464,19 +446,7 @@ async fn http2_rapid_reset_ends_the_connection_not_the_upstream() {
     // nothing; each must not become an upstream request, and the
     // connection that does it is closed.
     let b = Backend::start("h1").await;
-    let (gw, listen) = gateway(&format!(
-        r#"
-[[upstreams]]
-name = "h1"
-targets = ["{}"]
-[[routes]]
-name = "h1"
-upstream = "h1"
-[routes.match]
-path_prefix = "/"
-"#,
-        b.addr
-    ));
+    let (gw, listen) = gateway_to(b.addr, "");
     let tcp = tokio::net::TcpStream::connect(&listen)
         .await
         .expect("connect");

@@ -348,31 +348,7 @@ async fn an_idle_http2_upstream_connection_is_let_go() {
     // One connection while requests keep coming; after `pool_idle_timeout`
     // without one, a new one (a middlebox may have dropped the old).
     let b2 = Backend::start("two").await;
-    let port = free_port();
-    let admin = format!("127.0.0.1:{}", free_port());
-    let gw = Gateway::start(
-        &format!(
-            r#"
-[admin]
-listen = "{admin}"
-[[listeners]]
-name = "main"
-listen = "127.0.0.1:{port}"
-[[upstreams]]
-name = "h2"
-targets = ["{}"]
-protocol = "http2"
-pool_idle_timeout = "1s"
-[[routes]]
-name = "h2"
-upstream = "h2"
-[routes.match]
-path_prefix = "/"
-"#,
-            b2.addr
-        ),
-        &admin,
-    );
+    let (gw, port) = h2_gateway(b2.addr, "pool_idle_timeout = \"1s\"");
     let url = format!("http://127.0.0.1:{port}/x");
     for _ in 0..3 {
         assert_eq!(client::get(&url).await.status, 200, "{}", gw.stderr());
@@ -1183,8 +1159,9 @@ async fn grpc_like_backend() -> std::net::SocketAddr {
     addr
 }
 
-/// A gateway with one HTTP/2 upstream at `backend` for every path.
-fn h2_gateway(backend: std::net::SocketAddr) -> (Gateway, u16) {
+/// A gateway with one HTTP/2 upstream at `backend` (with `settings`, TOML
+/// lines of `[[upstreams]]`) for every path.
+fn h2_gateway(backend: std::net::SocketAddr, settings: &str) -> (Gateway, u16) {
     let port = free_port();
     let admin = format!("127.0.0.1:{}", free_port());
     let gw = Gateway::start(
@@ -1199,6 +1176,7 @@ listen = "127.0.0.1:{port}"
 name = "h2"
 targets = ["{backend}"]
 protocol = "http2"
+{settings}
 [[routes]]
 name = "h2"
 upstream = "h2"
@@ -1243,7 +1221,7 @@ async fn a_stream_refused_unprocessed_is_tried_again_whatever_the_method() {
             });
         }
     });
-    let (gw, port) = h2_gateway(backend);
+    let (gw, port) = h2_gateway(backend, "");
     // (A body the gateway streams cannot be sent twice; this one is empty.)
     let r = client::send(
         &client::http1(),
@@ -1259,7 +1237,7 @@ async fn a_stream_refused_unprocessed_is_tried_again_whatever_the_method() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_trailers_pass_through_http2_both_sides() {
     let backend = grpc_like_backend().await;
-    let (_gw, port) = h2_gateway(backend);
+    let (_gw, port) = h2_gateway(backend, "");
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
