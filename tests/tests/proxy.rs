@@ -344,6 +344,43 @@ async fn an_http2_upstream_that_went_away_is_dialed_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_a_failed_http2_dial_fail_with_it() {
+    // A target that drops SYNs: the first request's dial times out; those
+    // that waited for it fail with it, not after a dial each in turn.
+    let hole = gateway_tests::backend::Blackhole::start();
+    let (gw, port) = h2_gateway(
+        hole.addr,
+        "connect_timeout = \"700ms\"\nretry = { max_retries = 0 }",
+    );
+    let url = format!("http://127.0.0.1:{port}/x");
+    let started = std::time::Instant::now();
+    let answers = futures_join(
+        (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { client::get(&url).await.status })
+            })
+            .collect(),
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(answers, [502; 4], "{}", gw.stderr());
+    assert!(
+        took < Duration::from_millis(2_000),
+        "{took:?} (4 dials in turn: 2.8 s)"
+    );
+}
+
+/// Awaits every task.
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<http::StatusCode>>) -> Vec<u16> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task").as_u16());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_upstream_connection_is_let_go() {
     // One connection while requests keep coming; after `pool_idle_timeout`
     // without one, a new one (a middlebox may have dropped the old).

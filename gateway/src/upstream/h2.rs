@@ -74,9 +74,51 @@ struct Slot {
     /// Held while dialing, so that requests arriving meanwhile wait for
     /// that connection instead of each dialing its own.
     dialing: tokio::sync::Mutex<()>,
+    /// Failed dials so far and how the last one failed: the requests that
+    /// waited for it fail with it at once, instead of each dialing in turn
+    /// (a target that drops SYNs would hold the n-th for n connect
+    /// timeouts).
+    failures: Mutex<(u64, Option<Failed>)>,
+}
+
+/// How a dial failed, kept for the requests that waited on it.
+#[derive(Clone, Debug)]
+struct Failed {
+    timeout: Option<Duration>,
+    tls: bool,
+    message: String,
+}
+
+impl Failed {
+    fn of(e: &Error) -> Failed {
+        Failed {
+            timeout: match e {
+                Error::Connect(ConnectError::Timeout(t)) => Some(*t),
+                _ => None,
+            },
+            tls: matches!(e, Error::Connect(ConnectError::Tls(_))),
+            message: e.to_string(),
+        }
+    }
+
+    fn error(&self) -> Error {
+        let io = || std::io::Error::other(self.message.clone());
+        Error::Connect(match self.timeout {
+            Some(t) => ConnectError::Timeout(t),
+            None if self.tls => ConnectError::Tls(io()),
+            None => ConnectError::Io(io()),
+        })
+    }
 }
 
 impl Slot {
+    fn failures(&self) -> (u64, Option<Failed>) {
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// The connection, unless it has closed or no request started on it
     /// for `idle` (a firewall or NAT may have forgotten it silently: a
     /// request on it would wait for its timeout). A connection let go
@@ -151,10 +193,23 @@ impl Conns {
     }
 
     async fn dial(&self, slot: &Slot, addr: &Authority) -> Result<SendRequest<Body>, Error> {
+        let failures_before = slot.failures().0;
         let _one = slot.dialing.lock().await;
         if let Some(s) = slot.current(self.idle_timeout) {
             return Ok(s);
         }
+        if let (n, Some(failed)) = slot.failures()
+            && n != failures_before
+        {
+            return Err(failed.error());
+        }
+        self.connect(slot, addr).await.inspect_err(|e| {
+            let mut f = slot.failures.lock().unwrap_or_else(PoisonError::into_inner);
+            *f = (f.0 + 1, Some(Failed::of(e)));
+        })
+    }
+
+    async fn connect(&self, slot: &Slot, addr: &Authority) -> Result<SendRequest<Body>, Error> {
         let io = conn::open(addr, self.connect_timeout, self.tls.as_ref()).await?;
         let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
