@@ -651,14 +651,20 @@ fn one_host(req: &mut Request<Incoming>) -> Result<(), ProxyError> {
         );
     }
     let Some(a) = req.uri().authority() else {
-        if first.is_none() && req.version() == Version::HTTP_11 {
-            return Err(ProxyError::new(
+        return match first {
+            None if req.version() == Version::HTTP_11 => Err(ProxyError::new(
                 ErrorKind::BadRequest,
                 "request without Host (required since HTTP 1.1)",
             )
-            .closing());
-        }
-        return Ok(());
+            .closing()),
+            // An upstream could read another host out of it (or none).
+            Some(h) if !valid_host(h.as_bytes()) => Err(ProxyError::new(
+                ErrorKind::BadRequest,
+                "invalid Host (expected HOST or HOST:PORT)",
+            )
+            .closing()),
+            _ => Ok(()),
+        };
     };
     if first.is_some_and(|h| h.as_bytes() == a.as_str().as_bytes()) {
         return Ok(());
@@ -674,6 +680,37 @@ fn one_host(req: &mut Request<Incoming>) -> Result<(), ProxyError> {
         .map_err(|_| ProxyError::new(ErrorKind::BadRequest, "invalid request authority"))?;
     req.headers_mut().insert(header::HOST, v);
     Ok(())
+}
+
+/// Whether `h` is a `Host` value (RFC 9110 §7.2: `uri-host [ ":" port ]`,
+/// or empty): the characters of a registered name, an IPv4 address or an
+/// IPv6 literal in brackets, and a port. No user information, path,
+/// whitespace or control bytes.
+fn valid_host(h: &[u8]) -> bool {
+    h.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b'%'
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
 }
 
 /// The request's host, without port, lowercased (borrowed when it already is).
@@ -897,6 +934,32 @@ fn version_label(v: Version) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_values() {
+        for ok in [
+            "",
+            "x",
+            "api.example.com:8443",
+            "127.0.0.1:80",
+            "[2001:db8::1]:443",
+            "a_b.local",
+        ] {
+            assert!(super::valid_host(ok.as_bytes()), "{ok:?}");
+        }
+        for bad in [
+            "a b",
+            "u@host",
+            "host/path",
+            "host?q",
+            "host#f",
+            "h\\x",
+            "h\tx",
+            "hé",
+        ] {
+            assert!(!super::valid_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
 
     #[test]
     fn request_ids_are_32_lowercase_hex_digits_and_differ() {
