@@ -2709,6 +2709,8 @@ async fn tls_upstreams_verify_the_certificate_chain_and_name() {
             ),
             tls_upstream("wrongname", by_name.addr, &ca_file),
             tls_upstream("untrusted", by_ip.addr, &other_ca),
+            tls_upstream("untrusted2", by_ip.addr, &other_ca)
+                .replace("[upstreams.tls]", "protocol = \"http2\"\n[upstreams.tls]"),
             tls_upstream("unverified", by_ip.addr, "verify = false"),
         ]
         .concat(),
@@ -2744,6 +2746,8 @@ async fn tls_upstreams_verify_the_certificate_chain_and_name() {
     for (path, why) in [
         ("/wrongname/x", "certificate not valid for name"),
         ("/untrusted/x", "UnknownIssuer"),
+        // The same on an HTTP/2 upstream's connection.
+        ("/untrusted2/x", "UnknownIssuer"),
     ] {
         let hits = by_ip.hits() + by_name.hits();
         let r = env.get(path).await;

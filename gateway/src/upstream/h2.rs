@@ -2,10 +2,10 @@
 //! (hyper's connection-level client over `conn::open`, so plain h2c or TLS
 //! with ALPN `h2`), dialed on the target's first request and again after
 //! the last one closed (the upstream's GOAWAY, an error) or sat idle for
-//! `pool_idle_timeout`. Every request
-//! names its own host as `:authority` (RFC 9113 §8.3.1) on the one
-//! connection: connections are per target, never per host, so clients
-//! choosing hosts cannot make the gateway open more of them.
+//! `pool_idle_timeout`. Every request names its own host as `:authority`
+//! (RFC 9113 §8.3.1) on the one connection: connections are per target,
+//! never per host, so clients choosing hosts cannot make the gateway open
+//! more of them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,7 +26,9 @@ use crate::proxy::body::Body;
 /// Why an HTTP/2 exchange got no response.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
+    /// (Its own error in the source chain, where `tls::is_tls_failure`
+    /// looks for a failed handshake.)
+    #[error("{0}")]
     Connect(#[from] ConnectError),
     #[error("HTTP/2 handshake: {0}")]
     Handshake(#[source] hyper::Error),
