@@ -598,6 +598,8 @@ async fn smuggling_attempts_are_rejected_and_closed() {
         "GET /x HTTP/1.1\r\nAccept: */*\r\n\r\n",
         // User information in the request target
         "GET http://u:p@x/x HTTP/1.1\r\nHost: x\r\n\r\n",
+        // A method no route names as such, which an upstream may read as POST
+        "post /x HTTP/1.1\r\nHost: x\r\n\r\n",
         // A Host that is no host (an upstream may read "x" or nothing)
         "GET /x HTTP/1.1\r\nHost: x y\r\n\r\n",
         "GET /x HTTP/1.1\r\nHost: u@x\r\n\r\n",

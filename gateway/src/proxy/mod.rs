@@ -527,6 +527,21 @@ pub fn new_request_id() -> HeaderValue {
 /// Phase 2: rejects oversized heads and a malformed `Content-Length`;
 /// returns the length, for phase 5.
 fn validate(listener: &ListenerConfig, req: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
+    // Methods are case-sensitive and every registered one is upper case: a
+    // `post` that no route's `methods` names could reach, through a
+    // catch-all route, an upstream that reads it as POST (nginx refuses
+    // such methods too).
+    let method = req.method().as_str();
+    if !method
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+    {
+        return Err(ProxyError::new(
+            ErrorKind::BadRequest,
+            format!("invalid method {method:?}: methods are upper-case letters, '-' and '_'"),
+        )
+        .closing());
+    }
     let h = req.headers();
     // Ambiguous HTTP/1 framing (Content-Length with Transfer-Encoding,
     // conflicting lengths, codings other than one `chunked`) never gets
