@@ -1,12 +1,15 @@
 //! Upstream pools: targets and how one is chosen (`balance`), their health
 //! (`health` active checks, `outlier` passive ejection), where they come
 //! from (`discovery`: static, DNS, a watched file), what protects them
-//! (`breaker`, `limit`, the retry budget in `retry`), and the pooled
-//! keep-alive client (hyper-util) that talks HTTP/1.1 or HTTP/2 to them.
+//! (`breaker`, `limit`, the retry budget in `retry`), and the clients that
+//! talk to them: the gateway's own HTTP/1.1 client on pooled keep-alive
+//! connections (`h1`, `conn`), and one multiplexed HTTP/2 connection per
+//! target (`h2`).
 //!
 //! The data path (`Pool::try_once`) reads the current target set through
 //! `arc-swap`, picks with a few atomics, and records the outcome in
-//! atomics; it takes no lock. Health checks, re-resolution, file watching
+//! atomics; it takes no lock (HTTP/2: two short ones, never held across
+//! an await, to find the target's connection). Health checks, re-resolution, file watching
 //! and metric export run as tasks on one background runtime thread
 //! (`runtime`); each holds only a `Weak` reference to its pool and ends
 //! when the pool is dropped (a reload that changed the pool's settings).
