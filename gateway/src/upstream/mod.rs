@@ -8,8 +8,8 @@
 //!
 //! The data path (`Pool::try_once`) reads the current target set through
 //! `arc-swap`, picks with a few atomics, and records the outcome in
-//! atomics; it takes no lock (HTTP/2: two short ones, never held across
-//! an await, to find the target's connection). Health checks, re-resolution, file watching
+//! atomics; it takes no lock (HTTP/2: two short ones to find the target's
+//! connection, and an async one only while one is being dialed). Health checks, re-resolution, file watching
 //! and metric export run as tasks on one background runtime thread
 //! (`runtime`); each holds only a `Weak` reference to its pool and ends
 //! when the pool is dropped (a reload that changed the pool's settings).
