@@ -5,7 +5,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use http::Method;
 use http::header::{HeaderName, HeaderValue};
 use toml::Spanned;
 
@@ -354,16 +353,7 @@ pub fn compile_route(
         .into_iter()
         .filter_map(|c| HeaderValue::from_str(&c).ok())
         .collect();
-    let mut methods = Vec::new();
-    for m in &a.methods {
-        match Method::from_bytes(m.get_ref().to_ascii_uppercase().as_bytes()) {
-            Ok(m) => methods.push(m),
-            Err(_) => problems.push(Problem::at(
-                m.span(),
-                format!("invalid method {:?}", m.get_ref()),
-            )),
-        }
-    }
+    let methods = crate::config::methods(&a.methods, problems);
     let claims = a
         .claims
         .iter()

@@ -208,6 +208,29 @@ impl Config {
     }
 }
 
+/// The methods a config list names (in any case), each problem at its
+/// place: spelled as requests must spell them, upper-case letters, `-`
+/// and `_` (`proxy::validate` refuses other requests, so a route for
+/// `M1` could never match).
+pub fn methods(list: &[toml::Spanned<String>], problems: &mut Vec<Problem>) -> Vec<http::Method> {
+    let mut out = Vec::new();
+    for m in list {
+        let name = m.get_ref().to_ascii_uppercase();
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+        match http::Method::from_bytes(name.as_bytes()) {
+            Ok(x) if valid => out.push(x),
+            _ => problems.push(Problem::at(
+                m.span(),
+                format!("invalid method {:?}", m.get_ref()),
+            )),
+        }
+    }
+    out
+}
+
 /// Resolves a path written in the config against the config file's directory.
 pub(crate) fn compile_resolve(base: &Path, p: &str) -> PathBuf {
     compile::resolve(base, p)

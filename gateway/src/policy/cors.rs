@@ -113,16 +113,7 @@ impl Cors {
                 "allow_credentials with allow_origins = [\"*\"] would let every site send credentialed requests; list the origins instead",
             ));
         }
-        let mut methods = Vec::new();
-        for m in &s.allow_methods {
-            match Method::from_bytes(m.get_ref().to_ascii_uppercase().as_bytes()) {
-                Ok(x) => methods.push(x),
-                Err(_) => problems.push(Problem::at(
-                    m.span(),
-                    format!("invalid method {:?}", m.get_ref()),
-                )),
-            }
-        }
+        let methods = crate::config::methods(&s.allow_methods, problems);
         let any_header = s.allow_headers.iter().any(|h| h.get_ref() == "*");
         let headers = names(&s.allow_headers, problems);
         let expose = names(&s.expose_headers, problems);

@@ -81,14 +81,7 @@ impl Matcher {
 
         let path = PathMatch::compile(m.path.as_ref(), m.path_prefix.as_ref(), &mut problems);
 
-        let mut methods = Vec::new();
-        for meth in &m.methods {
-            let name = meth.get_ref();
-            match Method::from_bytes(name.to_ascii_uppercase().as_bytes()) {
-                Ok(x) if !name.is_empty() => methods.push(x),
-                _ => problems.push(Problem::at(meth.span(), format!("invalid method {name:?}"))),
-            }
-        }
+        let mut methods = crate::config::methods(&m.methods, &mut problems);
         methods.sort_by(|a, b| method_order(a).cmp(&method_order(b)));
         methods.dedup();
 
