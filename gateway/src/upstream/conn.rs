@@ -170,6 +170,11 @@ pub fn enter_worker(i: usize) {
     WORKER.with(|w| w.set(i));
 }
 
+/// The calling thread's worker number (0 off the workers).
+pub fn worker() -> usize {
+    WORKER.with(Cell::get)
+}
+
 /// Empty idle lists for a new target.
 pub fn idle_lists() -> IdleLists {
     (0..WORKERS.load(Ordering::Relaxed))
@@ -178,7 +183,7 @@ pub fn idle_lists() -> IdleLists {
 }
 
 fn my_list(target: &Target) -> Option<&Mutex<Vec<Idle>>> {
-    let i = WORKER.with(Cell::get);
+    let i = worker();
     target.idle.get(i % target.idle.len().max(1))
 }
 

@@ -1,11 +1,12 @@
-//! HTTP/2 upstream connections: one multiplexed connection per target
-//! (hyper's connection-level client over `conn::open`, so plain h2c or TLS
-//! with ALPN `h2`), dialed on the target's first request and again after
-//! the last one closed (the upstream's GOAWAY, an error) or sat idle for
+//! HTTP/2 upstream connections: one multiplexed connection per target and
+//! worker (hyper's connection-level client over `conn::open`, so plain h2c
+//! or TLS with ALPN `h2`; made on the worker's own runtime, as the HTTP/1.1
+//! pools are), dialed on the first request and again after the last one
+//! closed (the upstream's GOAWAY, an error) or sat idle for
 //! `pool_idle_timeout`. Every request names its own host as `:authority`
-//! (RFC 9113 §8.3.1) on the one connection: connections are per target,
-//! never per host, so clients choosing hosts cannot make the gateway open
-//! more of them.
+//! (RFC 9113 §8.3.1) on that connection: connections are per target and
+//! worker, never per host, so clients choosing hosts cannot make the
+//! gateway open more of them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -65,7 +66,8 @@ pub struct Conns {
     connect_timeout: Duration,
     /// `pool_idle_timeout`.
     idle_timeout: Duration,
-    by_target: Mutex<HashMap<Authority, Arc<Slot>>>,
+    /// By target and worker.
+    by_target: Mutex<HashMap<(Authority, usize), Arc<Slot>>>,
 }
 
 /// One target's connection.
@@ -182,14 +184,14 @@ impl Conns {
         self.by_target
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|addr, _| set.iter().any(|t| t.addr == *addr));
+            .retain(|(addr, _), _| set.iter().any(|t| t.addr == *addr));
     }
 
     fn slot(&self, addr: &Authority) -> Arc<Slot> {
         self.by_target
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(addr.clone())
+            .entry((addr.clone(), conn::worker()))
             .or_default()
             .clone()
     }

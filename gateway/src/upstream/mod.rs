@@ -4,7 +4,7 @@
 //! (`breaker`, `limit`, the retry budget in `retry`), and the clients that
 //! talk to them: the gateway's own HTTP/1.1 client on pooled keep-alive
 //! connections (`h1`, `conn`), and one multiplexed HTTP/2 connection per
-//! target (`h2`).
+//! target and worker (`h2`).
 //!
 //! The data path (`Pool::try_once`) reads the current target set through
 //! `arc-swap`, picks with a few atomics, and records the outcome in
@@ -59,7 +59,8 @@ pub struct Pool {
     pub config: UpstreamConfig,
     set: ArcSwap<TargetSet>,
     next: AtomicUsize,
-    /// HTTP/2 upstreams: one multiplexed connection per target (`h2`).
+    /// HTTP/2 upstreams: one multiplexed connection per target and worker
+    /// (`h2`).
     /// HTTP/1.1 upstreams use `conn`'s per-target pools.
     h2: Option<h2::Conns>,
     h1: conn::Settings,
