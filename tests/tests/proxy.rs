@@ -1288,6 +1288,66 @@ async fn a_stream_refused_unprocessed_is_tried_again_whatever_the_method() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_that_closes_connections_after_a_few_streams_loses_no_request() {
+    // As nginx's `keepalive_requests` does for HTTP/2: GOAWAY after three
+    // streams on each connection; the gateway dials again and no request
+    // fails.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let mut served = 0;
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let resp = http::Response::builder().status(200).body(()).unwrap();
+                    let _ = respond.send_response(resp, true);
+                    served += 1;
+                    if served == 3 {
+                        conn.graceful_shutdown();
+                    }
+                }
+            });
+        }
+    });
+    // Three streams per connection is far below nginx's 1000: a request
+    // may meet two refusals, so retries are not the default's one.
+    let (gw, port) = h2_gateway(backend, "retry = { max_retries = 3, budget_percent = 100 }");
+    let url = format!("http://127.0.0.1:{port}/x");
+    // Three clients at once, so that requests are in flight when a GOAWAY
+    // comes.
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                for i in 0..10 {
+                    let r = client::get(&url).await;
+                    if r.status != 200 {
+                        failed.push(format!("request {i}: {} {}", r.status, r.text()));
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    for c in clients {
+        let failed = c.await.expect("client");
+        assert!(failed.is_empty(), "{failed:?}\n{}", gw.stderr());
+    }
+    // (A connection may take more than three streams before its GOAWAY
+    // arrives.)
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_trailers_pass_through_http2_both_sides() {
     let backend = grpc_like_backend().await;
     let (_gw, port) = h2_gateway(backend, "");

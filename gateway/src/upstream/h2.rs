@@ -73,8 +73,10 @@ pub struct Conns {
 /// One target's connection.
 #[derive(Default)]
 struct Slot {
-    /// The connection and when a request last started on it.
-    live: Mutex<Option<(SendRequest<Body>, Instant)>>,
+    /// The connection, when a request last started on it, and its number.
+    live: Mutex<Option<(SendRequest<Body>, Instant, u64)>>,
+    /// Connections dialed so far (the next one's number).
+    dialed: std::sync::atomic::AtomicU64,
     /// Held while dialing, so that requests arriving meanwhile wait for
     /// that connection instead of each dialing its own.
     dialing: tokio::sync::Mutex<()>,
@@ -127,18 +129,28 @@ impl Slot {
     /// for `idle` (a firewall or NAT may have forgotten it silently: a
     /// request on it would wait for its timeout). A connection let go
     /// finishes its streams in flight, then closes.
-    fn current(&self, idle: Duration) -> Option<SendRequest<Body>> {
+    fn current(&self, idle: Duration) -> Option<(SendRequest<Body>, u64)> {
         let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         match live.as_mut() {
-            Some((s, used)) if !s.is_closed() && now.duration_since(*used) <= idle => {
+            Some((s, used, n)) if !s.is_closed() && now.duration_since(*used) <= idle => {
                 *used = now;
-                Some(s.clone())
+                Some((s.clone(), *n))
             }
             _ => {
                 *live = None;
                 None
             }
+        }
+    }
+
+    /// Lets connection `n` go, if it is still the current one: it refused a
+    /// request unprocessed (it is going away), and the retry must not meet
+    /// it again.
+    fn forget(&self, n: u64) {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if live.as_ref().is_some_and(|l| l.2 == n) {
+            *live = None;
         }
     }
 }
@@ -171,11 +183,35 @@ impl Conns {
         req: Request<Body>,
     ) -> Result<Response<Incoming>, Error> {
         let slot = self.slot(addr);
-        let mut sender = match slot.current(self.idle_timeout) {
-            Some(s) => s,
-            None => self.dial(&slot, addr).await?,
-        };
-        sender.send_request(req).await.map_err(Error::Request)
+        let mut req = req;
+        let mut first = true;
+        loop {
+            let (mut sender, n) = match slot.current(self.idle_timeout) {
+                Some(s) => s,
+                None => self.dial(&slot, addr).await?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => {
+                    let unsent = e.take_message();
+                    let err = Error::Request(e.into_error());
+                    if err.unprocessed() {
+                        slot.forget(n);
+                    }
+                    // A connection going away that never sent the request:
+                    // it goes out once more on a fresh one at once, as on a
+                    // stale HTTP/1.1 connection (not a retry: nothing was
+                    // sent).
+                    match unsent {
+                        Some(r) if first => {
+                            req = r;
+                            first = false;
+                        }
+                        _ => return Err(err),
+                    }
+                }
+            }
+        }
     }
 
     /// Forgets the connections of targets not in `set` (discovery dropped
@@ -196,7 +232,7 @@ impl Conns {
             .clone()
     }
 
-    async fn dial(&self, slot: &Slot, addr: &Authority) -> Result<SendRequest<Body>, Error> {
+    async fn dial(&self, slot: &Slot, addr: &Authority) -> Result<(SendRequest<Body>, u64), Error> {
         let failures_before = slot.failures().0;
         let _one = slot.dialing.lock().await;
         if let Some(s) = slot.current(self.idle_timeout) {
@@ -213,7 +249,11 @@ impl Conns {
         })
     }
 
-    async fn connect(&self, slot: &Slot, addr: &Authority) -> Result<SendRequest<Body>, Error> {
+    async fn connect(
+        &self,
+        slot: &Slot,
+        addr: &Authority,
+    ) -> Result<(SendRequest<Body>, u64), Error> {
         let io = conn::open(addr, self.connect_timeout, self.tls.as_ref()).await?;
         let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -228,8 +268,11 @@ impl Conns {
                 tracing::debug!(%target, "HTTP/2 upstream connection ended: {e}");
             }
         });
+        let n = slot
+            .dialed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *slot.live.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some((sender.clone(), Instant::now()));
-        Ok(sender)
+            Some((sender.clone(), Instant::now(), n));
+        Ok((sender, n))
     }
 }
