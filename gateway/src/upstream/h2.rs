@@ -70,7 +70,7 @@ pub struct Conns {
     by_target: Mutex<HashMap<(Authority, usize), Arc<Slot>>>,
 }
 
-/// One target's connection.
+/// One target's connection on one worker.
 #[derive(Default)]
 struct Slot {
     /// The connection, when a request last started on it, and its number.
