@@ -276,7 +276,8 @@ fn encode_head(req: &Request<Body>, body: &Body, host: &str, out: &mut Vec<u8>) 
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut has_length = false;
     let mut has_host = false;
-    let mut cookies_written = false;
+    // Where the `Cookie` line written so far ends.
+    let mut cookie_end: Option<usize> = None;
     for (name, value) in req.headers() {
         has_host |= name == header::HOST;
         // Kept for HTTP/2 hops only (`proxy::forward::strip_hop_by_hop`);
@@ -284,20 +285,15 @@ fn encode_head(req: &Request<Body>, body: &Body, host: &str, out: &mut Vec<u8>) 
         if name == header::TE {
             continue;
         }
-        if name == header::COOKIE {
-            // HTTP/2 clients may split `Cookie` into one field per pair; an
-            // HTTP/1.1 server reads one field (RFC 9113 §8.2.3): joined.
-            if !cookies_written {
-                cookies_written = true;
-                out.extend_from_slice(b"cookie: ");
-                for (i, v) in req.headers().get_all(header::COOKIE).iter().enumerate() {
-                    if i > 0 {
-                        out.extend_from_slice(b"; ");
-                    }
-                    out.extend_from_slice(v.as_bytes());
-                }
-                out.extend_from_slice(b"\r\n");
-            }
+        // HTTP/2 clients may split `Cookie` into one field per pair; an
+        // HTTP/1.1 server reads one field (RFC 9113 §8.2.3): each further
+        // value joins the line before its CRLF.
+        if name == header::COOKIE
+            && let Some(end) = cookie_end
+        {
+            let at = end - 2;
+            out.splice(at..at, b"; ".iter().chain(value.as_bytes()).copied());
+            cookie_end = Some(end + 2 + value.len());
             continue;
         }
         if name == header::CONTENT_LENGTH {
@@ -311,6 +307,9 @@ fn encode_head(req: &Request<Body>, body: &Body, host: &str, out: &mut Vec<u8>) 
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+        if name == header::COOKIE {
+            cookie_end = Some(out.len());
+        }
     }
     if !has_host {
         out.extend_from_slice(b"host: ");
@@ -738,6 +737,22 @@ mod tests {
             }
         }
         assert!(accepted > 2_000, "{accepted}");
+    }
+
+    #[test]
+    fn split_cookies_go_out_as_one_field() {
+        let mut req = Request::get("/x").body(Body::empty()).unwrap();
+        let h = req.headers_mut();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.insert("x-mid", HeaderValue::from_static("m"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        let mut out = Vec::new();
+        encode_head(&req, req.body(), "t", &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches("cookie:").count(), 1, "{text}");
+        assert!(text.contains("\r\ncookie: a=1; b=2; c=3\r\n"), "{text}");
+        assert!(text.contains("\r\nx-mid: m\r\n"), "{text}");
     }
 
     #[test]
