@@ -355,7 +355,7 @@ async fn requests_waiting_on_a_failed_http2_dial_fail_with_it() {
     );
     let url = format!("http://127.0.0.1:{port}/x");
     let started = std::time::Instant::now();
-    let answers = futures_join(
+    let answers = statuses_of(
         (0..4)
             .map(|_| {
                 let url = url.clone();
@@ -372,8 +372,8 @@ async fn requests_waiting_on_a_failed_http2_dial_fail_with_it() {
     );
 }
 
-/// Awaits every task.
-async fn futures_join(tasks: Vec<tokio::task::JoinHandle<http::StatusCode>>) -> Vec<u16> {
+/// The statuses the tasks' requests got, in order.
+async fn statuses_of(tasks: Vec<tokio::task::JoinHandle<http::StatusCode>>) -> Vec<u16> {
     let mut out = Vec::new();
     for t in tasks {
         out.push(t.await.expect("task").as_u16());

@@ -144,7 +144,7 @@ impl ClientFault {
             ),
             ClientFault::Malformed(why) => (
                 ErrorKind::BadRequest,
-                format!("malformed chunked request body: {why}"),
+                crate::listener::h1::ReadError::Framing(why).to_string(),
             ),
             ClientFault::BrokenOff => (
                 ErrorKind::BadRequest,
