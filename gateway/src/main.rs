@@ -7,8 +7,10 @@ use clap::{Parser, Subcommand};
 
 use gateway::config::{self, Config};
 
+mod alloc;
+
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: alloc::Mimalloc = alloc::Mimalloc;
 
 #[derive(Parser)]
 #[command(
