@@ -7,6 +7,7 @@
 use std::cell::RefCell;
 use std::io::IoSlice;
 
+use bytes::BytesMut;
 use http::HeaderMap;
 use http::header::{HeaderName, InvalidHeaderName};
 
@@ -88,6 +89,47 @@ pub fn recycle_header_map(mut m: HeaderMap) {
         let mut s = s.borrow_mut();
         if s.len() < SPARE_MAPS_KEPT {
             s.push(m);
+        }
+    });
+}
+
+/// Size of the read buffers `read_buffer` hands out.
+pub const READ_BUFFER: usize = 16 * 1024;
+
+/// Most read buffers kept per thread (1 MiB at most).
+const SPARE_BUFFERS_KEPT: usize = 64;
+
+thread_local! {
+    /// Emptied read buffers kept by this worker thread.
+    static SPARE_BUFFERS: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty read buffer of `READ_BUFFER` bytes: one this thread recycled
+/// when it has one, otherwise a new one. Connections take one when bytes
+/// arrive and give it back when they go idle (`recycle_read_buffer`), so
+/// that an idle keep-alive connection holds none and a busy worker does
+/// not allocate one per request.
+pub fn read_buffer() -> BytesMut {
+    SPARE_BUFFERS
+        .try_with(|s| s.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| BytesMut::with_capacity(READ_BUFFER))
+}
+
+/// Gives a connection's read buffer back when it is done with it; the
+/// buffer is left empty with no allocation. One still shared (a head
+/// split off it is in use) or of another size is dropped instead.
+pub fn recycle_read_buffer(buf: &mut BytesMut) {
+    let mut b = std::mem::take(buf);
+    b.clear();
+    if !b.try_reclaim(READ_BUFFER) || b.capacity() != READ_BUFFER {
+        return;
+    }
+    let _ = SPARE_BUFFERS.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_BUFFERS_KEPT {
+            s.push(b);
         }
     });
 }
@@ -225,6 +267,45 @@ mod tests {
         big.insert(http::header::HOST, http::HeaderValue::from_static("a"));
         recycle_header_map(big);
         assert!(header_map(1).capacity() <= SPARE_MAP_MAX_CAPACITY);
+    }
+
+    #[test]
+    fn read_buffers_are_recycled_whole_or_not_at_all() {
+        // Each test runs on its own thread: the spare list starts empty.
+        let mut b = read_buffer();
+        assert_eq!(b.capacity(), READ_BUFFER);
+        b.extend_from_slice(b"GET / HTTP/1.1\r\n\r\nrest");
+        let _ = b.split_to(18).freeze();
+        let at = b.as_ptr() as usize - 18;
+        recycle_read_buffer(&mut b);
+        assert_eq!(b.capacity(), 0, "the connection keeps no buffer");
+        let again = read_buffer();
+        assert!(again.is_empty());
+        assert_eq!(again.capacity(), READ_BUFFER);
+        assert_eq!(
+            again.as_ptr() as usize,
+            at,
+            "the same allocation, from its start"
+        );
+
+        // Still shared with a head in use: dropped, not kept.
+        let mut b = again;
+        b.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        let head = b.split_to(18).freeze();
+        recycle_read_buffer(&mut b);
+        assert_eq!(b.capacity(), 0);
+        let fresh = read_buffer();
+        let (f, h) = (fresh.as_ptr() as usize, head.as_ptr() as usize);
+        assert!(
+            f + READ_BUFFER <= h || f >= h + READ_BUFFER,
+            "a buffer still shared is not handed out"
+        );
+        assert_eq!(&head[..], b"GET / HTTP/1.1\r\n\r\n");
+
+        // Other sizes are not kept either.
+        let mut odd = BytesMut::with_capacity(READ_BUFFER / 2);
+        recycle_read_buffer(&mut odd);
+        assert_eq!(read_buffer().capacity(), READ_BUFFER);
     }
 
     #[test]

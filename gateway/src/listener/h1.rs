@@ -207,7 +207,29 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Io<T>> {
 }
 
 /// Reads what the socket has into `io.buf`; sets `io.eof` at the end.
+///
+/// A connection waiting for its next request holds no buffer (`serve`
+/// lets it go): that first read lands on the stack and only the bytes that
+/// arrived move to a new buffer, so an idle keep-alive connection costs
+/// no read buffer.
 fn poll_fill<T: AsyncRead + Unpin>(io: &mut Io<T>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    if io.buf.capacity() == 0 {
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut rb = tokio::io::ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut io.stream).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+        let got = rb.filled();
+        if got.is_empty() {
+            io.eof = true;
+        } else {
+            io.buf = crate::wire::read_buffer();
+            io.buf.extend_from_slice(got);
+        }
+        return Poll::Ready(Ok(()));
+    }
     if io.buf.capacity() - io.buf.len() < 1024 {
         io.buf.reserve(READ_CHUNK);
     }
@@ -297,7 +319,7 @@ where
 {
     let io = Arc::new(Mutex::new(Io {
         stream,
-        buf: BytesMut::with_capacity(READ_CHUNK),
+        buf: BytesMut::new(),
         eof: false,
         body: Framing::Done,
         continue_owed: &[],
@@ -317,7 +339,14 @@ where
     let mut watcher = shutdown.clone();
     let mut shut = std::pin::pin!(async move { watcher.changed().await });
     loop {
-        // 1. Idle until the first byte of the next head.
+        // 1. Idle until the first byte of the next head, holding no read
+        // buffer meanwhile (`poll_fill` takes one when bytes arrive).
+        {
+            let mut g = lock(&io);
+            if g.buf.is_empty() {
+                crate::wire::recycle_read_buffer(&mut g.buf);
+            }
+        }
         while lock(&io).buf.is_empty() {
             let read = std::future::poll_fn(|cx| poll_fill(&mut lock(&io), cx));
             tokio::select! {
@@ -419,6 +448,10 @@ where
         *req.uri_mut() = head.uri;
         *req.version_mut() = meta.version;
         *req.headers_mut() = head.headers;
+        // Not boxed: a box would let an idle connection hold nothing of
+        // the pipeline's state (some 10 KiB, about half of what one costs
+        // idle), but measured 3 to 8% more CPU per request (allocator churn
+        // on blocks that size).
         let resp = proxy::handle(&shared, &conn, req).await;
         served += 1;
 

@@ -104,9 +104,12 @@ pub async fn accept_loop(a: Accept) {
         let name = a.name.clone();
         let enforcer = a.enforcer.clone();
         let label = label.clone();
+        // Each stage is boxed: the task is allocated at the size of its
+        // largest state for the connection's whole life, and an idle
+        // keep-alive connection should cost only the stage it is in.
         a.tracker.spawn(async move {
             if let Some((stream, conn)) =
-                client(stream, peer, name, &settings, &enforcer, &label).await
+                Box::pin(client(stream, peer, name, &settings, &enforcer, &label)).await
             {
                 serve(stream, conn, settings, shared, shutdown).await;
             }
@@ -227,19 +230,23 @@ async fn serve(
     match s.tls.clone() {
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-            let tls =
-                match tokio::time::timeout(s.header_read_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        tracing::debug!(peer = %conn.peer, "TLS handshake failed: {e}");
-                        metrics::counter!("gateway_tls_handshake_errors_total").increment(1);
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(peer = %conn.peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
+            let tls = match Box::pin(tokio::time::timeout(
+                s.header_read_timeout,
+                acceptor.accept(stream),
+            ))
+            .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %conn.peer, "TLS handshake failed: {e}");
+                    metrics::counter!("gateway_tls_handshake_errors_total").increment(1);
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %conn.peer, "TLS handshake timed out");
+                    return;
+                }
+            };
             // Verified by the handshake (`client_ca`): described once here.
             let conn = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
                 Some(leaf) => Arc::new(Conn {
@@ -249,23 +256,30 @@ async fn serve(
                 None => conn,
             };
             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                h2::serve(tls, conn, &s, shared, shutdown).await;
+                Box::pin(h2::serve(tls, conn, &s, shared, shutdown)).await;
             } else {
-                h1::serve(tls, conn, s.h1_limits(false), shared, shutdown).await;
+                Box::pin(h1::serve(tls, conn, s.h1_limits(false), shared, shutdown)).await;
             }
         }
         None => {
             let limits = s.h1_limits(s.http2);
-            if let h1::End::H2c { stream, read } = h1::serve(
+            if let h1::End::H2c { stream, read } = Box::pin(h1::serve(
                 stream,
                 conn.clone(),
                 limits,
                 shared.clone(),
                 shutdown.clone(),
-            )
+            ))
             .await
             {
-                h2::serve(h1::Rewind::new(read, stream), conn, &s, shared, shutdown).await;
+                Box::pin(h2::serve(
+                    h1::Rewind::new(read, stream),
+                    conn,
+                    &s,
+                    shared,
+                    shutdown,
+                ))
+                .await;
             }
         }
     }

@@ -238,10 +238,11 @@ pub async fn connect(
 }
 
 /// Gives a connection whose exchange ended cleanly back to its target.
-pub fn release(to: &ReturnTo, conn: h1::Conn) {
+pub fn release(to: &ReturnTo, mut conn: h1::Conn) {
     let Some(list) = my_list(&to.target) else {
         return;
     };
+    conn.shed();
     let mut idle = list.lock().unwrap_or_else(|e| e.into_inner());
     if idle.len() < to.settings.max_idle {
         idle.push(Idle {

@@ -59,8 +59,17 @@ impl Conn {
     pub fn new(io: Stream) -> Conn {
         Conn {
             io,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             out: Vec::with_capacity(512),
+        }
+    }
+
+    /// Lets the read buffer go while the connection waits in a pool (the
+    /// next response's read makes a new one): an idle connection holds no
+    /// read buffer.
+    pub fn shed(&mut self) {
+        if self.buf.is_empty() {
+            crate::wire::recycle_read_buffer(&mut self.buf);
         }
     }
 
@@ -68,6 +77,16 @@ impl Conn {
     /// closed it or sent anything unasked.
     pub fn is_usable(&mut self) -> bool {
         self.buf.is_empty() && self.io.is_idle()
+    }
+}
+
+/// Makes room in `buf` for the next read: a recycled buffer when the
+/// connection held none (it waited in a pool), else `READ_CHUNK` more.
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        *buf = crate::wire::read_buffer();
+    } else {
+        buf.reserve(READ_CHUNK);
     }
 }
 
@@ -361,7 +380,7 @@ async fn read_head(
         if buf.len() >= MAX_HEAD {
             return Err(Error::Protocol("response head too large"));
         }
-        buf.reserve(READ_CHUNK);
+        reserve(buf);
         let n = tokio::io::AsyncReadExt::read_buf(rd, buf).await?;
         if n == 0 {
             return Err(Error::Closed);
@@ -623,7 +642,7 @@ impl http_body::Body for H1Body {
             let Some(conn) = &mut this.conn else {
                 return Poll::Ready(None);
             };
-            conn.buf.reserve(READ_CHUNK);
+            reserve(&mut conn.buf);
             let n = {
                 let dst = conn.buf.spare_capacity_mut();
                 let mut rb = ReadBuf::uninit(dst);
