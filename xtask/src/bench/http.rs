@@ -14,6 +14,7 @@
 //! `gateway/nginx: rps X.XX p99 Y.YY`. Raw results go to `target/bench/`.
 //! See docs/bench.md.
 
+mod idle;
 mod instructions;
 mod peers;
 pub(super) mod proc;
@@ -84,6 +85,13 @@ struct Args {
     /// machine.
     #[arg(long)]
     instructions: bool,
+    /// Before the rounds, open this many keep-alive connections to each
+    /// fresh proxy one by one (one request each, left open) and report its
+    /// memory per idle connection; 0 skips it. Memory grows in 2 MiB
+    /// steps for the gateway (transparent huge pages): keep it in the
+    /// thousands.
+    #[arg(long, default_value_t = 2000)]
+    idle_connections: usize,
 }
 
 fn parse_secs(s: &str) -> Result<u64, String> {
@@ -193,6 +201,8 @@ struct Results<'a> {
     /// `--syscalls`: by target, the measured process's syscalls per request
     /// (the backend's for `direct`).
     syscalls_per_request: &'a BTreeMap<String, BTreeMap<String, f64>>,
+    /// By proxy, bytes of anonymous RSS per idle keep-alive connection.
+    idle_connection_bytes: &'a BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -372,6 +382,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         });
     }
 
+    // Before any load: a process that has served load keeps the memory it
+    // freed, and new connections would reuse it unseen.
+    let mut idle_bytes = BTreeMap::new();
+    if args.idle_connections > 0 {
+        for t in &targets {
+            if let Some(p) = &t.proxy {
+                let b = idle::bytes_per_connection(p.measured_pid, p.addr, args.idle_connections)
+                    .with_context(|| format!("idle connections to {}", t.label))?;
+                idle_bytes.insert(t.label.clone(), b);
+            }
+        }
+    }
     eprintln!("bench: warming up ({}s per target)", args.warmup);
     for t in &targets {
         wrk::run(
@@ -472,6 +494,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         );
     }
     println!();
+    if !idle_bytes.is_empty() {
+        let cells: Vec<String> = idle_bytes
+            .iter()
+            .map(|(l, b)| format!("{l} {:.1} KiB", b / 1024.0))
+            .collect();
+        println!(
+            "Memory per idle keep-alive connection ({} opened one by one, anonymous RSS): {}",
+            args.idle_connections,
+            cells.join(", ")
+        );
+        println!();
+    }
     if !syscall_counts.is_empty() {
         println!("Syscalls per request (perf stat, one extra 3 s run each; direct = the backend):");
         for (label, per_req) in &syscall_counts {
@@ -521,6 +555,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         gateway_over_nginx: over_nginx,
         gateway_over_baselines: over_baselines.clone(),
         syscalls_per_request: &syscall_counts,
+        idle_connection_bytes: &idle_bytes,
     })?;
     let stamped = out_dir.join(format!("http-{unix_time}.json"));
     std::fs::write(&stamped, &json)?;
