@@ -3,8 +3,8 @@
 //!
 //! The `mimalloc` crate's allocator calls `mi_malloc_aligned` for every
 //! allocation; past 8 KiB that path over-allocates and searches (some
-//! hundreds of instructions per call), which read buffers and boxed
-//! request futures hit on every request. `mi_malloc` already returns
+//! hundreds of instructions per call), which 16 KiB read buffers and
+//! large response bodies hit. `mi_malloc` already returns
 //! 16-byte-aligned blocks, so only larger alignments need the aligned
 //! calls. mimalloc asks for transparent huge pages on its arena: resident
 //! memory grows in 2 MiB steps (some 9 MiB more at the bench's peak), and

@@ -209,9 +209,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Io<T>> {
 /// Reads what the socket has into `io.buf`; sets `io.eof` at the end.
 ///
 /// A connection waiting for its next request holds no buffer (`serve`
-/// lets it go): that first read lands on the stack and only the bytes that
-/// arrived move to a new buffer, so an idle keep-alive connection costs
-/// no read buffer.
+/// gives it back to `wire`'s list): that first read lands on the stack and
+/// only the bytes that arrived move to a buffer from the list, so an idle
+/// keep-alive connection costs no read buffer.
 fn poll_fill<T: AsyncRead + Unpin>(io: &mut Io<T>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
     if io.buf.capacity() == 0 {
         let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];

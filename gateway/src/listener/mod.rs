@@ -109,7 +109,7 @@ pub async fn accept_loop(a: Accept) {
         // keep-alive connection should cost only the stage it is in.
         a.tracker.spawn(async move {
             if let Some((stream, conn)) =
-                Box::pin(client(stream, peer, name, &settings, &enforcer, &label)).await
+                client(stream, peer, name, &settings, &enforcer, &label).await
             {
                 serve(stream, conn, settings, shared, shutdown).await;
             }
@@ -133,7 +133,8 @@ async fn client(
 ) -> Option<(TcpStream, Arc<Conn>)> {
     let network_peer = peer;
     let peer = if s.proxy_protocol {
-        match proxy_protocol::read(&mut stream, s.header_read_timeout).await {
+        // Boxed (see `accept_loop`): only these listeners pay for it.
+        match Box::pin(proxy_protocol::read(&mut stream, s.header_read_timeout)).await {
             Ok(named) => {
                 let client = named.unwrap_or(peer);
                 if !enforcer.admit(client.ip()) {
