@@ -810,15 +810,44 @@ enum Expired {
 /// since it last took a chunk) and restarts with each chunk; waits for the
 /// client's next chunk are the body's own timeout's. (A try without one
 /// runs until its deadline.)
-async fn uploading<F: std::future::Future>(
+fn uploading<F: std::future::Future>(
     timeout: Duration,
     upload: tokio::sync::watch::Receiver<crate::proxy::body::Upload>,
     f: F,
-) -> Result<F::Output, Expired> {
-    tokio::select! {
-        biased;
-        out = f => Ok(out),
-        expired = upload_clock(timeout, upload) => Err(expired),
+) -> Uploading<F, impl std::future::Future<Output = Expired>> {
+    Uploading {
+        f,
+        clock: upload_clock(timeout, upload),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// `uploading`'s future: the exchange, then the clock, polled in that
+    /// order. A struct, not an `async fn` around `select!`, which kept the
+    /// exchange's state twice (as the argument and inside the select):
+    /// 2 KiB more in every request's pipeline.
+    struct Uploading<F, C> {
+        #[pin]
+        f: F,
+        #[pin]
+        clock: C,
+    }
+}
+
+impl<F: std::future::Future, C: std::future::Future<Output = Expired>> std::future::Future
+    for Uploading<F, C>
+{
+    type Output = Result<F::Output, Expired>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let std::task::Poll::Ready(out) = this.f.poll(cx) {
+            return std::task::Poll::Ready(Ok(out));
+        }
+        this.clock.poll(cx).map(Err)
     }
 }
 
