@@ -307,13 +307,17 @@ impl http_body::Body for RequestBody {
 }
 
 /// Serves HTTP/1.1 requests on `stream` until either side closes it.
-pub(super) async fn serve<T>(
+///
+/// Not an `async fn`: an async fn's arguments stay in its state for its
+/// whole life, so the stream (1.2 KiB over TLS) would be kept twice, once
+/// dead beside the one moved into `Io`.
+pub(super) fn serve<T>(
     stream: T,
     conn: Arc<Conn>,
     lim: Limits,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-) -> End<T>
+) -> impl Future<Output = End<T>>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -325,6 +329,19 @@ where
         continue_owed: &[],
         flush_owed: false,
     }));
+    serve_io(io, conn, lim, shared, shutdown)
+}
+
+async fn serve_io<T>(
+    io: Arc<Mutex<Io<T>>>,
+    conn: Arc<Conn>,
+    lim: Limits,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) -> End<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut indices: Vec<Indices> = Vec::new();
     let mut first = true;

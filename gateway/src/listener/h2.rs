@@ -143,13 +143,19 @@ impl Activity {
 }
 
 /// Serves an HTTP/2 connection with hyper.
-pub(super) async fn serve<T>(
+///
+/// Not an `async fn`: its arguments would stay in its state for the
+/// connection's life beside the hyper connection they are moved into (the
+/// stream is 1.2 KiB over TLS). The connection is boxed for `drive`, which
+/// would otherwise keep it twice as well (argument and pinned local).
+pub(super) fn serve<T>(
     io: T,
     conn: Arc<Conn>,
     s: &Settings,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-) where
+) -> impl Future<Output = ()>
+where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity {
@@ -189,14 +195,13 @@ pub(super) async fn serve<T>(
         activity: activity.clone(),
     };
     drive(
-        builder(s).serve_connection(TokioIo::new(io), svc),
+        Box::pin(builder(s).serve_connection(TokioIo::new(io), svc)),
         |c| c.graceful_shutdown(),
-        &activity,
+        activity,
         s.idle_timeout,
         send_timeout,
         shutdown,
     )
-    .await;
 }
 
 /// Runs a connection to completion, closing it gracefully when it has been
@@ -204,9 +209,9 @@ pub(super) async fn serve<T>(
 /// has found the socket full for `send`; every `send / 2` it sweeps the
 /// response bodies whose client has granted no window for `send`.
 async fn drive<C, T, E>(
-    conn: C,
+    mut conn: Pin<Box<C>>,
     graceful: impl Fn(Pin<&mut C>),
-    activity: &Activity,
+    activity: Arc<Activity>,
     idle: Duration,
     send: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -214,7 +219,6 @@ async fn drive<C, T, E>(
     C: Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
-    let mut conn = std::pin::pin!(conn);
     let mut closing = false;
     // Once GOAWAY is sent, how long a connection with nothing in flight
     // may wait for the client's side of the graceful close (hyper's second
