@@ -85,8 +85,8 @@ struct Args {
     /// machine.
     #[arg(long)]
     instructions: bool,
-    /// Before the rounds, open this many keep-alive connections to each
-    /// fresh proxy one by one (one request each, left open) and report its
+    /// Before the rounds, open this many keep-alive connections to a fresh
+    /// process of each proxy one by one (one request each, left open) and report its
     /// memory per idle connection; 0 skips it. Memory grows in 2 MiB
     /// steps for the gateway (transparent huge pages): keep it in the
     /// thousands.
@@ -344,9 +344,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         }
         return count_instructions(&subjects, dir.path(), load, cpu, &target_dir);
     }
-    let mut targets = Vec::new();
-    for (kind, label) in &kinds {
-        let proxy = match *kind {
+    // The proxy of each kind on its address (none for `direct`).
+    let start = |kind: Kind| -> anyhow::Result<Option<Server>> {
+        Ok(match kind {
             Kind::Direct => None,
             Kind::Gateway => Some(peers::gateway(
                 "gateway",
@@ -371,7 +371,27 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 backend.addr,
                 cpu,
             )?),
-        };
+        })
+    };
+
+    // Memory per idle connection, on a process of its own that is stopped
+    // before the rounds: one that has served load keeps the memory it
+    // freed and new connections would reuse it unseen, and the rounds'
+    // peak RSS stays theirs.
+    let mut idle_bytes = BTreeMap::new();
+    if args.idle_connections > 0 {
+        for (kind, label) in &kinds {
+            let Some(p) = start(*kind)? else { continue };
+            proc::probe(p.addr).with_context(|| format!("{label} does not answer"))?;
+            let b = idle::bytes_per_connection(p.measured_pid, p.addr, args.idle_connections)
+                .with_context(|| format!("idle connections to {label}"))?;
+            idle_bytes.insert(label.clone(), b);
+        }
+    }
+
+    let mut targets = Vec::new();
+    for (kind, label) in &kinds {
+        let proxy = start(*kind)?;
         let addr = proxy.as_ref().map_or(backend.addr, |s| s.addr);
         proc::probe(addr).with_context(|| format!("{label} does not answer"))?;
         targets.push(Target {
@@ -382,18 +402,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         });
     }
 
-    // Before any load: a process that has served load keeps the memory it
-    // freed, and new connections would reuse it unseen.
-    let mut idle_bytes = BTreeMap::new();
-    if args.idle_connections > 0 {
-        for t in &targets {
-            if let Some(p) = &t.proxy {
-                let b = idle::bytes_per_connection(p.measured_pid, p.addr, args.idle_connections)
-                    .with_context(|| format!("idle connections to {}", t.label))?;
-                idle_bytes.insert(t.label.clone(), b);
-            }
-        }
-    }
     eprintln!("bench: warming up ({}s per target)", args.warmup);
     for t in &targets {
         wrk::run(
