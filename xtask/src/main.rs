@@ -42,6 +42,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The `http` bench's floor proxy (see xtask/src/bench/http/floor.rs).
+    #[command(hide = true)]
+    FloorPump {
+        listen: std::net::SocketAddr,
+        backend: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,6 +73,7 @@ fn real_main() -> anyhow::Result<()> {
             setup::all()?;
             bench::run(&what, &args)
         }
+        Task::FloorPump { listen, backend } => bench::floor_pump(listen, backend),
     }
 }
 

@@ -14,6 +14,7 @@
 //! `gateway/nginx: rps X.XX p99 Y.YY`. Raw results go to `target/bench/`.
 //! See docs/bench.md.
 
+pub(super) mod floor;
 mod idle;
 mod instructions;
 mod peers;
@@ -72,7 +73,7 @@ struct Args {
     /// May be given more than once.
     #[arg(long, value_name = "GATEWAY_BINARY")]
     compare_with: Vec<PathBuf>,
-    /// Targets to measure (direct, gateway, nginx); all by default.
+    /// Targets to measure (direct, gateway, nginx, floor); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// After the rounds, count each server's syscalls per request with
@@ -110,14 +111,17 @@ enum Kind {
     Direct,
     Gateway,
     Nginx,
+    /// The floor proxy (`floor.rs`): no HTTP work, the bed's ceiling.
+    Floor,
     /// The n-th `--compare-with` binary.
     Baseline(usize),
 }
 
-const FIXED: [(Kind, &str); 3] = [
+const FIXED: [(Kind, &str); 4] = [
     (Kind::Direct, "direct"),
     (Kind::Gateway, "gateway"),
     (Kind::Nginx, "nginx"),
+    (Kind::Floor, "floor"),
 ];
 
 /// A target: where wrk sends load and which processes we watch.
@@ -197,6 +201,7 @@ struct Results<'a> {
     runs: &'a [Run],
     summary: &'a [Summary],
     gateway_over_nginx: Option<Ratio>,
+    floor_over_nginx: Option<Ratio>,
     gateway_over_baselines: BTreeMap<String, Ratio>,
     /// `--syscalls`: by target, the measured process's syscalls per request
     /// (the backend's for `direct`).
@@ -220,7 +225,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     for o in &args.only {
         if !FIXED.iter().any(|(_, l)| l == o) {
-            bail!("unknown target {o:?} in --only: expected direct, gateway or nginx");
+            bail!("unknown target {o:?} in --only: expected direct, gateway, nginx or floor");
         }
     }
     let mut kinds: Vec<(Kind, String)> = FIXED
@@ -280,7 +285,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
 
     let dir = proc::TempDir::new("gateway-bench")?;
-    let addrs = proc::free_ports(3 + baseline_bins.len())?;
+    let addrs = proc::free_ports(4 + baseline_bins.len())?;
     let cpu = args.server_cpu;
     eprintln!(
         "bench: servers on cpu {cpu}, wrk -t{} -c{} -d{secs}s on cpu {}; {rounds} round(s); work dir {}",
@@ -306,10 +311,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let mut subjects = Vec::new();
         for (kind, label) in &kinds {
             let (program, args_, addr) = match *kind {
-                Kind::Direct => continue,
+                Kind::Direct | Kind::Floor => continue,
                 Kind::Gateway | Kind::Baseline(_) => {
                     let (bin, addr) = match *kind {
-                        Kind::Baseline(i) => (baseline_bins[i].clone(), addrs[3 + i]),
+                        Kind::Baseline(i) => (baseline_bins[i].clone(), addrs[4 + i]),
                         _ => (gateway_bin.clone(), addrs[1]),
                     };
                     let conf = peers::gateway_conf(label, dir.path(), addr, backend.addr)?;
@@ -363,11 +368,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 args.connections,
                 cpu,
             )?),
+            Kind::Floor => Some(peers::floor(dir.path(), addrs[3], backend.addr, cpu)?),
             Kind::Baseline(i) => Some(peers::gateway(
                 &format!("baseline{}", i + 1),
                 &baseline_bins[i],
                 dir.path(),
-                addrs[3 + i],
+                addrs[4 + i],
                 backend.addr,
                 cpu,
             )?),
@@ -380,7 +386,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     // peak RSS stays theirs.
     let mut idle_bytes = BTreeMap::new();
     if args.idle_connections > 0 {
-        for (kind, label) in &kinds {
+        for (kind, label) in kinds.iter().filter(|(k, _)| *k != Kind::Floor) {
             let Some(p) = start(*kind)? else { continue };
             proc::probe(p.addr).with_context(|| format!("{label} does not answer"))?;
             let b = idle::bytes_per_connection(p.measured_pid, p.addr, args.idle_connections)
@@ -534,6 +540,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let over_nginx = find(Kind::Gateway)
         .zip(find(Kind::Nginx))
         .map(|(g, n)| ratio(g, n));
+    let floor_over_nginx = find(Kind::Floor)
+        .zip(find(Kind::Nginx))
+        .map(|(f, n)| ratio(f, n));
     let over_baselines: BTreeMap<String, Ratio> = match find(Kind::Gateway) {
         Some(g) => summary
             .iter()
@@ -561,6 +570,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         runs: &runs,
         summary: &summary,
         gateway_over_nginx: over_nginx,
+        floor_over_nginx,
         gateway_over_baselines: over_baselines.clone(),
         syscalls_per_request: &syscall_counts,
         idle_connection_bytes: &idle_bytes,
@@ -577,6 +587,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             r.p99,
             r.cpu_per_request
                 .map_or_else(|| "-".to_string(), |c| format!("{c:.2}"))
+        );
+    }
+    if let Some(r) = floor_over_nginx {
+        println!(
+            "floor/nginx: rps {:.2} p99 {:.2} (the most any proxy reaches on this bed)",
+            r.rps, r.p99
         );
     }
     if let Some(r) = over_nginx {

@@ -20,6 +20,14 @@ pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
     }
 }
 
+/// The `http` bench's floor proxy, run as a process of its own.
+pub fn floor_pump(
+    listen: std::net::SocketAddr,
+    backend: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    http::floor::serve(listen, backend)
+}
+
 /// Builds the release gateway and the test binaries (demo backend) the
 /// benches run.
 fn build_release() -> anyhow::Result<()> {

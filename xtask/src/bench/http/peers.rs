@@ -178,6 +178,29 @@ pub fn gateway(
     })
 }
 
+/// The floor proxy (`floor.rs`): this xtask binary, re-run as
+/// `xtask floor-pump ADDR BACKEND`.
+pub fn floor(
+    dir: &Path,
+    addr: SocketAddr,
+    backend: SocketAddr,
+    cpu: usize,
+) -> anyhow::Result<Server> {
+    let exe = std::env::current_exe().context("cannot find the xtask binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("floor-pump")
+        .arg(addr.to_string())
+        .arg(backend.to_string());
+    let mut proc = Proc::spawn("floor", cmd, cpu, &dir.join("floor.log"))?;
+    proc.wait_ready(addr, false, READY)?;
+    let measured_pid = proc.pid();
+    Ok(Server {
+        proc,
+        addr,
+        measured_pid,
+    })
+}
+
 /// Writes the gateway's configuration for `gateway` and returns its path.
 pub fn gateway_conf(
     name: &str,
