@@ -250,6 +250,27 @@ fn bad_trusted_proxy() {
 }
 
 #[test]
+fn upstream_http2_keepalive_needs_http2_and_positive_times() {
+    let (code, out) = check(&BASE.replace(
+        "targets = [\"127.0.0.1:9000\"]\n",
+        "targets = [\"127.0.0.1:9000\"]\nhttp2_keepalive_interval = \"0s\"\n",
+    ));
+    assert_eq!(code, 2);
+    assert_eq!(
+        out,
+        [
+            "F:5:8: upstream \"be\": http2_keepalive_interval needs protocol = \"http2\"",
+            "F:5:8: upstream \"be\": http2_keepalive_interval must be positive",
+        ]
+    );
+    let (code, out) = check(&BASE.replace(
+        "targets = [\"127.0.0.1:9000\"]\n",
+        "targets = [\"127.0.0.1:9000\"]\nprotocol = \"http2\"\nhttp2_keepalive_interval = \"30s\"\nhttp2_keepalive_timeout = \"10s\"\n",
+    ));
+    assert_eq!(code, 0, "{out:?}");
+}
+
+#[test]
 fn zero_http2_streams() {
     let (code, out) = check(&BASE.replace(
         "listen = \"127.0.0.1:8080\"\n",

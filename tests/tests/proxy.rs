@@ -406,6 +406,65 @@ async fn an_idle_http2_upstream_connection_is_let_go() {
     assert_eq!(b2.connections(), 2);
 }
 
+/// An HTTP/2 backend that hangs once it has a request: the handshake
+/// done, its connection is never polled again, so it answers neither the
+/// request nor PINGs (a frozen process, or a host gone behind a live
+/// middlebox). Returns its address and the count of connections accepted.
+async fn hung_http2_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let first = conn.accept().await;
+                std::future::pending::<()>().await;
+                drop((conn, first));
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_that_stops_answering_pings_is_let_go() {
+    // With keep-alive PINGs, a request on a hung connection fails when its
+    // PING goes unanswered (well before the 10 s timeout), and the next
+    // request dials a new connection.
+    let (backend, accepted) = hung_http2_backend().await;
+    let (gw, port) = h2_gateway(
+        backend,
+        "timeout = \"10s\"\nretry = { max_retries = 0 }\nhttp2_keepalive_interval = \"300ms\"\nhttp2_keepalive_timeout = \"300ms\"",
+    );
+    let url = format!("http://127.0.0.1:{port}/x");
+    let started = std::time::Instant::now();
+    let r = client::get(&url).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 502, "{}", gw.stderr());
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    let r = client::get(&url).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // Without PINGs the same request waits for the upstream timeout.
+    let (backend, _) = hung_http2_backend().await;
+    let (gw, port) = h2_gateway(backend, "timeout = \"1500ms\"\nretry = { max_retries = 0 }");
+    let started = std::time::Instant::now();
+    let r = client::get(&format!("http://127.0.0.1:{port}/x")).await;
+    assert_eq!(r.status, 504, "{}", gw.stderr());
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_response() {
     let b = Backend::start("one").await;

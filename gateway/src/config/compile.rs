@@ -110,6 +110,31 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
                 .map(|d| d.name.get_ref().as_str());
             crate::upstream::tls::compile(&base, t, u.protocol, dns_name, &mut problems)
         });
+        let http2_keepalive = u
+            .http2_keepalive_interval
+            .as_ref()
+            .map(|i| (i.0, u.http2_keepalive_timeout.0));
+        if let Some((interval, timeout)) = http2_keepalive {
+            if u.protocol != super::file::UpstreamProtocol::Http2 {
+                problems.push(Problem::at(
+                    u.name.span(),
+                    format!(
+                        "upstream {name:?}: http2_keepalive_interval needs protocol = \"http2\""
+                    ),
+                ));
+            }
+            for (key, d) in [
+                ("http2_keepalive_interval", interval),
+                ("http2_keepalive_timeout", timeout),
+            ] {
+                if d.is_zero() {
+                    problems.push(Problem::at(
+                        u.name.span(),
+                        format!("upstream {name:?}: {key} must be positive"),
+                    ));
+                }
+            }
+        }
         upstreams.push(UpstreamConfig {
             name: name.into(),
             tls,
@@ -119,6 +144,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             timeout: u.timeout.0,
             pool_idle_timeout: u.pool_idle_timeout.0,
             pool_max_idle_per_target: u.pool_max_idle_per_target,
+            http2_keepalive,
             settings,
         });
     }

@@ -343,6 +343,13 @@ pub struct Upstream {
     pub pool_idle_timeout: Secs,
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_target: usize,
+    /// HTTP/2 upstreams: PING a connection that has received nothing for
+    /// this long; one not answered within `http2_keepalive_timeout` closes
+    /// it (its streams fail, the next request dials anew).
+    #[serde(default)]
+    pub http2_keepalive_interval: Option<Secs>,
+    #[serde(default = "default_http2_keepalive_timeout")]
+    pub http2_keepalive_timeout: Secs,
     /// How a target is chosen (see `upstream::balance`).
     #[serde(default)]
     pub balance: up::Balance,

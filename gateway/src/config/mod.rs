@@ -101,6 +101,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_target: usize,
+    /// HTTP/2 keep-alive PINGs: interval and timeout.
+    pub http2_keepalive: Option<(Duration, Duration)>,
     /// Balancing, health, discovery, breaker, retries, limits.
     pub settings: crate::upstream::config::UpstreamSettings,
 }

@@ -66,6 +66,8 @@ pub struct Conns {
     connect_timeout: Duration,
     /// `pool_idle_timeout`.
     idle_timeout: Duration,
+    /// PING interval and timeout (`http2_keepalive_*`).
+    keepalive: Option<(Duration, Duration)>,
     /// By target and worker.
     by_target: Mutex<HashMap<(Authority, usize), Arc<Slot>>>,
 }
@@ -166,6 +168,7 @@ impl Conns {
             tls: config.tls.clone(),
             connect_timeout: config.connect_timeout,
             idle_timeout: config.pool_idle_timeout,
+            keepalive: config.http2_keepalive,
             by_target: Mutex::new(HashMap::new()),
         }
     }
@@ -255,9 +258,16 @@ impl Conns {
         addr: &Authority,
     ) -> Result<(SendRequest<Body>, u64), Error> {
         let io = conn::open(addr, self.connect_timeout, self.tls.as_ref()).await?;
-        let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(io));
+        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        if let Some((interval, timeout)) = self.keepalive {
+            // Idle too: a dead peer is found before a request meets it.
+            builder
+                .keep_alive_interval(interval)
+                .keep_alive_timeout(timeout)
+                .keep_alive_while_idle(true);
+        }
+        let handshake = builder.handshake(TokioIo::new(io));
         let (sender, connection) = tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| Error::Connect(ConnectError::Timeout(self.connect_timeout)))?
