@@ -250,10 +250,10 @@ fn bad_trusted_proxy() {
 }
 
 #[test]
-fn upstream_http2_keepalive_needs_http2_and_positive_times() {
+fn upstream_http2_settings_are_checked() {
     let (code, out) = check(&BASE.replace(
         "targets = [\"127.0.0.1:9000\"]\n",
-        "targets = [\"127.0.0.1:9000\"]\nhttp2_keepalive_interval = \"0s\"\n",
+        "targets = [\"127.0.0.1:9000\"]\nhttp2_keepalive_interval = \"0s\"\nhttp2_max_concurrent_streams = 0\n",
     ));
     assert_eq!(code, 2);
     assert_eq!(
@@ -261,6 +261,7 @@ fn upstream_http2_keepalive_needs_http2_and_positive_times() {
         [
             "F:5:8: upstream \"be\": http2_keepalive_interval needs protocol = \"http2\"",
             "F:5:8: upstream \"be\": http2_keepalive_interval must be positive",
+            "F:5:8: upstream \"be\": http2_max_concurrent_streams must be positive",
         ]
     );
     let (code, out) = check(&BASE.replace(

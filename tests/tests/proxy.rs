@@ -466,6 +466,67 @@ async fn an_http2_upstream_that_stops_answering_pings_is_let_go() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_beyond_a_connections_limit_go_on_another_connection() {
+    // A backend that allows 2 streams per connection and answers each after
+    // 700 ms. Six requests at once: with at most 2 streams per connection
+    // the gateway dials 3 connections and all answer together, instead of
+    // queueing in waves behind the backend's limit (2.1 s on one
+    // connection).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .max_concurrent_streams(2)
+                    .handshake::<_, Bytes>(tcp)
+                    .await
+                else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(700)).await;
+                        let resp = http::Response::builder()
+                            .status(200)
+                            .body(())
+                            .expect("response");
+                        let _ = respond.send_response(resp, true);
+                    });
+                }
+            });
+        }
+    });
+    let (gw, port) = h2_gateway(
+        backend,
+        "http2_max_concurrent_streams = 2\nretry = { max_retries = 0 }",
+    );
+    let url = format!("http://127.0.0.1:{port}/x");
+    let wave = |n: usize| {
+        (0..n)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { client::get(&url).await.status })
+            })
+            .collect::<Vec<_>>()
+    };
+    let started = std::time::Instant::now();
+    let answers = statuses_of(wave(6)).await;
+    let took = started.elapsed();
+    assert_eq!(answers, [200; 6], "{}", gw.stderr());
+    assert!(took < Duration::from_millis(1_300), "took {took:?}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    // Their streams done, the same connections take the next requests.
+    assert_eq!(statuses_of(wave(4)).await, [200; 4]);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_response() {
     let b = Backend::start("one").await;
     let b2 = Backend::start("two").await;

@@ -135,6 +135,12 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
                 }
             }
         }
+        if u.http2_max_concurrent_streams == 0 {
+            problems.push(Problem::at(
+                u.name.span(),
+                format!("upstream {name:?}: http2_max_concurrent_streams must be positive"),
+            ));
+        }
         upstreams.push(UpstreamConfig {
             name: name.into(),
             tls,
@@ -145,6 +151,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             pool_idle_timeout: u.pool_idle_timeout.0,
             pool_max_idle_per_target: u.pool_max_idle_per_target,
             http2_keepalive,
+            http2_max_concurrent_streams: u.http2_max_concurrent_streams,
             settings,
         });
     }

@@ -350,6 +350,10 @@ pub struct Upstream {
     pub http2_keepalive_interval: Option<Secs>,
     #[serde(default = "default_http2_keepalive_timeout")]
     pub http2_keepalive_timeout: Secs,
+    /// HTTP/2 upstreams: streams in flight on one connection to a target
+    /// (per worker) before another connection is dialed.
+    #[serde(default = "default_upstream_http2_streams")]
+    pub http2_max_concurrent_streams: usize,
     /// How a target is chosen (see `upstream::balance`).
     #[serde(default)]
     pub balance: up::Balance,
@@ -550,6 +554,10 @@ fn default_idle_timeout() -> Secs {
 fn default_send_timeout() -> Secs {
     Secs(Duration::from_secs(60))
 }
+fn default_upstream_http2_streams() -> usize {
+    100
+}
+
 fn default_http2_keepalive_timeout() -> Secs {
     Secs(Duration::from_secs(20))
 }

@@ -103,6 +103,8 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_target: usize,
     /// HTTP/2 keep-alive PINGs: interval and timeout.
     pub http2_keepalive: Option<(Duration, Duration)>,
+    /// HTTP/2: streams in flight on one connection before another is dialed.
+    pub http2_max_concurrent_streams: usize,
     /// Balancing, health, discovery, breaker, retries, limits.
     pub settings: crate::upstream::config::UpstreamSettings,
 }

@@ -3,7 +3,7 @@
 //! worker thread, so a request takes the most recently used connection of
 //! the target the balancer chose, made on its own runtime, with one
 //! uncontended lock and without a pool-wide map keyed by address. (HTTP/2
-//! upstreams, which multiplex, have one connection per target instead:
+//! upstreams, which multiplex, keep their own per target instead:
 //! `h2`.)
 //!
 //! A connection goes back to its list when the response body has been read

@@ -1,14 +1,19 @@
-//! HTTP/2 upstream connections: one multiplexed connection per target and
+//! HTTP/2 upstream connections: multiplexed connections per target and
 //! worker (hyper's connection-level client over `conn::open`, so plain h2c
 //! or TLS with ALPN `h2`; made on the worker's own runtime, as the HTTP/1.1
-//! pools are), dialed on the first request and again after the last one
-//! closed (the upstream's GOAWAY, an error) or sat idle for
-//! `pool_idle_timeout`. Every request names its own host as `:authority`
-//! (RFC 9113 §8.3.1) on that connection: connections are per target and
-//! worker, never per host, so clients choosing hosts cannot make the
-//! gateway open more of them.
+//! pools are). A request takes the oldest connection with fewer than
+//! `http2_max_concurrent_streams` streams in flight, and another connection
+//! is dialed when none has room (as Envoy's pool does when a connection is
+//! at its stream limit), so long-lived streams (gRPC streaming) cannot keep
+//! new requests waiting; a connection is let go once it has closed (the
+//! upstream's GOAWAY, an error, a PING unanswered) or no request started on
+//! it for `pool_idle_timeout`. Every request names its own host as
+//! `:authority` (RFC 9113 §8.3.1): connections are per target and worker,
+//! never per host, so clients choosing hosts cannot make the gateway open
+//! more of them.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -68,17 +73,19 @@ pub struct Conns {
     idle_timeout: Duration,
     /// PING interval and timeout (`http2_keepalive_*`).
     keepalive: Option<(Duration, Duration)>,
+    /// Streams in flight on one connection before another is dialed.
+    max_streams: usize,
     /// By target and worker.
     by_target: Mutex<HashMap<(Authority, usize), Arc<Slot>>>,
 }
 
-/// One target's connection on one worker.
+/// One target's connections on one worker.
 #[derive(Default)]
 struct Slot {
-    /// The connection, when a request last started on it, and its number.
-    live: Mutex<Option<(SendRequest<Body>, Instant, u64)>>,
+    /// Its connections, oldest first.
+    live: Mutex<Vec<Live>>,
     /// Connections dialed so far (the next one's number).
-    dialed: std::sync::atomic::AtomicU64,
+    dialed: AtomicU64,
     /// Held while dialing, so that requests arriving meanwhile wait for
     /// that connection instead of each dialing its own.
     dialing: tokio::sync::Mutex<()>,
@@ -87,6 +94,35 @@ struct Slot {
     /// (a target that drops SYNs would hold the n-th for n connect
     /// timeouts).
     failures: Mutex<(u64, Option<Failed>)>,
+}
+
+/// One connection of a slot.
+struct Live {
+    sender: SendRequest<Body>,
+    /// When a request last started on it.
+    used: Instant,
+    /// Its number (`Slot::dialed` when it was made).
+    n: u64,
+    /// Its streams in flight.
+    streams: Arc<AtomicUsize>,
+}
+
+/// A stream's place on its connection, given back when dropped (with the
+/// response body, or at once when the exchange failed).
+#[derive(Debug)]
+pub struct Stream(Arc<AtomicUsize>);
+
+impl Stream {
+    fn new(streams: &Arc<AtomicUsize>) -> Stream {
+        streams.fetch_add(1, Ordering::Relaxed);
+        Stream(streams.clone())
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How a dial failed, kept for the requests that waited on it.
@@ -127,33 +163,33 @@ impl Slot {
             .clone()
     }
 
-    /// The connection, unless it has closed or no request started on it
-    /// for `idle` (a firewall or NAT may have forgotten it silently: a
-    /// request on it would wait for its timeout). A connection let go
-    /// finishes its streams in flight, then closes.
-    fn current(&self, idle: Duration) -> Option<(SendRequest<Body>, u64)> {
+    /// The oldest connection with room for another stream, with that
+    /// stream's place taken. Connections that have closed or on which no
+    /// request started for `idle` (a firewall or NAT may have forgotten
+    /// them silently: a request on one would wait for its timeout) are let
+    /// go first; one let go finishes its streams in flight, then closes.
+    fn current(
+        &self,
+        idle: Duration,
+        max_streams: usize,
+    ) -> Option<(SendRequest<Body>, u64, Stream)> {
         let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        match live.as_mut() {
-            Some((s, used, n)) if !s.is_closed() && now.duration_since(*used) <= idle => {
-                *used = now;
-                Some((s.clone(), *n))
-            }
-            _ => {
-                *live = None;
-                None
-            }
-        }
+        live.retain(|l| !l.sender.is_closed() && now.duration_since(l.used) <= idle);
+        let l = live
+            .iter_mut()
+            .find(|l| l.streams.load(Ordering::Relaxed) < max_streams)?;
+        l.used = now;
+        Some((l.sender.clone(), l.n, Stream::new(&l.streams)))
     }
 
-    /// Lets connection `n` go, if it is still the current one: it refused a
-    /// request unprocessed (it is going away), and the retry must not meet
-    /// it again.
+    /// Lets connection `n` go: it refused a request unprocessed (it is
+    /// going away), and the retry must not meet it again.
     fn forget(&self, n: u64) {
-        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        if live.as_ref().is_some_and(|l| l.2 == n) {
-            *live = None;
-        }
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|l| l.n != n);
     }
 }
 
@@ -169,6 +205,7 @@ impl Conns {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.pool_idle_timeout,
             keepalive: config.http2_keepalive,
+            max_streams: config.http2_max_concurrent_streams,
             by_target: Mutex::new(HashMap::new()),
         }
     }
@@ -179,22 +216,23 @@ impl Conns {
     }
 
     /// Sends `req` (its URI absolute: the scheme, the request's host, the
-    /// path) to the target at `addr`.
+    /// path) to the target at `addr`. The response comes with its stream's
+    /// place on the connection, to be kept until its body is done.
     pub async fn send(
         &self,
         addr: &Authority,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<(Response<Incoming>, Stream), Error> {
         let slot = self.slot(addr);
         let mut req = req;
         let mut first = true;
         loop {
-            let (mut sender, n) = match slot.current(self.idle_timeout) {
+            let (mut sender, n, stream) = match slot.current(self.idle_timeout, self.max_streams) {
                 Some(s) => s,
                 None => self.dial(&slot, addr).await?,
             };
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => return Ok((resp, stream)),
                 Err(mut e) => {
                     let unsent = e.take_message();
                     let err = Error::Request(e.into_error());
@@ -235,10 +273,14 @@ impl Conns {
             .clone()
     }
 
-    async fn dial(&self, slot: &Slot, addr: &Authority) -> Result<(SendRequest<Body>, u64), Error> {
+    async fn dial(
+        &self,
+        slot: &Slot,
+        addr: &Authority,
+    ) -> Result<(SendRequest<Body>, u64, Stream), Error> {
         let failures_before = slot.failures().0;
         let _one = slot.dialing.lock().await;
-        if let Some(s) = slot.current(self.idle_timeout) {
+        if let Some(s) = slot.current(self.idle_timeout, self.max_streams) {
             return Ok(s);
         }
         if let (n, Some(failed)) = slot.failures()
@@ -256,7 +298,7 @@ impl Conns {
         &self,
         slot: &Slot,
         addr: &Authority,
-    ) -> Result<(SendRequest<Body>, u64), Error> {
+    ) -> Result<(SendRequest<Body>, u64, Stream), Error> {
         let io = conn::open(addr, self.connect_timeout, self.tls.as_ref()).await?;
         let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new());
@@ -278,11 +320,18 @@ impl Conns {
                 tracing::debug!(%target, "HTTP/2 upstream connection ended: {e}");
             }
         });
-        let n = slot
-            .dialed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        *slot.live.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some((sender.clone(), Instant::now(), n));
-        Ok((sender, n))
+        let n = slot.dialed.fetch_add(1, Ordering::Relaxed);
+        let streams = Arc::new(AtomicUsize::new(0));
+        let stream = Stream::new(&streams);
+        slot.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Live {
+                sender: sender.clone(),
+                used: Instant::now(),
+                n,
+                streams,
+            });
+        Ok((sender, n, stream))
     }
 }

@@ -59,7 +59,7 @@ pub struct Pool {
     pub config: UpstreamConfig,
     set: ArcSwap<TargetSet>,
     next: AtomicUsize,
-    /// HTTP/2 upstreams: one multiplexed connection per target and worker
+    /// HTTP/2 upstreams: multiplexed connections per target and worker
     /// (`h2`).
     /// HTTP/1.1 upstreams use `conn`'s per-target pools.
     h2: Option<h2::Conns>,
@@ -96,11 +96,12 @@ pub struct Held {
     pub pool_slot: Option<OwnedSemaphorePermit>,
 }
 
-/// An upstream response body: hyper's (HTTP/2), or read by the gateway's
-/// own HTTP/1.1 client (which gives its connection back when done).
+/// An upstream response body: hyper's (HTTP/2, holding its stream's place
+/// on the connection), or read by the gateway's own HTTP/1.1 client (which
+/// gives its connection back when done).
 #[derive(Debug)]
 pub enum UpstreamBody {
-    Hyper(Incoming),
+    H2(Incoming, h2::Stream),
     H1(h1::H1Body),
 }
 
@@ -113,7 +114,7 @@ impl http_body::Body for UpstreamBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BodyError>>> {
         match self.get_mut() {
-            UpstreamBody::Hyper(b) => std::pin::Pin::new(b)
+            UpstreamBody::H2(b, _) => std::pin::Pin::new(b)
                 .poll_frame(cx)
                 .map_err(BodyError::from),
             UpstreamBody::H1(b) => std::pin::Pin::new(b)
@@ -124,14 +125,14 @@ impl http_body::Body for UpstreamBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::H2(b, _) => b.is_end_stream(),
             UpstreamBody::H1(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
-            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::H2(b, _) => b.size_hint(),
             UpstreamBody::H1(b) => b.size_hint(),
         }
     }
@@ -455,7 +456,7 @@ impl Pool {
                     Some(u) => uploading(timeout, u, conns.send(&target.addr, r)).await,
                 }
                 .map(|r| {
-                    r.map(|resp| resp.map(UpstreamBody::Hyper))
+                    r.map(|(resp, stream)| resp.map(|b| UpstreamBody::H2(b, stream)))
                         .map_err(TryError::H2)
                 })
             }
