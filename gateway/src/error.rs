@@ -48,6 +48,9 @@ pub enum ErrorKind {
     Overloaded,
     /// The upstream did not answer in time.
     UpstreamTimeout,
+    /// The client closed its connection before the response (logged as
+    /// `499`, as nginx does; nothing is sent).
+    ClientClosed,
     /// A bug or resource problem inside the gateway.
     Internal,
 }
@@ -66,7 +69,7 @@ impl ErrorKind {
         match self {
             BadRequest | Unauthorized | AuthRedirect(_) | AuthDenied(_) | Forbidden | NoRoute
             | MethodNotAllowed | RequestTimeout | PayloadTooLarge | Unprocessable
-            | TooManyRequests | HeadersTooLarge => Side::Downstream,
+            | TooManyRequests | HeadersTooLarge | ClientClosed => Side::Downstream,
             UpstreamConnect | UpstreamProtocol | NoUpstream | CircuitOpen | Overloaded
             | UpstreamTimeout => Side::Upstream,
             Internal => Side::Internal,
@@ -100,6 +103,7 @@ impl ErrorKind {
             CircuitOpen => "circuit_open",
             Overloaded => "overloaded",
             UpstreamTimeout => "upstream_timeout",
+            ClientClosed => "client_closed",
             Internal => "internal",
         }
     }

@@ -31,6 +31,8 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         UpstreamConnect | UpstreamProtocol => StatusCode::BAD_GATEWAY,
         NoUpstream | CircuitOpen | Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        // nginx's code for it; never sent.
+        ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -53,6 +55,7 @@ fn title_of(kind: ErrorKind) -> &'static str {
         UpstreamConnect | UpstreamProtocol => "Bad Gateway",
         NoUpstream | CircuitOpen | Overloaded => "Service Unavailable",
         UpstreamTimeout => "Gateway Timeout",
+        ClientClosed => "Client Closed Request",
         Internal => "Internal Server Error",
     }
 }

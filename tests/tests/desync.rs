@@ -33,7 +33,10 @@ const SEEDS: &[&str] = &[
 ];
 
 /// The gateway with one worker, one listener (its address is returned)
-/// and `upstreams_and_routes`.
+/// and `upstreams_and_routes`. Its clients send whole streams and then
+/// close their sending side, expecting answers to what they sent, so the
+/// listener keeps serving half-closed clients (`ignore_client_abort`; by
+/// default such a request is given up, see `client_abort.rs`).
 fn gateway(upstreams_and_routes: &str) -> (Gateway, String) {
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
@@ -51,6 +54,7 @@ enabled = false
 name = "main"
 listen = "{listen}"
 header_read_timeout = "2s"
+ignore_client_abort = true
 {upstreams_and_routes}"#
         ),
         &admin,

@@ -527,6 +527,73 @@ async fn http2_streams_beyond_a_connections_limit_go_on_another_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_whose_client_left_gives_its_place_back() {
+    // One stream per connection. The first response never ends; its client
+    // leaves after the head. Its stream's place is given back with the
+    // response body, so the next request goes on the same connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let endless = req.uri().path() == "/endless";
+                    let resp = http::Response::builder()
+                        .status(200)
+                        .body(())
+                        .expect("response");
+                    let Ok(mut body) = respond.send_response(resp, false) else {
+                        continue;
+                    };
+                    let _ = body.send_data(Bytes::from_static(b"first"), !endless);
+                    if endless {
+                        // Held open until the gateway resets the stream.
+                        tokio::spawn(async move {
+                            let _ = std::future::poll_fn(|cx| body.poll_reset(cx)).await;
+                        });
+                    }
+                }
+            });
+        }
+    });
+    let (gw, port) = h2_gateway(
+        backend,
+        "http2_max_concurrent_streams = 1\nretry = { max_retries = 0 }",
+    );
+    let listen = format!("127.0.0.1:{port}");
+    let head = tokio::task::spawn_blocking({
+        let listen = listen.clone();
+        move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(&listen).expect("connect");
+            s.write_all(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("write");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).expect("read");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+            // The client leaves here, mid-body.
+        }
+    })
+    .await
+    .expect("client");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{}", gw.stderr());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = client::get(&format!("http://{listen}/next")).await;
+    assert_eq!(r.status, 200, "{}", gw.stderr());
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_response() {
     let b = Backend::start("one").await;
     let b2 = Backend::start("two").await;

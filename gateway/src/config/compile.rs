@@ -398,6 +398,7 @@ pub(super) fn compile(path: &Path, f: &File) -> Result<Config, Vec<Problem>> {
             body_read_timeout: l.body_read_timeout.0,
             request_timeout: l.request_timeout.as_ref().map(|t| t.0),
             send_timeout: l.send_timeout.0,
+            ignore_client_abort: l.ignore_client_abort,
 
             max_header_bytes,
             max_headers: l.max_headers,

@@ -232,6 +232,11 @@ pub struct Listener {
     /// Longest pause allowed while the client takes a response (HTTP/1.1).
     #[serde(default = "default_send_timeout")]
     pub send_timeout: Secs,
+    /// HTTP/1.1: keep serving a request whose client closed its side of the
+    /// connection (nginx's `proxy_ignore_client_abort`); by default it is
+    /// given up, and its upstream exchange with it.
+    #[serde(default)]
+    pub ignore_client_abort: bool,
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: ByteSize,
     #[serde(default = "default_max_headers")]

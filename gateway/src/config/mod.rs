@@ -76,6 +76,8 @@ pub struct ListenerConfig {
     /// Longest a response waits for the client to take a write, or for the
     /// upstream's next body bytes.
     pub send_timeout: Duration,
+    /// Keep serving requests whose client closed its side (HTTP/1.1).
+    pub ignore_client_abort: bool,
 
     pub max_header_bytes: usize,
     pub max_headers: usize,

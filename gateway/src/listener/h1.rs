@@ -65,6 +65,10 @@ pub(super) struct Limits {
     pub idle_timeout: Duration,
     /// Longest a response write may wait for the client to take data.
     pub send_timeout: Duration,
+    /// Give a request up when its client closes its side of the connection
+    /// while the request waits for its response or its response for the
+    /// upstream (not `ignore_client_abort`).
+    pub watch_client: bool,
     /// Requests served before the connection is closed; 0: no limit.
     pub max_requests: u64,
     /// Hand an h2c prior-knowledge connection back to the caller.
@@ -96,6 +100,42 @@ struct Io<T> {
     continue_owed: &'static [u8],
     /// The interim response is written but not flushed yet.
     flush_owed: bool,
+    /// The client closed its side (or the connection failed) while its
+    /// request was being served: the request was given up.
+    aborted: bool,
+    /// The socket is being watched for the client leaving (`poll_gone`),
+    /// with `watch`'s waker.
+    armed: bool,
+    /// Made on the first watch and kept for the connection, with the waker
+    /// made of it.
+    watch: Option<(Arc<ClientWatch>, std::task::Waker)>,
+}
+
+/// The waker `poll_gone` leaves with the client socket: it notes that the
+/// socket had an event, then wakes the connection's task. Polls of the task
+/// for other reasons (the upstream) then cost `poll_gone` one atomic swap
+/// instead of another pass through tokio's registration.
+struct ClientWatch {
+    fired: std::sync::atomic::AtomicBool,
+    task: Mutex<Option<std::task::Waker>>,
+}
+
+impl std::task::Wake for ClientWatch {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(w) = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            w.wake_by_ref();
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,6 +368,9 @@ where
         body: Framing::Done,
         continue_owed: &[],
         flush_owed: false,
+        aborted: false,
+        armed: false,
+        watch: None,
     }));
     serve_io(io, conn, lim, shared, shutdown)
 }
@@ -448,6 +491,7 @@ where
         let meta = head.meta;
         let body = {
             let mut g = lock(&io);
+            g.armed = false;
             g.body = head.framing;
             if head.framing != Framing::Done && meta.expect_continue {
                 g.continue_owed = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -469,8 +513,18 @@ where
         // the pipeline's state (some 10 KiB, about half of what one costs
         // idle), but measured 3 to 8% more CPU per request (allocator churn
         // on blocks that size).
-        let resp = proxy::handle(&shared, &conn, req).await;
+        let resp = if lim.watch_client {
+            let gone = std::pin::pin!(std::future::poll_fn(|cx| poll_gone(&io, cx)));
+            proxy::handle(&shared, &conn, req, Some(gone)).await
+        } else {
+            proxy::handle(&shared, &conn, req, None).await
+        };
         served += 1;
+        if lock(&io).aborted {
+            // Given up (`499` in the log): nobody is left to answer.
+            metrics::counter!("gateway_client_aborts_total", "phase" => "waiting").increment(1);
+            return End::Closed;
+        }
 
         // 4. The response.
         // A request body not read to its end by now (answered without it,
@@ -485,7 +539,7 @@ where
                 || g.body != Framing::Done
                 || served == lim.max_requests
         };
-        let keep = match respond(&io, &mut out, resp, &meta, closing, lim.send_timeout).await {
+        let keep = match respond(&io, &mut out, resp, &meta, closing, &lim).await {
             Ok(keep) => keep,
             Err(e) => {
                 tracing::debug!(peer = %conn.peer, "writing a response failed: {e}");
@@ -503,6 +557,65 @@ where
         }
         idle_since = Instant::now();
     }
+}
+
+/// Ready once the client has closed its side of the connection (or the
+/// connection failed) while its request is served: then the request is
+/// given up, as nginx does unless `proxy_ignore_client_abort`. Watched only
+/// once the request body has been read whole and while nothing else is
+/// buffered: bytes that arrive meanwhile (a pipelined request) are kept for
+/// the next turn of the loop and end the watch. After the short read that
+/// took the request, tokio has cleared the socket's readiness, so watching
+/// costs no system call until something arrives.
+///
+/// The socket is polled with a `ClientWatch` waker: until the socket has an
+/// event, later polls of the task (for the upstream's sake) find the watch
+/// armed and not fired, and return at once.
+fn poll_gone<T: AsyncRead + Unpin>(io: &Mutex<Io<T>>, cx: &mut Context<'_>) -> Poll<()> {
+    use std::sync::atomic::Ordering;
+    let mut g = lock(io);
+    if g.body != Framing::Done || !g.buf.is_empty() || !g.continue_owed.is_empty() {
+        return Poll::Pending;
+    }
+    if g.armed
+        && let Some((w, _)) = &g.watch
+        && !w.fired.load(Ordering::Acquire)
+    {
+        return Poll::Pending;
+    }
+    let gone = g.eof || {
+        let (watch, waker) = g.watch.take().unwrap_or_else(|| {
+            let w = Arc::new(ClientWatch {
+                fired: std::sync::atomic::AtomicBool::new(false),
+                task: Mutex::new(None),
+            });
+            (w.clone(), std::task::Waker::from(w))
+        });
+        {
+            let mut task = watch.task.lock().unwrap_or_else(PoisonError::into_inner);
+            if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        watch.fired.store(false, Ordering::Release);
+        let polled = poll_fill(&mut g, &mut Context::from_waker(&waker));
+        g.watch = Some((watch, waker));
+        match polled {
+            Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(())) => g.eof,
+            Poll::Pending => {
+                g.armed = true;
+                return Poll::Pending;
+            }
+        }
+    };
+    g.armed = false;
+    if gone {
+        g.aborted = true;
+        return Poll::Ready(());
+    }
+    // Bytes arrived (a pipelined request): kept; the watch ends.
+    Poll::Pending
 }
 
 /// Gives the stream back for HTTP/2, with what was read of it.
@@ -805,8 +918,9 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
     resp: Response<Body>,
     meta: &Meta,
     closing: bool,
-    send_timeout: Duration,
+    lim: &Limits,
 ) -> io::Result<bool> {
+    let send_timeout = lim.send_timeout;
     let (parts, body) = resp.into_parts();
     // A body the gateway made itself: for HEAD, its length is the one a
     // GET would get (an upstream's HEAD answer has no body to measure).
@@ -909,14 +1023,22 @@ async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
                     out.clear();
                 }
                 // An upstream that stops mid-body holds its slots as a slow
-                // reader would: the same bound on no progress applies.
-                match tokio::time::timeout(
-                    send_timeout,
-                    std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)),
-                )
-                .await
-                {
-                    Ok(f) => f,
+                // reader would: the same bound on no progress applies. A
+                // client that leaves meanwhile ends it at once (SSE, long
+                // polls: the upstream exchange is given up with it).
+                let next = std::future::poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+                    Poll::Ready(f) => Poll::Ready(Ok(f)),
+                    Poll::Pending if lim.watch_client => poll_gone(io, cx).map(Err),
+                    Poll::Pending => Poll::Pending,
+                });
+                match tokio::time::timeout(send_timeout, next).await {
+                    Ok(Ok(f)) => f,
+                    Ok(Err(())) => {
+                        metrics::counter!("gateway_client_aborts_total", "phase" => "response")
+                            .increment(1);
+                        tracing::debug!("the client left during the response; given up");
+                        return Ok(false);
+                    }
                     Err(_) => {
                         metrics::counter!("gateway_response_stalls_total").increment(1);
                         tracing::debug!(
@@ -1152,6 +1274,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             send_timeout: Duration::from_secs(5),
+            watch_client: true,
             max_requests: 0,
             h2c: true,
         }
@@ -1331,6 +1454,9 @@ mod tests {
                 body: framing,
                 continue_owed: &[],
                 flush_owed: false,
+                aborted: false,
+                armed: false,
+                watch: None,
             }));
             let data = bytes.to_vec();
             let writer = tokio::spawn(async move {

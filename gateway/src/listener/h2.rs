@@ -189,7 +189,7 @@ where
             // instructions of memcpy per request).
             boxed_in_place(move || async move {
                 let req = req.map(proxy::body::Incoming::Hyper);
-                let resp = proxy::handle(&shared, &conn, req).await;
+                let resp = proxy::handle(&shared, &conn, req, None).await;
                 activity.touch();
                 activity.in_flight.fetch_sub(1, Ordering::Relaxed);
                 Ok::<_, Infallible>(resp.map(|body| Stalls::new(body, send_timeout, &activity)))

@@ -176,6 +176,7 @@ struct Settings {
     header_read_timeout: Duration,
     idle_timeout: Duration,
     send_timeout: Duration,
+    ignore_client_abort: bool,
     max_header_bytes: usize,
     max_headers: usize,
 }
@@ -193,6 +194,7 @@ impl From<&ListenerConfig> for Settings {
             header_read_timeout: c.header_read_timeout,
             idle_timeout: c.idle_timeout,
             send_timeout: c.send_timeout,
+            ignore_client_abort: c.ignore_client_abort,
             max_header_bytes: c.max_header_bytes,
             max_headers: c.max_headers,
         }
@@ -215,6 +217,7 @@ impl Settings {
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
             send_timeout: self.send_timeout,
+            watch_client: !self.ignore_client_abort,
             max_requests: self.max_requests,
             h2c,
         }

@@ -79,8 +79,19 @@ struct Ctx {
     policy: PolicyCtx,
 }
 
-/// Serves one request. Never fails: every error becomes a response.
-pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+/// What `handle` watches for the client leaving (HTTP/1.1; hyper cancels
+/// HTTP/2 streams itself).
+pub type ClientGone<'a> = std::pin::Pin<&'a mut (dyn std::future::Future<Output = ()> + Send)>;
+
+/// Serves one request. Never fails: every error becomes a response. When
+/// `gone` is ready first, the request is given up (its upstream exchange
+/// dropped) and recorded as `499`.
+pub async fn handle(
+    shared: &Shared,
+    conn: &Conn,
+    req: Request<Incoming>,
+    gone: Option<ClientGone<'_>>,
+) -> Response<Body> {
     let start = Instant::now();
     let generation = shared.live.load();
     let mut ctx = Ctx {
@@ -133,9 +144,24 @@ pub async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Res
         _ => conn,
     };
 
-    let result = match refused {
-        Some(e) => Err(e),
-        None => process(&generation, conn, &mut ctx, req).await,
+    let result = match (refused, gone) {
+        (Some(e), _) => Err(e),
+        (None, None) => process(&generation, conn, &mut ctx, req).await,
+        (None, Some(mut gone)) => {
+            let mut work = std::pin::pin!(process(&generation, conn, &mut ctx, req));
+            std::future::poll_fn(|cx| {
+                if let std::task::Poll::Ready(r) = work.as_mut().poll(cx) {
+                    return std::task::Poll::Ready(r);
+                }
+                gone.as_mut().poll(cx).map(|()| {
+                    Err(ProxyError::new(
+                        ErrorKind::ClientClosed,
+                        "the client closed the connection before the response",
+                    ))
+                })
+            })
+            .await
+        }
     };
     let mut resp = match result {
         Ok(r) => r,
